@@ -1,0 +1,156 @@
+"""AutoencoderKL: pixels -> diagonal Gaussian posterior over raw latents -> pixels.
+
+Latents are *raw* (unscaled) everywhere in klvae, as in ComfyUI's LATENT. diffusers pipelines work
+on scaled latents, `(raw - shift_factor) * scaling_factor`; `to_scaled` / `from_scaled` convert.
+"""
+import torch
+import torch.nn as nn
+
+from .config import FAMILIES_BY_CHANNELS, VAEConfig
+from .errors import KLVAEError
+from .model import Decoder, Encoder
+
+
+class DiagonalGaussian:
+    """The encoder's posterior N(mean, exp(logvar)) per latent element."""
+
+    def __init__(self, moments: torch.Tensor):   # [B, 2*z, h, w]
+        self.moments = moments
+        self.mean, logvar = moments.chunk(2, dim=1)
+        # Same clamp as LDM and diffusers: keeps exp() finite for untrained or odd weights.
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    @property
+    def var(self):
+        return self.std * self.std
+
+    def mode(self) -> torch.Tensor:
+        """The argmax latent: the mean, deterministic (what ComfyUI's VAEEncode and IC-Light use)."""
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None, seed: int | None = None) -> torch.Tensor:
+        """mean + std * eps with eps from `generator` (or a fresh one seeded with `seed`).
+
+        The noise is drawn on the generator's device in the moments' dtype, as diffusers'
+        randn_tensor does, so the same generator gives the same latent in both libraries.
+        """
+        if generator is None and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(int(seed))
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        z = config.latent_channels
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        # SD3 and Flux.1 have no quant convs; absent modules mean absent keys (strict loading).
+        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(z, z, 1) if config.use_post_quant_conv else None
+        self.last_tiling = None  # what the last tiled call did (a tiling.TilingReport)
+
+    # -- where the model lives ---------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.conv_in.weight.device
+
+    # -- checks that turn shape errors deep in a conv into one clear line ---------------------
+    def check_pixels(self, x: torch.Tensor) -> None:
+        if not torch.is_tensor(x) or x.dim() != 4:
+            raise KLVAEError(f"pixels must be a 4-D tensor [B, 3, H, W] in [-1, 1], got "
+                             f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        B, C, H, W = x.shape
+        if C != self.config.in_channels:
+            raise KLVAEError(f"pixels have {C} channels, this VAE encodes {self.config.in_channels}: "
+                             f"pass [B, {self.config.in_channels}, H, W] (drop alpha, move channels to dim 1)")
+        f = self.config.downscale
+        if H % f or W % f:
+            raise KLVAEError(f"image size {W}x{H} is not a multiple of {f}: crop or pad it to "
+                             f"{W // f * f}x{H // f * f} (or {-(-W // f) * f}x{-(-H // f) * f}) before encoding")
+        self._check_finite(x, "pixels", "check the image source (a NaN from an earlier node?)")
+
+    def check_latents(self, z: torch.Tensor) -> None:
+        if not torch.is_tensor(z) or z.dim() != 4:
+            raise KLVAEError(f"latents must be a 4-D tensor [B, C, h, w], got "
+                             f"{tuple(z.shape) if torch.is_tensor(z) else type(z).__name__}")
+        C, want = z.shape[1], self.config.latent_channels
+        if C != want:
+            hint = FAMILIES_BY_CHANNELS.get(C, "another model family")
+            raise KLVAEError(f"latent has {C} channels but this {self.config.family} VAE takes {want}: "
+                             f"{C} channels suggests {hint}; decode it with a matching VAE")
+        self._check_finite(z, "latents", "the sampler diverged or the latent is corrupt; re-run the sampler "
+                                         "(lower CFG or fp32) before decoding")
+
+    @staticmethod
+    def _check_finite(t, what, fix):
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            raise KLVAEError(f"{what} contain {int(bad.sum())} NaN/Inf values of {t.numel()}: {fix}")
+
+    # -- the two directions --------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor, tiling=None) -> DiagonalGaussian:
+        """[B, 3, H, W] in [-1, 1] -> posterior over raw latents [B, z, H/8, W/8]."""
+        self.check_pixels(pixels)
+        x = pixels.to(self.device, self.dtype)
+        if tiling is None:
+            moments = self.encoder(x)
+            self.last_tiling = None
+        else:
+            from .tiling import tiled_encode
+            moments = tiled_encode(self, x, tiling)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian(moments)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, tiling=None) -> torch.Tensor:
+        """Raw latents [B, z, h, w] -> pixels [B, 3, 8h, 8w] in [-1, 1] (not clamped)."""
+        self.check_latents(latents)
+        z = latents.to(self.device, self.dtype)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        if tiling is None:
+            self.last_tiling = None
+            return self.decoder(z)
+        from .tiling import tiled_decode
+        return tiled_decode(self, z, tiling)
+
+    def forward(self, pixels, generator=None):
+        """Round trip through the posterior mode (or a sample when a generator is given)."""
+        post = self.encode(pixels)
+        return self.decode(post.sample(generator) if generator is not None else post.mode())
+
+    # -- latent conventions --------------------------------------------------------------------
+    def to_scaled(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw latent (ComfyUI LATENT) -> diffusers' scaled latent: (raw - shift) * scale."""
+        return (raw - self.config.shift_factor) * self.config.scaling_factor
+
+    def from_scaled(self, scaled: torch.Tensor) -> torch.Tensor:
+        """diffusers' scaled latent -> raw latent: scaled / scale + shift."""
+        return scaled / self.config.scaling_factor + self.config.shift_factor
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self, *args, layout: str = "ldm", **kwargs):
+        """Weights with LDM keys (default, what ComfyUI saves) or diffusers keys (layout='diffusers')."""
+        sd = super().state_dict(*args, **kwargs)
+        if layout == "ldm":
+            return sd
+        from .checkpoint import ldm_to_diffusers
+        if layout == "diffusers":
+            return ldm_to_diffusers(sd)
+        raise KLVAEError(f"unknown layout {layout!r}: use 'ldm' or 'diffusers'")
+
+    def save(self, path, layout: str = "ldm") -> None:
+        """Write a .safetensors file (or, for layout='diffusers' and a folder path, a diffusers folder)."""
+        from .checkpoint import save_vae
+        save_vae(self, path, layout=layout)

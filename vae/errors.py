@@ -1,0 +1,2 @@
+class KLVAEError(ValueError):
+    """The one exception klvae raises for bad input: a one-line message naming the problem and the fix."""

@@ -1,0 +1,164 @@
+"""The KL autoencoder's encoder and decoder, in plain torch.
+
+Attribute names are the LDM checkpoint keys (`encoder.down.0.block.1.norm2.weight`,
+`decoder.mid.attn_1.q.weight`, ...), so an LDM/ComfyUI state dict loads with strict=True and
+diffusers files are renamed once, in checkpoint.py. One architecture serves SD1.x/2.x, SDXL, SD3
+and Flux.1; only the widths and the latent channel count differ (see config.py).
+
+Inference only: activations are updated in place where autograd is off, and each block frees
+its intermediates as soon as it can, which is most of the memory win over the references.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import VAEConfig
+
+
+def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
+    # eps=1e-6 as in LDM and diffusers' VAE (not torch's default 1e-5).
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+def silu_(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place when nothing needs the input for a backward pass."""
+    return F.silu(x, inplace=not x.requires_grad)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 32):
+        super().__init__()
+        self.norm1 = Normalize(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = Normalize(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # Only blocks that change width have a shortcut projection (key: nin_shortcut).
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def shortcut(self, x):
+        return x if self.nin_shortcut is None else self.nin_shortcut(x)
+
+    def forward(self, x):
+        h = self.conv1(silu_(self.norm1(x)))
+        h = self.conv2(silu_(self.norm2(h)))
+        return h.add_(self.shortcut(x)) if not h.requires_grad else h + self.shortcut(x)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all h*w positions (head dim = channels: 512)."""
+
+    def __init__(self, channels: int, groups: int = 32):
+        super().__init__()
+        self.norm = Normalize(channels, groups)
+        # 1x1 convs as in LDM; diffusers stores the same weights as Linear (2-D), see checkpoint.py.
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))  # [B,1,HW,C]
+        del h
+        # SDPA keeps memory linear in HW (no HW x HW matrix on the memory-efficient paths).
+        h = F.scaled_dot_product_attention(q, k, v)
+        del q, k, v
+        h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
+        h = self.proj_out(h)
+        return h.add_(x) if not h.requires_grad else h + x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        # LDM pads only right and bottom, so the stride-2 grid starts at the top-left pixel.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Mid(nn.Module):
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Level(nn.Module):
+    """One resolution level: `block` (resnets), then `downsample` or `upsample` (absent at the end)."""
+
+    def __init__(self, blocks, resample=None, resample_name=None):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList()  # the SD-family VAEs have no attention in levels; kept for key parity
+        if resample is not None:
+            setattr(self, resample_name, resample)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths, g = cfg.block_out_channels, cfg.norm_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        w_in = cfg.ch
+        for i, w in enumerate(widths):
+            blocks = [ResnetBlock(w_in if j == 0 else w, w, g) for j in range(cfg.num_res_blocks)]
+            last = i == len(widths) - 1
+            self.down.append(Level(blocks, None if last else Downsample(w), "downsample"))
+            w_in = w
+        self.mid = Mid(w_in, g)
+        self.norm_out = Normalize(w_in, g)
+        self.conv_out = nn.Conv2d(w_in, 2 * cfg.latent_channels, 3, padding=1)  # mean and logvar
+
+    def forward(self, x):                       # [B, 3, H, W] -> [B, 2*z, H/8, W/8]
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(silu_(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths, g = cfg.block_out_channels, cfg.norm_groups
+        w = widths[-1]
+        self.conv_in = nn.Conv2d(cfg.latent_channels, w, 3, padding=1)
+        self.mid = Mid(w, g)
+        # Built from the lowest resolution up, stored with index 0 = highest resolution (LDM keys).
+        levels = []
+        for i in reversed(range(len(widths))):
+            blocks = [ResnetBlock(w if j == 0 else widths[i], widths[i], g) for j in range(cfg.num_res_blocks + 1)]
+            w = widths[i]
+            levels.insert(0, Level(blocks, Upsample(w) if i != 0 else None, "upsample"))
+        self.up = nn.ModuleList(levels)
+        self.norm_out = Normalize(w, g)
+        self.conv_out = nn.Conv2d(w, cfg.out_channels, 3, padding=1)
+
+    def forward(self, z):                       # [B, z, h, w] -> [B, 3, 8h, 8w]
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(silu_(self.norm_out(h)))

@@ -31,13 +31,13 @@ def make_diffusers_vae(family="sd1", seed=0, **overrides):
 
 def small(family="sd1"):
     """Narrow config for fast tests: same structure (4 levels, attention, quant convs) as the family."""
-    return dict(ch=32, ch_mult=(1, 2, 2, 2), norm_groups=8)
+    return dict(ch=32, ch_mult=(1, 2, 2, 2))
 
 
 def klvae_from(dvae, family=None, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return load_vae(dvae.state_dict(), family=family, **kw)
+        return load_vae(dvae if isinstance(dvae, dict) else dvae.state_dict(), family=family, **kw)
 
 
 @pytest.fixture

@@ -147,17 +147,16 @@ def what_is_it(keys) -> str:
 
 
 def find_prefix(src: Source) -> str:
-    keys = src.keys
-    for p in PREFIXES:
-        if any(k.startswith(p + "encoder.") for k in keys) or any(k.startswith(p + "decoder.") for k in keys):
+    """'' for a lone VAE, 'first_stage_model.' or 'vae.' inside a whole checkpoint."""
+    keys = set(src.keys)
+    for p in ("",) + PREFIXES:
+        conv_in = [p + k for k in ("encoder.conv_in.weight", "decoder.conv_in.weight") if p + k in keys]
+        if conv_in:
+            if len(src.shape(conv_in[0])) == 5:
+                raise KLVAEError(f"{src.name} is a video VAE (3-D convolutions), which klvae does not load: "
+                                 f"use a 2-D KL autoencoder (SD1.x/2.x, SDXL, SD3, Flux.1)")
             return p
-    if any(k.startswith(("encoder.", "decoder.")) for k in keys):
-        enc_in = "encoder.conv_in.weight"
-        if enc_in in keys and len(src.shape(enc_in)) == 5:
-            raise KLVAEError(f"{src.name} is a video VAE (3-D convolutions), which klvae does not load: "
-                             f"use a 2-D KL autoencoder (SD1.x/2.x, SDXL, SD3, Flux.1)")
-        return ""
-    raise KLVAEError(f"{src.name} is not a VAE: it looks like {what_is_it(keys)}")
+    raise KLVAEError(f"{src.name} is not a VAE: it looks like {what_is_it(src.keys)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +220,7 @@ def ldm_to_diffusers(sd: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 # Config from shapes, family from what the file says about itself.
 # --------------------------------------------------------------------------------------------
-def infer_config(shape, keys, hints=(), scale_shift=None) -> VAEConfig:
+def infer_config(shape, keys, hints=(), scale_shift=None, norm_groups=None) -> VAEConfig:
     """VAEConfig from LDM-named tensor shapes. `hints`: (family, where-from) pairs, strongest first."""
     need = ["encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight", "encoder.conv_out.weight"]
     missing = [k for k in need if k not in keys]
@@ -237,9 +236,12 @@ def infer_config(shape, keys, hints=(), scale_shift=None) -> VAEConfig:
         raise KLVAEError(f"decoder has {dec_res} resnet blocks per level, encoder {num_res}: not an "
                          f"LDM-style KL autoencoder (expected decoder = encoder + 1)")
     z = shape("decoder.conv_in.weight")[1]
-    groups = 32
-    while groups > 1 and ch % groups:
-        groups //= 2  # 32 for every released VAE; narrower demo models may use fewer
+    # GroupNorm's group count leaves no trace in the shapes: 32 in every released VAE, otherwise
+    # stated by the file (klvae metadata, diffusers norm_num_groups).
+    groups = int(norm_groups or 32)
+    if ch % groups:
+        raise KLVAEError(f"{ch} channels cannot be split into {groups} GroupNorm groups: the file's "
+                         f"norm_num_groups metadata is wrong or the weights are not a KL VAE")
     cfg = VAEConfig(family="custom", in_channels=in_ch, out_channels=shape("decoder.conv_out.weight")[0],
                     ch=ch, ch_mult=ch_mult, num_res_blocks=num_res, latent_channels=z, norm_groups=groups,
                     use_quant_conv="quant_conv.weight" in keys, use_post_quant_conv="post_quant_conv.weight" in keys,
@@ -325,7 +327,8 @@ def load_vae(src, device="cpu", dtype="auto", family: str | None = None):
         names = dict(zip(sub, raw_keys))
         layout = "ldm"
     hints, scale_shift = family_hints(source, family)
-    cfg = infer_config(lambda k: source.shape(names[k]), names.keys(), hints, scale_shift)
+    groups = source.metadata.get("klvae.norm_groups") or (source.diffusers_config or {}).get("norm_num_groups")
+    cfg = infer_config(lambda k: source.shape(names[k]), names.keys(), hints, scale_shift, groups)
 
     with torch.device("meta"):
         model = AutoencoderKL(cfg)
@@ -378,7 +381,8 @@ def save_vae(model, path, layout: str = "ldm") -> None:
     cfg = model.config
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict(layout=layout).items()}
     meta = {"klvae.family": cfg.family, "klvae.scaling_factor": repr(cfg.scaling_factor),
-            "klvae.shift_factor": repr(cfg.shift_factor), "klvae.layout": layout}
+            "klvae.shift_factor": repr(cfg.shift_factor), "klvae.layout": layout,
+            "klvae.norm_groups": str(cfg.norm_groups)}
     path = Path(path)
     if layout == "diffusers" and path.suffix == "":
         path.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,308 @@
+"""The core library: parity with diffusers, layouts, round trips, the posterior, and every bad input."""
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import klvae_from, make_diffusers_vae, small
+from klvae.vae import KLVAEError, load_vae, preset
+from klvae.vae.checkpoint import ldm_to_diffusers
+
+
+# ---- parity with diffusers at full width ------------------------------------------------------
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux"])
+def test_parity_with_diffusers_full_width(family):
+    d = make_diffusers_vae(family, seed=3)
+    k = klvae_from(d, family=family)
+    assert k.config.family == family and k.config.latent_channels == (16 if family in ("sd3", "flux") else 4)
+    assert (k.quant_conv is None) == (family in ("sd3", "flux"))
+    x = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        ref = d.encode(x).latent_dist
+        post = k.encode(x)
+        torch.testing.assert_close(post.mean, ref.mean, atol=1e-4, rtol=0)
+        torch.testing.assert_close(post.logvar, ref.logvar, atol=1e-4, rtol=0)
+        z = ref.mean
+        torch.testing.assert_close(k.decode(z), d.decode(z).sample, atol=1e-4, rtol=0)
+
+
+def test_config_read_from_shapes_not_assumed(tmp_path):
+    d = make_diffusers_vae("flux", ch=32, ch_mult=(1, 2, 2, 2), norm_groups=8)
+    d.save_pretrained(tmp_path / "f")  # norm_num_groups=8 lives only in config.json
+    k = load_vae(tmp_path / "f", family="flux")
+    c = k.config
+    assert (c.ch, c.ch_mult, c.latent_channels, c.norm_groups) == (32, (1, 2, 2, 2), 16, 8)
+    z = torch.randn(1, 16, 4, 4)
+    torch.testing.assert_close(k.decode(z), d.decode(z).sample, atol=1e-5, rtol=0)
+    k.save(tmp_path / "f.safetensors")
+    assert load_vae(tmp_path / "f.safetensors").config.norm_groups == 8
+    assert (c.scaling_factor, c.shift_factor) == (0.3611, 0.1159)
+    assert not c.use_quant_conv and not c.use_post_quant_conv
+
+
+# ---- layouts and round trips ------------------------------------------------------------------
+def test_ldm_and_diffusers_layouts_give_identical_outputs(tmp_path):
+    d = make_diffusers_vae("sd1", **small())
+    k = klvae_from(d, family="sd1")
+    k.save(tmp_path / "ldm.safetensors", layout="ldm")
+    k.save(tmp_path / "dif.safetensors", layout="diffusers")
+    a, b = load_vae(tmp_path / "ldm.safetensors"), load_vae(tmp_path / "dif.safetensors")
+    assert a.source_layout == "ldm" and b.source_layout == "diffusers"
+    z = torch.randn(1, 4, 6, 5)
+    assert torch.equal(a.decode(z), b.decode(z))
+    x = torch.rand(1, 3, 48, 40) * 2 - 1
+    assert torch.equal(a.encode(x).mean, b.encode(x).mean)
+
+
+@pytest.mark.parametrize("layout", ["ldm", "diffusers"])
+def test_save_load_round_trip_is_bit_exact(tmp_path, layout):
+    k = klvae_from(make_diffusers_vae("sd3", **small()), family="sd3")
+    path = tmp_path / f"v_{layout}.safetensors"
+    k.save(path, layout=layout)
+    k2 = load_vae(path)
+    assert k2.config.family == "sd3" and k2.config.shift_factor == 0.0609
+    a, b = k.state_dict(), k2.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert k.state_dict(layout=layout).keys() == k2.state_dict(layout=layout).keys()
+
+
+def test_diffusers_folder_from_diffusers_itself(tmp_path):
+    d = make_diffusers_vae("sdxl", **small())
+    d.save_pretrained(tmp_path / "sdxl_vae")   # diffusers writes config.json with scaling_factor 0.13025
+    k = load_vae(tmp_path / "sdxl_vae")
+    assert k.config.family == "sdxl" and k.config.scaling_factor == 0.13025
+    z = torch.randn(1, 4, 4, 4)
+    torch.testing.assert_close(k.decode(z), d.decode(z).sample, atol=1e-5, rtol=0)
+
+
+def test_klvae_diffusers_folder_loads_in_diffusers(tmp_path):
+    from diffusers import AutoencoderKL as D
+    k = klvae_from(make_diffusers_vae("flux", **small()), family="flux")
+    k.save(tmp_path / "flux_vae", layout="diffusers")
+    d = D.from_pretrained(tmp_path / "flux_vae")
+    assert d.config.scaling_factor == 0.3611 and d.config.shift_factor == 0.1159
+    assert d.config.latent_channels == 16 and not d.config.use_quant_conv
+    z = torch.randn(1, 16, 4, 4)
+    torch.testing.assert_close(d.decode(z).sample, k.decode(z), atol=1e-5, rtol=0)
+
+
+def test_old_diffusers_attention_names_and_linear_weights():
+    d = make_diffusers_vae("sd1", **small())
+    sd = d.state_dict()
+    old = {}
+    for key, v in sd.items():
+        for new, legacy in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            key = key.replace(f".attentions.0.{new}.", f".attentions.0.{legacy}.")
+        old[key] = v
+    assert any(".query." in key for key in old) and old["decoder.mid_block.attentions.0.query.weight"].dim() == 2
+    k_old, k_new = klvae_from(old, family="sd1"), klvae_from(sd, family="sd1")
+    z = torch.randn(1, 4, 4, 4)
+    assert torch.equal(k_old.decode(z), k_new.decode(z))
+
+
+@pytest.mark.parametrize("prefix", ["first_stage_model.", "vae."])
+def test_whole_checkpoint_reads_only_the_vae(tmp_path, prefix):
+    k = klvae_from(make_diffusers_vae("sd1", **small()), family="sd1")
+    sd = {prefix + n: v for n, v in k.state_dict().items()}
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(8, 4, 3, 3)
+    sd["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = torch.randn(10, 8)
+    save_file(sd, str(tmp_path / "sd15_full_checkpoint.safetensors"))
+    k2 = load_vae(tmp_path / "sd15_full_checkpoint.safetensors")
+    assert k2.config.family == "sd1"
+    z = torch.randn(1, 4, 4, 4)
+    assert torch.equal(k.decode(z), k2.decode(z))
+
+
+def test_ckpt_with_weights_only_and_lightning_wrapper(tmp_path):
+    k = klvae_from(make_diffusers_vae("sd1", **small()), family="sd1")
+    sd = {"state_dict": {"first_stage_model." + n: v for n, v in k.state_dict().items()}, "global_step": 10}
+    sd["state_dict"]["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)  # training leftover
+    torch.save(sd, tmp_path / "model.ckpt")
+    k2 = load_vae(tmp_path / "model.ckpt", family="sd1")
+    assert all(torch.equal(a, b) for a, b in zip(k.state_dict().values(), k2.state_dict().values()))
+
+
+def test_load_converts_dtype_and_keeps_one_copy():
+    k = klvae_from(make_diffusers_vae("sd1", **small()), family="sd1", dtype="bf16")
+    assert k.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in k.parameters())
+    assert not any(p.requires_grad for p in k.parameters()) and not k.training
+    assert not any(p.is_meta for p in k.parameters())
+
+
+# ---- family inference -------------------------------------------------------------------------
+def test_family_from_file_name_metadata_and_ambiguity(tmp_path):
+    k = klvae_from(make_diffusers_vae("sd1", **small()), family="sd1")
+    sd = {n: v.contiguous() for n, v in k.state_dict().items()}
+    save_file(sd, str(tmp_path / "my_sdxl_vae.safetensors"))
+    assert load_vae(tmp_path / "my_sdxl_vae.safetensors").config.family == "sdxl"
+    save_file(sd, str(tmp_path / "a.safetensors"), metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base/vae"})
+    assert load_vae(tmp_path / "a.safetensors").config.family == "sdxl"
+    save_file(sd, str(tmp_path / "mystery.safetensors"))
+    with pytest.warns(UserWarning, match="ambiguous.*assumed sd1"):
+        v = load_vae(tmp_path / "mystery.safetensors")
+    assert v.config.family == "sd1" and any("ambiguous" in n for n in v.config.notes)
+    assert load_vae(tmp_path / "mystery.safetensors", family="sdxl").config.scaling_factor == 0.13025
+
+
+# ---- the posterior ----------------------------------------------------------------------------
+def test_mode_is_deterministic_and_sample_is_seeded():
+    k = klvae_from(make_diffusers_vae("sd3", **small()), family="sd3")
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    p1, p2 = k.encode(x), k.encode(x)
+    assert torch.equal(p1.mode(), p2.mode()) and torch.equal(p1.mode(), p1.mean)
+    s1 = p1.sample(torch.Generator().manual_seed(7))
+    s2 = p2.sample(torch.Generator().manual_seed(7))
+    s3 = p1.sample(torch.Generator().manual_seed(8))
+    assert torch.equal(s1, s2) and not torch.equal(s1, s3) and torch.equal(p1.sample(seed=7), s1)
+    assert not torch.equal(s1, p1.mode())
+    # the noise has the posterior's std: (sample - mean) / std is standard normal
+    eps = (s1 - p1.mean) / p1.std
+    assert abs(eps.std().item() - 1) < 0.2
+
+
+def test_sample_matches_diffusers_for_the_same_generator():
+    d = make_diffusers_vae("sd1", **small())
+    k = klvae_from(d, family="sd1")
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        ref = d.encode(x).latent_dist.sample(torch.Generator().manual_seed(5))
+    torch.testing.assert_close(k.encode(x).sample(torch.Generator().manual_seed(5)), ref, atol=1e-4, rtol=0)
+
+
+def test_scaled_latent_helpers_round_trip():
+    k = klvae_from(make_diffusers_vae("flux", **small()), family="flux")
+    raw = torch.randn(1, 16, 4, 4)
+    torch.testing.assert_close(k.to_scaled(raw), (raw - 0.1159) * 0.3611)
+    torch.testing.assert_close(k.from_scaled(k.to_scaled(raw)), raw)
+
+
+# ---- bad input: one exception type, one line, names the problem and the fix -------------------
+def _one_line(e):
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    return klvae_from(make_diffusers_vae("sd1", **small()), family="sd1")
+
+
+def test_wrong_latent_channels_names_the_family(tiny_vae):
+    with pytest.raises(KLVAEError) as e:
+        tiny_vae.decode(torch.randn(1, 16, 8, 8))
+    assert "16 channels" in _one_line(e) and "sd3/flux" in str(e.value) and "takes 4" in str(e.value)
+
+
+def test_size_not_multiple_of_8(tiny_vae):
+    with pytest.raises(KLVAEError) as e:
+        tiny_vae.encode(torch.zeros(1, 3, 100, 64))
+    assert "64x100 is not a multiple of 8" in _one_line(e) and "64x96" in str(e.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs(tiny_vae, bad):
+    z = torch.randn(1, 4, 4, 4)
+    z[0, 1, 2, 3] = bad
+    with pytest.raises(KLVAEError) as e:
+        tiny_vae.decode(z)
+    assert "1 NaN/Inf" in _one_line(e)
+    x = torch.zeros(1, 3, 16, 16)
+    x[0, 0, 0, 0] = bad
+    with pytest.raises(KLVAEError, match="pixels contain 1 NaN/Inf"):
+        tiny_vae.encode(x)
+
+
+def test_pixels_with_wrong_layout(tiny_vae):
+    with pytest.raises(KLVAEError, match="pixels have 64 channels"):
+        tiny_vae.encode(torch.zeros(1, 64, 64, 3))  # NHWC by mistake
+
+
+@pytest.mark.parametrize("keys,expect", [
+    ({"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)}, "diffusion model checkpoint without VAE"),
+    ({"input_blocks.0.0.weight": (8, 4, 3, 3), "time_embed.0.weight": (8, 8)}, "a UNet"),
+    ({"double_blocks.0.img_attn.qkv.weight": (8, 8)}, "Flux transformer"),
+    ({"text_model.embeddings.token_embedding.weight": (10, 8)}, "text encoder"),
+    ({"encoder.layers.0.weight": (8, 3, 3, 3), "decoder.layers.0.weight": (8, 4, 3, 3)}, "TAESD"),
+    ({"1.weight": (8, 3, 3, 3), "3.conv.0.weight": (8, 8, 3, 3)}, "TAESD"),
+    ({"lora_unet_down.lora_down.weight": (4, 8)}, "LoRA"),
+])
+def test_not_a_vae_says_what_it_is(tmp_path, keys, expect):
+    save_file({k: torch.zeros(s) for k, s in keys.items()}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(KLVAEError) as e:
+        load_vae(tmp_path / "x.safetensors")
+    assert "is not a VAE" in _one_line(e) and expect in str(e.value)
+
+
+def test_empty_truncated_and_missing_files(tmp_path, tiny_vae):
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(KLVAEError, match="empty"):
+        load_vae(tmp_path / "empty.safetensors")
+    with pytest.raises(KLVAEError, match="no such file"):
+        load_vae(tmp_path / "nope.safetensors")
+    tiny_vae.save(tmp_path / "full.safetensors")
+    data = (tmp_path / "full.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(KLVAEError) as e:
+        load_vae(tmp_path / "cut.safetensors")
+    assert "truncated or corrupt" in _one_line(e)
+    torch.save(tiny_vae.state_dict(), tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(KLVAEError, match="truncated or corrupt"):
+        load_vae(tmp_path / "cut.pt")
+    save_file({}, str(tmp_path / "none.safetensors"))
+    with pytest.raises(KLVAEError, match="no tensors at all"):
+        load_vae(tmp_path / "none.safetensors")
+
+
+class Payload:  # any non-tensor object in a pickle must be refused, never constructed
+    pass
+
+
+def test_pickle_with_objects_is_refused(tmp_path, tiny_vae):
+    sd = dict(tiny_vae.state_dict())
+    sd["extra"] = Payload()
+    torch.save(sd, tmp_path / "evil.ckpt")
+    with pytest.raises(KLVAEError) as e:
+        load_vae(tmp_path / "evil.ckpt")
+    assert "pickled Python objects" in _one_line(e) and ".safetensors" in str(e.value)
+
+
+def test_missing_and_unexpected_keys_are_named(tiny_vae):
+    sd = dict(tiny_vae.state_dict())
+    del sd["decoder.up.1.block.2.conv2.weight"]
+    sd["decoder.mystery.weight"] = torch.zeros(1)
+    with pytest.raises(KLVAEError) as e:
+        load_vae(sd, family="sd1")
+    msg = _one_line(e)
+    assert "decoder.up.1.block.2.conv2.weight" in msg and "decoder.mystery.weight" in msg
+
+
+def test_video_vae_and_non_kl_diffusers_folder(tmp_path):
+    save_file({"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3, 3), "decoder.conv_in.weight": torch.zeros(8, 4, 3, 3, 3)},
+              str(tmp_path / "video.safetensors"))
+    with pytest.raises(KLVAEError, match="video VAE"):
+        load_vae(tmp_path / "video.safetensors")
+    (tmp_path / "taesd").mkdir()
+    (tmp_path / "taesd" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTiny"}))
+    with pytest.raises(KLVAEError, match="AutoencoderTiny, not an AutoencoderKL"):
+        load_vae(tmp_path / "taesd")
+
+
+def test_unknown_family_and_dtype(tiny_vae):
+    with pytest.raises(KLVAEError, match="unknown family"):
+        load_vae(tiny_vae.state_dict(), family="sd9")
+    with pytest.raises(KLVAEError, match="unknown dtype"):
+        load_vae(tiny_vae.state_dict(), family="sd1", dtype="fp8")
+
+
+def test_ldm_to_diffusers_keys_match_diffusers_exactly():
+    d = make_diffusers_vae("sd1", **small())
+    k = klvae_from(d, family="sd1")
+    conv = ldm_to_diffusers(k.state_dict())
+    ref = d.state_dict()
+    assert conv.keys() == ref.keys()
+    assert all(conv[n].shape == ref[n].shape and torch.equal(conv[n], ref[n]) for n in ref)

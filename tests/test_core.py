@@ -105,7 +105,7 @@ def test_old_diffusers_attention_names_and_linear_weights():
 @pytest.mark.parametrize("prefix", ["first_stage_model.", "vae."])
 def test_whole_checkpoint_reads_only_the_vae(tmp_path, prefix):
     k = klvae_from(make_diffusers_vae("sd1", **small()), family="sd1")
-    sd = {prefix + n: v for n, v in k.state_dict().items()}
+    sd = {prefix + n: v.contiguous() for n, v in k.state_dict().items()}
     sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(8, 4, 3, 3)
     sd["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = torch.randn(10, 8)
     save_file(sd, str(tmp_path / "sd15_full_checkpoint.safetensors"))

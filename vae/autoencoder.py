@@ -104,7 +104,7 @@ class AutoencoderKL(nn.Module):
         self.check_pixels(pixels)
         if self.device.type == "cpu":
             return_freed_memory_to_os()
-        x = pixels.to(self.device, self.dtype)
+        x = pixels.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
         if tiling is None:
             moments = self.encoder(x)
             self.last_tiling = None
@@ -113,7 +113,7 @@ class AutoencoderKL(nn.Module):
             moments = tiled_encode(self, x, tiling)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        return DiagonalGaussian(moments)
+        return DiagonalGaussian(moments.contiguous())
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, tiling=None) -> torch.Tensor:
@@ -121,14 +121,14 @@ class AutoencoderKL(nn.Module):
         self.check_latents(latents)
         if self.device.type == "cpu":
             return_freed_memory_to_os()
-        z = latents.to(self.device, self.dtype)
+        z = latents.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         if tiling is None:
             self.last_tiling = None
-            return self.decoder(z)
+            return self.decoder(z).contiguous()
         from .tiling import tiled_decode
-        return tiled_decode(self, z, tiling)
+        return tiled_decode(self, z, tiling).contiguous()
 
     def forward(self, pixels, generator=None):
         """Round trip through the posterior mode (or a sample when a generator is given)."""

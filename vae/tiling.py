@@ -563,7 +563,8 @@ def tiled_encode(vae, x: torch.Tensor, tiling) -> torch.Tensor:
     plan = make_plan(d, shape, x.dtype, x.device, tiling)
     meter, t0 = PeakMeter(x.device), time.perf_counter()
     enc = vae.encoder
-    h = torch.empty(B, vae.config.block_out_channels[-1], H // f, W // f, dtype=x.dtype, device=x.device)
+    h = torch.empty(B, vae.config.block_out_channels[-1], H // f, W // f, dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last)
 
     def write(i, t):
         y0, y1, x0, x1 = plan.cores[i]

@@ -372,12 +372,12 @@ class Plan:
     halo: int          # in the units of the tiled input (latent px for decode, image px for encode)
     mosaic_lattice: tuple = None  # bounded mode: crop origins (ys, xs) of the statistics mosaic
     mosaic_cores: list = field(default_factory=list)  # ... and the mosaic's own tiles
+    predicted: int = 0
+    notes: list = field(default_factory=list)
 
     @property
     def steps(self):
         return len(self.cores) + len(self.mosaic_cores)  # tiles to run, each through every GroupNorm
-    predicted: int = 0
-    notes: list = field(default_factory=list)
 
 
 class Direction:
@@ -415,8 +415,6 @@ class Direction:
 
 
 MOSAIC_CROP = 4  # latent px: small crops, many strata (4: 40.3 dB, 8: 39.7, 16: 38.7 at 1024x1024)
-
-
 MOSAIC_CAP = 128  # latent px per side: the mosaic's decode is at most a 1024x1024 one
 
 

@@ -4,11 +4,9 @@ No real VAE weights can be downloaded here. A random init with every conv rescal
 pass (LSUV-style: unit-std outputs, residual branches at 0.3) gives activations and GroupNorm
 statistics of a realistic scale and spatial variation, which plain random weights do not.
 """
-import json
 import math
 import os
 import sys
-import time
 
 import numpy as np
 import torch

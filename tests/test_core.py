@@ -1,13 +1,12 @@
 """The core library: parity with diffusers, layouts, round trips, the posterior, and every bad input."""
 import json
-import warnings
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from conftest import klvae_from, make_diffusers_vae, small
-from klvae.vae import KLVAEError, load_vae, preset
+from klvae.vae import KLVAEError, load_vae
 from klvae.vae.checkpoint import ldm_to_diffusers
 
 

@@ -14,7 +14,6 @@ Tensors are converted to the target dtype one at a time and assigned into a mode
 meta device, so the weights exist once in memory.
 """
 import json
-import os
 import pickle
 import re
 import warnings

@@ -48,7 +48,6 @@ predict the peak memory of each mode and tile size; `auto` picks from a budget b
 tile runs. Progress and interruption are plain callables called between tile steps.
 """
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -480,7 +479,7 @@ def make_plan(direction: Direction, shape, dtype, device, tiling: Tiling) -> Pla
     """Choose mode and tile size from the budget (before running), and predict the peak."""
     if tiling.mode not in MODES:
         raise KLVAEError(f"unknown tiling mode {tiling.mode!r}: use 'exact', 'bounded' or 'auto'")
-    B, h, w = shape[0], shape[2], shape[3]
+    h, w = shape[2], shape[3]
     f = direction.vae.config.downscale
     budget = tiling.memory_budget or int(0.9 * free_memory(device))
     halo_units = direction.halo

@@ -75,6 +75,8 @@ def main():
                      f"max_abs_vs_full {common.max_abs_vs_full(y, full):.1e}; statistics {r.statistics}")
         print(line, flush=True)
     print(f"images and heat maps (white = 0.05 error) in {a.out}")
+    print("(peaks are RSS rises within this one process, where memory freed by an earlier run is reused; "
+          "benchmarks/bench.py measures each case in a fresh process)")
 
 
 if __name__ == "__main__":

@@ -43,3 +43,44 @@ def klvae_from(dvae, family=None, **kw):
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+# -- a real ComfyUI host (tests/comfy_host.py), shared by test_comfyui.py and test_browser.py ----------
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """A running ComfyUI 0.3.75 with the pack in custom_nodes and these files:
+    models/vae/sdxl_vae.safetensors   full-width SD-shaped KL VAE, calibrated seeded weights, fp16
+                                      (full width because core's VAELoader assumes SD's widths)
+    models/vae/flux_ae_small.safetensors  narrow 16-channel Flux-shaped VAE (our loader reads any width)
+    models/vae/taesd.safetensors      a TAESD (core's VAELoader loads it; not a KL autoencoder)
+    models/vae/unet.safetensors       a few UNet keys (not a VAE at all)
+    input/klvae_test.png              96x80 structured test picture
+    """
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    import comfy_host
+    from klvae.vae import save_vae
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import calibrate, test_image
+
+    server = comfy_host.Server(tmp_path_factory.mktemp("comfy"))
+    vae_dir = server.base / "models" / "vae"
+    vae_dir.mkdir(parents=True)
+    (server.base / "input").mkdir(parents=True)
+    d = make_diffusers_vae("sdxl", seed=3)
+    calibrate(d, test_image(64), 4)
+    save_vae(klvae_from(d, family="sdxl", dtype="fp16"), vae_dir / "sdxl_vae.safetensors")
+    save_vae(klvae_from(make_diffusers_vae("flux", seed=4, **small()), family="flux"), vae_dir / "flux_ae_small.safetensors")
+    save_file(comfy_host.taesd_state_dict(), str(vae_dir / "taesd.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(320, 4, 3, 3, generator=g),
+               "model.diffusion_model.time_embed.0.weight": torch.randn(1280, 320, generator=g)},
+              str(vae_dir / "unet.safetensors"))
+    server.image = comfy_host.test_png(server.base / "input" / "klvae_test.png")
+    server.start()
+    yield server
+    server.stop()

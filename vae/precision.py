@@ -12,7 +12,10 @@ def resolve_device(device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "gpu":
         device = "cuda"
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KLVAEError(f"device {device} requested but this machine has no usable CUDA device: use 'auto' or 'cpu'")
+    return device
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:

@@ -495,9 +495,9 @@ def make_plan(direction: Direction, shape, dtype, device, tiling: Tiling) -> Pla
             raise KLVAEError(f"tile_size {tiling.tile_size} is not a positive multiple of {f}: use e.g. 512")
         sizes = [tiling.tile_size]
     else:
-        sizes = [s for s in TILE_CANDIDATES if s // f < max(h, w)] or [max(h, w) * f]
-        if max(h, w) * f <= TILE_CANDIDATES[0]:
-            sizes = [max(h, w) * f] + sizes  # one tile may fit: no halo at all then
+        # The whole image first: one tile has no halo and equals the untiled pass, so "auto"
+        # only tiles when the plan says the untiled pass would not fit.
+        sizes = [max(h, w) * f] + [s for s in TILE_CANDIDATES if s // f < max(h, w)]
     modes = ["exact", "bounded"] if tiling.mode == "auto" else [tiling.mode]
 
     def plan_for(mode, size):
@@ -523,6 +523,17 @@ def make_plan(direction: Direction, shape, dtype, device, tiling: Tiling) -> Pla
     smallest.notes.append(f"predicted peak {smallest.predicted / 2**30:.2f} GiB exceeds the budget "
                           f"{budget / 2**30:.2f} GiB")
     return smallest
+
+
+def plan(vae, x_shape, kind: str, tiling=None) -> Plan:
+    """The plan a call would run for input of `x_shape` (latents for decode, pixels for encode),
+    chosen and predicted on the meta device without computing anything. Hosts use
+    `plan.predicted` to ask their memory manager for room before the first tile."""
+    d = Direction(vae, kind)
+    B, _, H, W = x_shape
+    s = d.scale
+    shape = (B, vae.config.latent_channels, H // s, W // s)
+    return make_plan(d, shape, vae.dtype, vae.device, Tiling.of(tiling or "auto"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,309 @@
+"""The VAE object klvae's nodes pass along a ComfyUI graph, and the work behind each node.
+
+No ComfyUI import here. The host's services (progress bar, interruption check, memory manager,
+device and dtype choice) come in through a `Host`; nodes/host.py hands in ComfyUI's, the default
+`Host()` is plain torch (scripts, tests). So everything a node does runs and is tested without a
+ComfyUI install, and nodes/host.py stays a thin schema layer.
+
+`KLVAE` duck-types the methods ComfyUI's core nodes call on their own `comfy.sd.VAE` (`encode`,
+`decode`, `encode_tiled`, `decode_tiled`, `spacial_compression_*`, `get_sd`, `downscale_ratio`...),
+so a klvae VAE can be wired into VAEDecode, VAEEncode, VAEDecodeTiled, VAEEncodeTiled,
+VAEEncodeForInpaint or a checkpoint saver. The conventions are core's: IMAGE is [B, H, W, C] in
+[0, 1] on the host's intermediate device, LATENT holds raw (unscaled) latents, and images whose
+sides are not multiples of 8 are centre-cropped as core does.
+"""
+import dataclasses
+import logging
+import warnings
+import weakref
+
+import torch
+
+from ..vae import KLVAEError, Tiling, load_vae, resolve_device, resolve_dtype
+from ..vae.tiling import MODES, plan
+
+log = logging.getLogger("klvae")
+
+POSTERIORS = ("argmax", "sample")
+UNLIMITED = 2**62  # a budget that never binds: plans the call as requested, to learn its need
+
+
+class Host:
+    """What the host application provides. These defaults are plain torch without a host."""
+
+    def device(self, choice: str) -> torch.device:
+        return resolve_device(choice)
+
+    def offload_device(self, device: torch.device) -> torch.device:
+        return device
+
+    def dtype(self, choice: str, device: torch.device) -> torch.dtype:
+        return resolve_dtype(choice, device)
+
+    def output_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def manage(self, vae: "KLVAE"):
+        """A handle for the host's memory manager (ComfyUI: a ModelPatcher), or None."""
+        return None
+
+    def load(self, vae: "KLVAE", need: int) -> int | None:
+        """Make room for `need` bytes, put the weights on the compute device; return the memory
+        budget for the call in bytes (None: let klvae ask the device)."""
+        return None
+
+    def progress(self):
+        """A callable (done, total) for the host's progress bar, or None."""
+        return None
+
+    def interrupt(self):
+        """A callable that raises (or returns True) when the user cancelled, or None."""
+        return None
+
+
+PLAIN = Host()
+
+
+def tiling_from(mode: str = "auto", tile_size: int = 0, overlap: int = 0) -> Tiling:
+    """Node widgets -> Tiling. 0 means "choose": the largest tile that fits, the receptive field."""
+    if mode not in MODES:
+        raise KLVAEError(f"unknown tiling mode {mode!r}: use one of {', '.join(MODES)}")
+    return Tiling(mode=mode, tile_size=tile_size or None, overlap=overlap or None)
+
+
+class KLVAE:
+    """A klvae AutoencoderKL dressed as the host's VAE type."""
+
+    def __init__(self, model, host: Host = PLAIN, name: str = "", device: torch.device | None = None):
+        self.model, self.host, self.name = model, host, name
+        cfg = model.config
+        self.load_device = device or model.device  # where it computes; the weights may rest elsewhere
+        # Attributes core nodes read on their own VAE objects.
+        self.downscale_ratio = self.upscale_ratio = cfg.downscale
+        self.latent_channels = cfg.latent_channels
+        self.latent_dim = 2
+        self.output_channels = cfg.out_channels
+        self.crop_input = True
+        self.not_video = True
+        self.extra_1d_channel = None
+        self.disable_offload = False
+        self.patcher = host.manage(self)
+
+    def __repr__(self):
+        c = self.model.config
+        return f"KLVAE({self.name or c.family}, {c.latent_channels} latent channels, {self.model.dtype}, {self.model.device})"
+
+    @property
+    def device(self):
+        return self.load_device
+
+    @property
+    def vae_dtype(self):
+        return self.model.dtype
+
+    @property
+    def output_device(self):
+        return self.host.output_device()
+
+    # -- what klvae's nodes call ---------------------------------------------------------------
+    def encode_latent(self, image: torch.Tensor, posterior: str = "argmax", seed: int = 0,
+                      tiling: Tiling | None = None) -> torch.Tensor:
+        """IMAGE [B, H, W, C] in [0, 1] -> raw latent [B, z, H/8, W/8] (posterior mode or seeded sample)."""
+        if posterior not in POSTERIORS:
+            raise KLVAEError(f"unknown posterior {posterior!r}: use 'argmax' (the mode) or 'sample' (seeded)")
+        image = _as_image(image)
+        x = self.vae_encode_crop_pixels(image)[..., :3]
+        # To [-1, 1] in fp32 before any cast to a low-precision compute dtype (less banding).
+        x = x.movedim(-1, 1).to(torch.float32) * 2.0 - 1.0
+        post = self._run("encode", x, tiling)
+        z = post.mode() if posterior == "argmax" else post.sample(seed=seed)
+        return z.to(self.output_device, torch.float32)
+
+    def decode_image(self, latent: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
+        """Raw latent [B, z, h, w] -> IMAGE [B, 8h, 8w, 3] in [0, 1]."""
+        if torch.is_tensor(latent) and latent.dim() == 5:
+            raise KLVAEError(f"latent of shape {tuple(latent.shape)} is a video latent; this image VAE takes [B, C, h, w]")
+        x = self._run("decode", latent, tiling)
+        img = ((x.to(self.output_device, torch.float32) + 1.0) / 2.0).clamp_(0.0, 1.0)
+        return img.movedim(1, -1).contiguous()
+
+    def _run(self, kind: str, x: torch.Tensor, tiling: Tiling | None):
+        """Plan first, ask the host for room, then run untiled if the plan allows it, else tiled."""
+        if kind == "decode":
+            self.model.check_latents(x)  # clear errors before the host moves models around
+        else:
+            self.model.check_pixels(x)
+        t = tiling or Tiling(mode="auto")
+        need = plan(self.model, x.shape, kind, dataclasses.replace(t, memory_budget=t.memory_budget or UNLIMITED))
+        budget = self.host.load(self, need.predicted)
+        t = dataclasses.replace(t, memory_budget=t.memory_budget or budget,
+                                progress=t.progress or self.host.progress(),
+                                interrupt=t.interrupt or self.host.interrupt())
+        call = self.model.decode if kind == "decode" else self.model.encode
+        whole = t.mode == "auto" and t.tile_size is None and len(need.cores) == 1
+        if whole and (t.memory_budget is None or need.predicted <= t.memory_budget):
+            # One exact tile is the untiled pass; run the plain one (faster, no generator stops).
+            if t.progress:
+                t.progress(0, 1)
+            out = call(x)
+            if t.progress:
+                t.progress(1, 1)
+            return out
+        out = call(x, tiling=t)
+        r = self.model.last_tiling
+        log.info("klvae %s: %s mode, %dx%d tiles of %d px, halo %d px, predicted %.2f GiB, %.1f s%s",
+                 kind, r.mode, r.grid[0], r.grid[1], r.tile_size, r.halo, r.predicted_peak / 2**30, r.seconds,
+                 "".join(f"; {n}" for n in r.notes))
+        return out
+
+    # -- the methods ComfyUI's core nodes call on a VAE -----------------------------------------
+    def encode(self, pixel_samples):
+        return self.encode_latent(pixel_samples)
+
+    def decode(self, samples_in, vae_options={}):
+        return self.decode_image(samples_in)
+
+    def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
+        """Core's VAEEncodeTiled: tile and overlap in image px. Tiles are exact here (shared
+        statistics), so overlap below the receptive field is raised, never blended."""
+        tile = min(t for t in (tile_x, tile_y, 512) if t)
+        return self.encode_latent(pixel_samples, tiling=Tiling(mode="auto", tile_size=tile // 8 * 8 or 8,
+                                                                 overlap=overlap or None))
+
+    def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
+        """Core's VAEDecodeTiled: tile and overlap in latent px."""
+        f = self.upscale_ratio
+        tile = min(t for t in (tile_x, tile_y, 64) if t)
+        return self.decode_image(samples, tiling=Tiling(mode="auto", tile_size=tile * f,
+                                                          overlap=overlap * f if overlap else None))
+
+    def spacial_compression_decode(self):
+        return self.upscale_ratio
+
+    def spacial_compression_encode(self):
+        return self.downscale_ratio
+
+    def temporal_compression_decode(self):
+        return None
+
+    def get_sd(self):
+        """LDM-layout state dict (what checkpoint savers store under first_stage_model.)."""
+        return {k: v.contiguous() for k, v in self.model.state_dict().items()}
+
+    def throw_exception_if_invalid(self):
+        pass
+
+    def model_size(self):
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    get_ram_usage = model_size
+
+    def memory_used_decode(self, shape, dtype=None):
+        return plan(self.model, shape, "decode", Tiling(mode="exact", memory_budget=UNLIMITED)).predicted
+
+    def memory_used_encode(self, shape, dtype=None):
+        return plan(self.model, shape, "encode", Tiling(mode="exact", memory_budget=UNLIMITED)).predicted
+
+    def vae_encode_crop_pixels(self, pixels):
+        """Centre-crop [B, H, W, C] to multiples of 8, as core's VAE does (it never pads)."""
+        f = self.downscale_ratio
+        H, W = pixels.shape[1], pixels.shape[2]
+        h, w = H // f * f, W // f * f
+        if h == 0 or w == 0:
+            raise KLVAEError(f"image {W}x{H} is smaller than one latent pixel ({f}x{f}): use a larger image")
+        if (h, w) != (H, W):
+            log.info("klvae: image %dx%d centre-cropped to %dx%d (sides must be multiples of %d)", W, H, w, h, f)
+            y0, x0 = (H - h) // 2, (W - w) // 2
+            pixels = pixels[:, y0:y0 + h, x0:x0 + w]
+        return pixels
+
+
+def _as_image(image) -> torch.Tensor:
+    if not torch.is_tensor(image) or image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
+        got = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
+        raise KLVAEError(f"expected an IMAGE [B, H, W, 3] in [0, 1], got {got}")
+    if image.shape[-1] == 1:
+        image = image.expand(-1, -1, -1, 3)  # greyscale: replicate, as a user would expect
+    return image
+
+
+# -- loading and accepting the host's own VAE objects ------------------------------------------------
+def load(path, dtype: str = "auto", device: str = "auto", host: Host = PLAIN, name: str = "") -> KLVAE:
+    dev = host.device(device)
+    model = load_vae(path, device=host.offload_device(dev), dtype=host.dtype(dtype, dev))
+    return KLVAE(model, host, name or str(path), dev)
+
+
+# Names of the host's VAE classes that are not KL autoencoders, for the error message.
+NOT_KL = {
+    "TAESD": "a TAESD (tiny approximate autoencoder, no posterior)",
+    "TAEHV": "a tiny video autoencoder (TAEHV)",
+    "AudioOobleckVAE": "an audio VAE",
+    "StageA": "Stable Cascade's stage A (a VQGAN)",
+    "StageC_coder": "Stable Cascade's effnet encoder",
+    "VideoDecoder": "Stable Video Diffusion's temporal VAE",
+    "WanVAE": "a Wan video VAE",
+}
+_converted = weakref.WeakKeyDictionary()  # host VAE -> {(dtype, device): KLVAE}
+
+
+def describe(vae) -> str:
+    inner = getattr(vae, "first_stage_model", None)
+    if vae is None:
+        return "nothing (no VAE connected)"
+    if inner is None:
+        return f"a {type(vae).__name__} without a model (the checkpoint had no VAE weights)" \
+            if hasattr(vae, "first_stage_model") else f"a {type(vae).__module__}.{type(vae).__name__}"
+    names = [type(inner).__name__, type(getattr(inner, "decoder", None)).__name__]
+    for n in names:
+        if n in NOT_KL:
+            return f"{NOT_KL[n]} ({type(inner).__module__}.{type(inner).__name__})"
+    return f"a {type(inner).__module__}.{type(inner).__name__} with {getattr(vae, 'latent_channels', '?')} latent channels"
+
+
+def is_kl(vae) -> bool:
+    """ComfyUI's own KL autoencoders: SD1.x/2.x/SDXL load as AutoencoderKL, SD3/Flux.1 as an
+    AutoencodingEngine with a Gaussian posterior and the plain 2-D decoder."""
+    inner = getattr(vae, "first_stage_model", None)
+    kind = type(inner).__name__
+    if kind == "AutoencoderKL":
+        return True
+    return (kind == "AutoencodingEngine"
+            and type(getattr(inner, "regularization", None)).__name__ == "DiagonalGaussianRegularizer"
+            and type(getattr(inner, "decoder", None)).__name__ == "Decoder")
+
+
+def as_klvae(vae, what: str = "klvae", host: Host = PLAIN, dtype: str = "auto", device: str = "auto") -> KLVAE:
+    """A KLVAE for any VAE a graph carries: ours as is, the host's KL autoencoders converted
+    (weights copied once and cached per host VAE), anything else a clear error."""
+    if isinstance(vae, KLVAE):
+        return vae
+    if not is_kl(vae):
+        raise KLVAEError(f"{what} only supported for AutoencoderKL (SD1.x/2.x, SDXL, SD3, Flux.1 VAEs); got "
+                         f"{describe(vae)}: connect a KL VAE, or use the core VAE nodes for this one")
+    # "auto" follows the host VAE's own placement and precision.
+    dev = host.device(device) if device != "auto" else torch.device(getattr(vae, "device", "cpu"))
+    dt = host.dtype(dtype, dev) if dtype != "auto" else getattr(vae, "vae_dtype", None) or host.dtype("auto", dev)
+    cache = _converted.setdefault(vae, {})
+    key = (str(dt), str(dev))
+    if key not in cache:
+        with warnings.catch_warnings():
+            # A 4-channel VAE is SD1.x or SDXL by its shapes alone; in a graph latents are raw,
+            # so the family only names things and the ambiguity warning would be noise.
+            warnings.simplefilter("ignore")
+            model = load_vae(vae.get_sd(), device=host.offload_device(dev), dtype=dt)
+        cache[key] = KLVAE(model, host, f"host VAE ({type(vae.first_stage_model).__name__})", dev)
+    return cache[key]
+
+
+# -- the nodes' work ----------------------------------------------------------------------------
+def encode(vae, image, posterior="argmax", seed=0, tiling=None, host: Host = PLAIN, what="klvae Encode") -> dict:
+    kl = as_klvae(vae, what, host)
+    return {"samples": kl.encode_latent(image, posterior, seed, tiling)}
+
+
+def decode(vae, latent: dict, tiling=None, host: Host = PLAIN, what="klvae Decode") -> torch.Tensor:
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise KLVAEError(f"expected a LATENT (a dict with 'samples'), got {type(latent).__name__}")
+    kl = as_klvae(vae, what, host)
+    return kl.decode_image(latent["samples"], tiling)

@@ -1,0 +1,233 @@
+"""ComfyUI nodes (V3 API). The only klvae module that imports ComfyUI (`comfy`, `comfy_api`,
+`folder_paths`); the root __init__.py imports it lazily from `comfy_entrypoint`, so the package
+imports cleanly outside ComfyUI. The work itself is in nodes/adapter.py.
+"""
+import torch
+from typing_extensions import override
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+from comfy_api.latest import ComfyExtension, io
+
+from . import adapter
+from .adapter import KLVAE
+from ..vae.tiling import MODES
+
+CATEGORY = "latent/klvae"
+DTYPES = ["auto", "fp32", "fp16", "bf16"]
+DEVICES = ["auto", "cpu", "gpu"]
+
+
+class ComfyHost(adapter.Host):
+    """ComfyUI's services: its device/dtype policy, memory manager, progress bar and cancel button."""
+
+    def device(self, choice):
+        return mm.vae_device() if choice == "auto" else super().device(choice)
+
+    def offload_device(self, device):
+        return device if device.type == "cpu" else mm.vae_offload_device()
+
+    def dtype(self, choice, device):
+        # Under "auto" the host decides (its --fp16-vae / --bf16-vae / --fp32-vae flags included).
+        return mm.vae_dtype(device, [torch.bfloat16, torch.float32]) if choice == "auto" else super().dtype(choice, device)
+
+    def output_device(self):
+        return mm.intermediate_device()
+
+    def manage(self, vae: KLVAE):
+        # A plain module holding ours: the patcher sets `.device` on what it manages, which on
+        # AutoencoderKL is a read-only property.
+        holder = torch.nn.Module()
+        holder.vae = vae.model
+        return comfy.model_patcher.ModelPatcher(holder, load_device=vae.load_device, offload_device=vae.model.device)
+
+    def load(self, vae: KLVAE, need):
+        # Unloads other models (the diffusion model too) as needed, then moves our weights. Full
+        # load: klvae's layers are plain torch and cannot run with weights left on another device.
+        mm.load_models_gpu([vae.patcher], memory_required=need, force_full_load=True)
+        return int(0.9 * mm.get_free_memory(vae.load_device))
+
+    def progress(self):
+        bar = comfy.utils.ProgressBar(1)
+        return lambda done, total: bar.update_absolute(done, total)
+
+    def interrupt(self):
+        return mm.throw_exception_if_processing_interrupted
+
+
+HOST = ComfyHost()
+
+
+def _tiling_inputs(default_mode="exact"):
+    return [
+        io.Int.Input("tile_size", default=512, min=0, max=8192, step=64,
+                     tooltip="Tile side in image pixels (multiple of 8). 0: the largest tile that fits in memory."),
+        io.Int.Input("overlap", default=0, min=0, max=1024, step=8,
+                     tooltip="Context around each tile in image pixels. 0: the network's receptive field, "
+                             "the minimum for an exact result; less is raised to it, never blended."),
+        io.Combo.Input("tiling", options=list(MODES), default=default_mode,
+                       tooltip="exact: the same image as an untiled pass, memory ~2 full-size activations. "
+                               "bounded: GroupNorm statistics from a small mosaic, memory independent of image "
+                               "size, ~40 dB from untiled. auto: exact if the memory plan fits, else bounded."),
+    ]
+
+
+def _vae_input(tooltip="A VAE: from klvae's loader, or the host's own (a checkpoint loader's or VAELoader's) "
+                       "KL autoencoder, converted on first use."):
+    return io.Vae.Input("vae", tooltip=tooltip)
+
+
+class KLVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KLVAELoader", display_name="Load VAE (klvae)", category=CATEGORY,
+            description="Loads a KL autoencoder (SD1.x/2.x, SDXL, SD3, Flux.1) from the models/vae folder: LDM, "
+                        "ComfyUI or diffusers layout, prefixed checkpoints included; the config is read from the "
+                        "weights. A file that is not a VAE fails here, with what it is.",
+            inputs=[
+                io.Combo.Input("vae_name", options=folder_paths.get_filename_list("vae"),
+                               tooltip="A file in models/vae (.safetensors, .ckpt, .pt, .bin)."),
+                io.Combo.Input("dtype", options=DTYPES, default="auto",
+                               tooltip="Compute dtype. auto: the host's VAE choice (bf16 on GPUs that have it, "
+                                       "fp32 on the CPU)."),
+                io.Combo.Input("device", options=DEVICES, default="auto",
+                               tooltip="Where it computes. auto: the host's VAE device."),
+            ],
+            outputs=[io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, vae_name, dtype, device) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("vae", vae_name)
+        return io.NodeOutput(adapter.load(path, dtype, device, HOST, name=vae_name))
+
+
+class KLVAEFromVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KLVAEFromVAE", display_name="Use VAE with klvae", category=CATEGORY,
+            description="Turns the host's VAE (e.g. the one bundled in a checkpoint) into a klvae VAE: exact tiling, "
+                        "argmax/sampled encodes and klvae's checks, also when wired into core VAE nodes. Only KL "
+                        "autoencoders convert; anything else fails with what it is.",
+            inputs=[
+                _vae_input("The host's VAE, e.g. CheckpointLoaderSimple's VAE output."),
+                io.Combo.Input("dtype", options=DTYPES, default="auto",
+                               tooltip="Compute dtype. auto: the dtype the host chose for this VAE."),
+                io.Combo.Input("device", options=DEVICES, default="auto",
+                               tooltip="Where it computes. auto: the host VAE's device."),
+            ],
+            outputs=[io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, vae, dtype, device) -> io.NodeOutput:
+        return io.NodeOutput(adapter.as_klvae(vae, "Use VAE with klvae", HOST, dtype, device))
+
+
+class KLVAEEncodeArgMax(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KLVAEEncodeArgMax", display_name="VAE Encode (ArgMax, klvae)", category=CATEGORY,
+            description="Encodes to the posterior mode: the deterministic argmax latent (what IC-Light style "
+                        "conditioning needs), for 4- and 16-channel KL VAEs. Tiles exactly only when the memory "
+                        "plan says the untiled pass would not fit.",
+            inputs=[io.Image.Input("pixels", tooltip="Image to encode; sides are centre-cropped to multiples of 8."),
+                    _vae_input()],
+            outputs=[io.Latent.Output(tooltip="Raw (unscaled) latent, as core's VAEEncode returns.")],
+        )
+
+    @classmethod
+    def execute(cls, pixels, vae) -> io.NodeOutput:
+        return io.NodeOutput(adapter.encode(vae, pixels, "argmax", host=HOST, what="ArgMax"))
+
+
+class KLVAEEncodeSample(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KLVAEEncodeSample", display_name="VAE Encode (Sample, klvae)", category=CATEGORY,
+            description="Encodes to a seeded sample of the posterior (mean + std * noise): same seed, same latent; "
+                        "the noise matches diffusers' latent_dist.sample for a CPU generator of the same seed.",
+            inputs=[io.Image.Input("pixels", tooltip="Image to encode; sides are centre-cropped to multiples of 8."),
+                    _vae_input(),
+                    io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                                 tooltip="Seed of the posterior noise.")],
+            outputs=[io.Latent.Output(tooltip="Raw (unscaled) latent.")],
+        )
+
+    @classmethod
+    def execute(cls, pixels, vae, seed) -> io.NodeOutput:
+        return io.NodeOutput(adapter.encode(vae, pixels, "sample", seed, host=HOST, what="Sampled encode"))
+
+
+class KLVAEEncodeTiled(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KLVAEEncodeTiled", display_name="VAE Encode (Tiled, klvae)", category=CATEGORY,
+            description="Tiled encode with GroupNorm statistics shared across tiles: exact mode equals the untiled "
+                        "latent (no seams, no colour shift); bounded mode keeps memory flat for huge images.",
+            inputs=[io.Image.Input("pixels", tooltip="Image to encode; sides are centre-cropped to multiples of 8."),
+                    _vae_input(), *_tiling_inputs(),
+                    io.Combo.Input("posterior", options=list(adapter.POSTERIORS), default="argmax",
+                                   tooltip="argmax: the posterior mode (deterministic). sample: mean + std * noise."),
+                    io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                                 tooltip="Seed of the posterior noise (posterior = sample only).")],
+            outputs=[io.Latent.Output(tooltip="Raw (unscaled) latent.")],
+        )
+
+    @classmethod
+    def execute(cls, pixels, vae, tile_size, overlap, tiling, posterior, seed) -> io.NodeOutput:
+        t = adapter.tiling_from(tiling, tile_size, overlap)
+        return io.NodeOutput(adapter.encode(vae, pixels, posterior, seed, t, HOST, what="VAE Encode (Tiled)"))
+
+
+class KLVAEDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KLVAEDecode", display_name="VAE Decode (klvae)", category=CATEGORY,
+            description="Decodes a latent. Plans memory before running: untiled when it fits, otherwise exact or "
+                        "bounded tiles chosen up front (no out-of-memory first). A latent of the wrong family "
+                        "(4 vs 16 channels) or with NaNs fails with what to do.",
+            inputs=[io.Latent.Input("samples", tooltip="Raw latent (from a sampler or an encode node)."),
+                    _vae_input()],
+            outputs=[io.Image.Output(tooltip="Decoded image, [0, 1].")],
+        )
+
+    @classmethod
+    def execute(cls, samples, vae) -> io.NodeOutput:
+        return io.NodeOutput(adapter.decode(vae, samples, host=HOST, what="VAE Decode (klvae)"))
+
+
+class KLVAEDecodeTiled(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KLVAEDecodeTiled", display_name="VAE Decode (Tiled, klvae)", category=CATEGORY,
+            description="Tiled decode with GroupNorm statistics shared across tiles, one pass: exact mode equals "
+                        "the untiled image (no seams, no tone shift); bounded mode decodes any size in flat memory.",
+            inputs=[io.Latent.Input("samples", tooltip="Raw latent (from a sampler or an encode node)."),
+                    _vae_input(), *_tiling_inputs()],
+            outputs=[io.Image.Output(tooltip="Decoded image, [0, 1].")],
+        )
+
+    @classmethod
+    def execute(cls, samples, vae, tile_size, overlap, tiling) -> io.NodeOutput:
+        t = adapter.tiling_from(tiling, tile_size, overlap)
+        return io.NodeOutput(adapter.decode(vae, samples, t, HOST, what="VAE Decode (Tiled, klvae)"))
+
+
+NODES = [KLVAELoader, KLVAEFromVAE, KLVAEEncodeArgMax, KLVAEEncodeSample, KLVAEEncodeTiled, KLVAEDecode,
+         KLVAEDecodeTiled]
+
+
+class KLVAEExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

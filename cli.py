@@ -1,0 +1,386 @@
+"""klvae's command line: `klvae <command> ...` or `python -m klvae <command> ...`.
+
+    klvae demo                                  the main job on a large photo, untiled vs tiled
+    klvae info FILE                             what a VAE file is
+    klvae encode IMAGE -o LATENT.safetensors    image -> latent (argmax or seeded sample)
+    klvae decode LATENT.safetensors -o IMAGE    latent -> image
+    klvae roundtrip IMAGE -o IMAGE              image -> latent -> image, with its PSNR
+    klvae convert FILE -o OUT --layout ldm|diffusers
+
+Every VAE option defaults to the small demo VAE shipped in models/ (a demo and test model, see
+models/MODEL_CARD.md). Errors are one line on stderr and a non-zero exit status.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .vae import KLVAEError, Tiling, load_vae, save_vae
+from .vae.memory import PeakMeter
+
+HERE = Path(__file__).resolve().parent
+SHIPPED_VAE = HERE / "models" / "klvae-demo-f8c4.safetensors"
+DEMO_PHOTO = HERE / "models" / "demo_photo.png"
+LATENT_KEY = "latent"
+
+
+class CLIError(Exception):
+    """A bad argument or file: reported as one line, exit status 2."""
+
+
+# -- images ----------------------------------------------------------------------------------------
+def read_image(path) -> torch.Tensor:
+    """[1, 3, H, W] in [-1, 1] (alpha dropped, greyscale replicated)."""
+    try:
+        im = Image.open(path)
+        im.load()
+    except FileNotFoundError:
+        raise CLIError(f"{path}: no such file") from None
+    except OSError as e:
+        raise CLIError(f"{path}: not a readable image ({e})") from None
+    a = np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(a).permute(2, 0, 1)[None].contiguous()
+
+
+def write_image(x: torch.Tensor, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    try:
+        Image.fromarray(a).save(path)
+    except (ValueError, KeyError):
+        raise CLIError(f"{path}: unknown image format; use .png, .jpg or .webp") from None
+
+
+def pad_to(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Reflect-pad right/bottom to multiples of f (decode crops back to the stored size)."""
+    H, W = x.shape[2:]
+    ph, pw = -H % f, -W % f
+    if ph or pw:
+        mode = "reflect" if ph < H and pw < W else "replicate"
+        x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
+    return x
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) / 2) ** 2).mean().item()
+    return 10 * math.log10(1 / max(mse, 1e-20))
+
+
+# -- VAE and tiling options ------------------------------------------------------------------------
+def open_vae(args):
+    path = Path(args.vae) if args.vae else SHIPPED_VAE
+    if not path.exists():
+        hint = " (the shipped demo VAE is missing: reinstall klvae)" if not args.vae else ""
+        raise CLIError(f"{path}: no such VAE file or folder{hint}")
+    return load_vae(path, device=args.device, dtype=args.dtype)
+
+
+class Bar:
+    """A tqdm bar fed by klvae's progress(done, total) callback."""
+
+    def __init__(self, desc):
+        self.desc, self.bar = desc, None  # created on the first step: errors before it print alone
+
+    def __call__(self, done, total):
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.desc, unit="step", leave=False, file=sys.stderr, mininterval=0.5)
+        self.bar.total, self.bar.n = total, done
+        self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def tiling_of(args, desc):
+    if args.tiling == "none":
+        return None, None
+    bar = Bar(desc)
+    return Tiling(mode=args.tiling, tile_size=args.tile or None, overlap=args.overlap or None, progress=bar), bar
+
+
+def run_tiled(fn, args, desc):
+    tiling, bar = tiling_of(args, desc)
+    try:
+        return fn(tiling)
+    finally:
+        if bar:
+            bar.close()
+
+
+def encode_image(vae, x, args):
+    post = run_tiled(lambda t: vae.encode(x, tiling=t), args, "encode")
+    return post.mode() if args.mode == "argmax" else post.sample(seed=args.seed)
+
+
+# -- commands ----------------------------------------------------------------------------------------
+def cmd_info(args):
+    vae = load_vae(args.file, device="cpu", dtype="fp32") if Path(args.file).exists() else None
+    if vae is None:
+        raise CLIError(f"{args.file}: no such file or folder")
+    c = vae.config
+    stored = _stored_dtypes(Path(args.file))
+    n = sum(p.numel() for p in vae.parameters())
+    rows = [("file", str(args.file)), ("family", c.family), ("latent channels", c.latent_channels),
+            ("scaling factor", c.scaling_factor), ("shift factor", c.shift_factor),
+            ("key layout", vae.source_layout), ("stored dtype", stored), ("parameters", f"{n:,} ({n / 1e6:.1f} M)"),
+            ("widths", f"{c.ch} x {list(c.ch_mult)}, {c.num_res_blocks} res blocks, {c.norm_groups} norm groups"),
+            ("quant convs", c.use_quant_conv), ("downscale", c.downscale)]
+    if c.latents_mean is not None:
+        rows.append(("latents mean/std", f"{list(c.latents_mean)} / {list(c.latents_std)}"))
+    rows += [("how inferred", "; ".join(c.notes) or "-")]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+
+
+def _stored_dtypes(path: Path) -> str:
+    from safetensors import safe_open
+    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+    seen = set()
+    for f in files:
+        if f.suffix != ".safetensors":
+            return "(pickle; see the tensors)"
+        with safe_open(str(f), "pt") as h:
+            for k in list(h.keys())[:64]:
+                seen.add(str(h.get_slice(k).get_dtype()))
+    return ", ".join(sorted(seen)) or "?"
+
+
+def cmd_encode(args):
+    vae = open_vae(args)
+    img = read_image(args.image)
+    H, W = img.shape[2:]
+    t0 = time.perf_counter()
+    z = encode_image(vae, pad_to(img, vae.config.downscale), args)
+    kind = "scaled" if args.scaled else "raw"
+    out = vae.to_scaled(z) if args.scaled else z
+    c = vae.config
+    meta = {"klvae.family": c.family, "klvae.scaling_factor": repr(c.scaling_factor),
+            "klvae.shift_factor": repr(c.shift_factor), "klvae.latent": kind, "klvae.mode": args.mode,
+            "klvae.seed": str(args.seed) if args.mode == "sample" else "", "klvae.image_size": f"{W}x{H}",
+            "klvae.vae": Path(args.vae).name if args.vae else SHIPPED_VAE.name}
+    if c.latents_mean is not None:
+        meta["klvae.latents_mean"], meta["klvae.latents_std"] = json.dumps(c.latents_mean), json.dumps(c.latents_std)
+    from safetensors.torch import save_file
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    save_file({LATENT_KEY: out.float().contiguous().cpu()}, str(args.output), metadata=meta)
+    print(f"{args.image} ({W}x{H}) -> {args.output}: {kind} latent {list(out.shape)} ({args.mode}) "
+          f"in {time.perf_counter() - t0:.1f} s")
+
+
+def read_latent(path):
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), "pt") as h:
+            meta, keys = h.metadata() or {}, list(h.keys())
+            key = LATENT_KEY if LATENT_KEY in keys else "latent_tensor" if "latent_tensor" in keys else None
+            if key is None:
+                raise CLIError(f"{path}: no latent in it (keys {keys[:4]}); expected a file written by `klvae "
+                               f"encode` or ComfyUI's SaveLatent")
+            z = h.get_tensor(key)
+    except FileNotFoundError:
+        raise CLIError(f"{path}: no such file") from None
+    except (SafetensorError, OSError) as e:
+        raise CLIError(f"{path}: not a readable safetensors latent ({e})") from None
+    if key == "latent_tensor" and "latent_format_version_0" not in keys:
+        z = z * (1.0 / 0.18215)  # ComfyUI's pre-2023 .latent files stored SD1 latents scaled
+    return z.float(), meta
+
+
+def cmd_decode(args):
+    vae = open_vae(args)
+    z, meta = read_latent(args.latent)
+    if meta.get("klvae.latent") == "scaled":
+        z = vae.from_scaled(z)
+    fam = meta.get("klvae.family")
+    if fam and fam != vae.config.family and z.shape[1] == vae.config.latent_channels:
+        print(f"note: latent came from a {fam} VAE, decoding with a {vae.config.family} one", file=sys.stderr)
+    t0 = time.perf_counter()
+    x = run_tiled(lambda t: vae.decode(z, tiling=t), args, "decode")
+    if "klvae.image_size" in meta:  # undo encode's padding to multiples of 8
+        W, H = (int(v) for v in meta["klvae.image_size"].split("x"))
+        x = x[:, :, :H, :W]
+    write_image(x, args.output)
+    print(f"{args.latent} -> {args.output} ({x.shape[3]}x{x.shape[2]}) in {time.perf_counter() - t0:.1f} s")
+
+
+def cmd_roundtrip(args):
+    vae = open_vae(args)
+    img = read_image(args.image)
+    H, W = img.shape[2:]
+    t0 = time.perf_counter()
+    z = encode_image(vae, pad_to(img, vae.config.downscale), args)
+    x = run_tiled(lambda t: vae.decode(z, tiling=t), args, "decode")[:, :, :H, :W]
+    write_image(x, args.output)
+    print(f"{args.image} -> {args.output} ({W}x{H}) in {time.perf_counter() - t0:.1f} s, "
+          f"PSNR vs input {psnr(x, img):.2f} dB")
+
+
+def cmd_convert(args):
+    vae = load_vae(args.file, device="cpu", dtype=args.dtype, family=args.family) if Path(args.file).exists() \
+        else None
+    if vae is None:
+        raise CLIError(f"{args.file}: no such file or folder")
+    out = Path(args.output)
+    if args.layout == "diffusers" and out.suffix == ".safetensors":
+        raise CLIError(f"{out}: a diffusers VAE is a folder (config.json + weights); give a folder path")
+    if args.layout == "ldm" and out.suffix != ".safetensors":
+        raise CLIError(f"{out}: an LDM VAE is one .safetensors file; give a path ending in .safetensors")
+    save_vae(vae, out, layout=args.layout)
+    c = vae.config
+    print(f"{args.file} ({vae.source_layout}, {c.family}) -> {out} ({args.layout}, {vae.dtype}); "
+          f"scaling {c.scaling_factor}, shift {c.shift_factor}")
+
+
+def cmd_demo(args):
+    """The shipped VAE on a large canvas: untiled and tiled round trips, written and compared."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    args.vae = args.vae or None
+    vae = open_vae(args)
+    if not DEMO_PHOTO.exists():
+        raise CLIError(f"{DEMO_PHOTO}: the bundled demo photo is missing: reinstall klvae")
+    photo = Image.open(DEMO_PHOTO).convert("RGB")
+    s = min(photo.size)
+    photo = photo.crop(((photo.width - s) // 2, (photo.height - s) // 2, (photo.width + s) // 2,
+                        (photo.height + s) // 2)).resize((args.size, args.size), Image.LANCZOS)
+    photo.save(out / "input.png")
+    img = read_image(out / "input.png")
+    print(f"klvae demo: {DEMO_PHOTO.name} upscaled to {args.size}x{args.size}, VAE {SHIPPED_VAE.name if not args.vae else args.vae} "
+          f"({vae.dtype}, {vae.device}), {torch.get_num_threads()} threads")
+    results = {}
+    for name in ("untiled", "tiled"):
+        tiling = None if name == "untiled" else Tiling(mode=args.tiling, tile_size=args.tile)
+        meter, t0 = PeakMeter(vae.device), time.perf_counter()
+        bar = Bar(f"{name} round trip")
+        if tiling:
+            tiling.progress = bar
+        z = vae.encode(img, tiling=tiling).mode()
+        enc_report = vae.last_tiling
+        x = vae.decode(z, tiling=tiling)
+        bar.close()
+        seconds, peak = time.perf_counter() - t0, meter.peak()
+        results[name] = x
+        write_image(x, out / f"{name}.png")
+        line = (f"{name:8} {seconds:6.1f} s   peak +{(peak or 0) / 2**30:.2f} GiB   "
+                f"PSNR vs input {psnr(x, img):5.2f} dB")
+        if tiling:
+            r = vae.last_tiling
+            full = results["untiled"]
+            line += (f"   {r.mode} {r.grid[0]}x{r.grid[1]} tiles of {r.tile_size} px (encode {enc_report.grid[0]}x"
+                     f"{enc_report.grid[1]}), psnr_vs_full {psnr(x, full):.1f} dB, "
+                     f"max |tiled - untiled| {(x - full).abs().max().item():.1e}")
+        print(line, flush=True)
+    diff = (results["tiled"] - results["untiled"]).abs().mean(1)[0] / 2  # [0, 1] pixel units
+    heat = (diff / args.heat_scale).clamp(0, 1).numpy()
+    Image.fromarray((np.stack([heat, heat ** 2, 0 * heat], -1) * 255).astype("uint8")).save(out / "heatmap.png")
+    side = Image.new("RGB", (3 * 768, 768))
+    for i, name in enumerate(("input", "untiled", "tiled")):
+        side.paste(Image.open(out / f"{name}.png").resize((768, 768), Image.LANCZOS), (i * 768, 0))
+    side.save(out / "side_by_side.png")
+    print(f"wrote {out}/: input.png, untiled.png, tiled.png, side_by_side.png (input | untiled | tiled), "
+          f"heatmap.png (|tiled - untiled|, white = {args.heat_scale})")
+    print("(peak = rise of this process's memory during each round trip; untiled runs first)")
+
+
+# -- argument parsing ---------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise CLIError(f"{message} (see `{self.prog} --help`)")
+
+
+def vae_options(p, tiling_default="none"):
+    p.add_argument("--vae", help="VAE file or diffusers folder (default: the shipped demo VAE)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="compute dtype (auto: bf16 on GPUs that have it, fp32 on the CPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu, gpu or cuda:N")
+    p.add_argument("--tiling", default=tiling_default, choices=["none", "exact", "bounded", "auto"],
+                   help="none: one pass; exact: tiles equal to untiled; bounded: flat memory; auto: from the memory plan")
+    p.add_argument("--tile", type=int, default=0, help="tile side in px, multiple of 8 (0: largest that fits)")
+    p.add_argument("--overlap", type=int, default=0, help="context per tile in px (0: the receptive field)")
+
+
+def encode_options(p):
+    p.add_argument("--mode", default="argmax", choices=["argmax", "sample"],
+                   help="argmax: the posterior mode (deterministic); sample: mean + std * noise")
+    p.add_argument("--seed", type=int, default=0, help="noise seed for --mode sample")
+
+
+def build_parser():
+    ap = Parser(prog="klvae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    sub = ap.add_subparsers(dest="command", metavar="command", parser_class=Parser)
+    sub.required = True
+
+    p = sub.add_parser("demo", help="round-trip a bundled photo on a large canvas, untiled and tiled")
+    p.add_argument("--size", type=int, default=2048, help="canvas side in px (multiple of 8)")
+    p.add_argument("--tile", type=int, default=512, help="tile side in px")
+    p.add_argument("--tiling", default="exact", choices=["exact", "bounded", "auto"])
+    p.add_argument("--out", default="out/demo", help="output folder")
+    p.add_argument("--vae", help="another VAE instead of the shipped one")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--heat-scale", type=float, default=0.01, help="|difference| shown as white in the heat map")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("info", help="what a VAE file is: family, channels, scale/shift, layout, dtype, size")
+    p.add_argument("file")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("encode", help="image -> latent .safetensors (raw unless --scaled)")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True, help="latent file (.safetensors)")
+    p.add_argument("--scaled", action="store_true", help="store diffusers-scaled latents instead of raw")
+    encode_options(p)
+    vae_options(p)
+    p.set_defaults(fn=cmd_encode)
+
+    p = sub.add_parser("decode", help="latent .safetensors -> image")
+    p.add_argument("latent")
+    p.add_argument("-o", "--output", required=True, help="image file (.png, .jpg, .webp)")
+    vae_options(p)
+    p.set_defaults(fn=cmd_decode)
+
+    p = sub.add_parser("roundtrip", help="image -> latent -> image, printing the PSNR")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True, help="image file (.png, .jpg, .webp)")
+    encode_options(p)
+    vae_options(p)
+    p.set_defaults(fn=cmd_roundtrip)
+
+    p = sub.add_parser("convert", help="rewrite a VAE in the LDM (one file) or diffusers (folder) layout")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", required=True, help="LDM: a .safetensors path; diffusers: a folder")
+    p.add_argument("--layout", required=True, choices=["ldm", "diffusers"])
+    p.add_argument("--family", choices=["sd1", "sdxl", "sd3", "flux"], help="when the file cannot say")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="stored dtype")
+    p.set_defaults(fn=cmd_convert)
+    return ap
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        args.fn(args)
+        return 0
+    except (CLIError, KLVAEError) as e:
+        print(f"klvae: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("klvae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

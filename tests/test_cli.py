@@ -1,0 +1,116 @@
+"""The command line, run for real in subprocesses (`python -m klvae ...`) on small inputs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from conftest import klvae_from, make_diffusers_vae, small
+from klvae.vae import load_vae, save_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "klvae-demo-f8c4.safetensors"
+
+
+def klvae(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "klvae", "--threads", "2", *map(str, args)], capture_output=True,
+                       text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    save_vae(klvae_from(make_diffusers_vae("sdxl", seed=6, **small()), family="sdxl"), d / "vae.safetensors")
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(0.5, 0.2, (52, 70, 3)).cumsum(1) / 20, 0, 1)  # smooth-ish, not a multiple of 8
+    Image.fromarray((img * 255).astype("uint8")).save(d / "img.png")
+    return d
+
+
+def test_help_for_every_command():
+    for cmd in ([], ["demo"], ["info"], ["encode"], ["decode"], ["roundtrip"], ["convert"]):
+        r = klvae(*cmd, "--help")
+        assert "usage: klvae" in r.stdout
+
+
+def test_info(files):
+    out = klvae("info", files / "vae.safetensors").stdout
+    for want in ("family           sdxl", "latent channels  4", "scaling factor   0.13025", "key layout       ldm",
+                 "stored dtype     F32", "parameters"):
+        assert want in out, out
+
+
+def test_encode_writes_latent_with_metadata_and_decode_restores_size(files):
+    vae = files / "vae.safetensors"
+    klvae("encode", files / "img.png", "-o", files / "z.safetensors", "--vae", vae, "--mode", "sample", "--seed", "5",
+          "--scaled")
+    with safe_open(str(files / "z.safetensors"), "pt") as h:
+        meta, z = h.metadata(), h.get_tensor("latent")
+    assert z.shape == (1, 4, 7, 9) and z.dtype == torch.float32  # 52x70 padded to 56x72
+    assert meta["klvae.family"] == "sdxl" and float(meta["klvae.scaling_factor"]) == 0.13025
+    assert meta["klvae.shift_factor"] == "0.0" and meta["klvae.latent"] == "scaled" and meta["klvae.seed"] == "5"
+    assert meta["klvae.image_size"] == "70x52"
+    # the stored latent is the library's seeded sample, scaled
+    lib = load_vae(vae)
+    x = torch.from_numpy(np.asarray(Image.open(files / "img.png"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    x = torch.nn.functional.pad(x, (0, 2, 0, 4), mode="reflect")
+    assert torch.allclose(z, lib.to_scaled(lib.encode(x).sample(seed=5)), atol=1e-4)
+    klvae("decode", files / "z.safetensors", "-o", files / "out.png", "--vae", vae, "--tiling", "exact", "--tile", "32")
+    out = np.asarray(Image.open(files / "out.png"))
+    assert out.shape == (52, 70, 3) and out.dtype == np.uint8 and 0 < out.std()
+
+
+def test_roundtrip_prints_psnr(files):
+    r = klvae("roundtrip", files / "img.png", "-o", files / "rt.png", "--vae", files / "vae.safetensors")
+    assert "PSNR vs input" in r.stdout and np.asarray(Image.open(files / "rt.png")).shape == (52, 70, 3)
+
+
+def test_convert_to_diffusers_folder_loads_offline_and_decodes_the_same(files):
+    from diffusers import AutoencoderKL as DAutoencoderKL
+    klvae("convert", files / "vae.safetensors", "-o", files / "dfolder", "--layout", "diffusers")
+    cfg = json.loads((files / "dfolder" / "config.json").read_text())
+    assert cfg["scaling_factor"] == 0.13025 and cfg["force_upcast"] is True and cfg["latent_channels"] == 4
+    d = DAutoencoderKL.from_pretrained(files / "dfolder")
+    ours = load_vae(files / "vae.safetensors")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(d.decode(z).sample, ours.decode(z), atol=1e-4)
+    klvae("convert", files / "dfolder", "-o", files / "back.safetensors", "--layout", "ldm")
+    back = load_vae(files / "back.safetensors")
+    assert back.config == ours.config
+
+
+@pytest.mark.parametrize("args,words", [
+    (["info", "missing.safetensors"], "no such file"),
+    (["encode", "img.png"], "required"),
+    (["decode", "img.png", "-o", "x.png", "--vae", "vae.safetensors"], "not a readable safetensors latent"),
+    (["encode", "vae.safetensors", "-o", "z.safetensors", "--vae", "vae.safetensors"], "not a readable image"),
+    (["roundtrip", "img.png", "-o", "x.png", "--vae", "img.png"], "img.png"),
+    (["convert", "vae.safetensors", "-o", "x.safetensors", "--layout", "diffusers"], "a diffusers VAE is a folder"),
+    (["encode", "img.png", "-o", "z.safetensors", "--vae", "vae.safetensors", "--tiling", "exact", "--tile", "30"],
+     "not a positive multiple of 8"),
+    (["bogus"], "invalid choice"),
+])
+def test_bad_arguments_are_one_line_errors(files, args, words, monkeypatch):
+    monkeypatch.chdir(files)
+    r = klvae(*args, check=False)
+    assert r.returncode == 2, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("klvae: error:") and words in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_wrong_family_latent_is_a_clear_error(files):
+    flux = files / "flux.safetensors"
+    save_vae(klvae_from(make_diffusers_vae("flux", seed=1, **small()), family="flux"), flux)
+    klvae("encode", files / "img.png", "-o", files / "z16.safetensors", "--vae", flux)
+    r = klvae("decode", files / "z16.safetensors", "-o", files / "x.png", "--vae", files / "vae.safetensors", check=False)
+    assert r.returncode == 2 and "16 channels" in r.stderr and "sd3/flux" in r.stderr

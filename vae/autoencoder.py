@@ -7,6 +7,8 @@ The same object also serves as a diffusers pipeline's `vae` (`pipe.vae = load_va
 the call shapes pipelines use (`encode(x).latent_dist`, `decode(z, return_dict=False)[0]`,
 `config.scaling_factor`, `enable_tiling()`, ...), backed by klvae's own model and tiling.
 """
+import copy
+import math
 from typing import NamedTuple
 
 import torch
@@ -15,7 +17,7 @@ import torch.nn as nn
 from .config import FAMILIES_BY_CHANNELS, VAEConfig
 from .errors import KLVAEError
 from .memory import return_freed_memory_to_os
-from .model import Decoder, Encoder
+from .model import Decoder, Encoder, stream_scaled
 
 
 class Decoded(NamedTuple):
@@ -72,6 +74,10 @@ class AutoencoderKL(nn.Module):
         self.last_tiling = None  # what the last tiled call did (a tiling.TilingReport)
         self.tiling = None       # default tiling of encode/decode calls (enable_tiling)
         self.use_slicing = False  # one batch item at a time (enable_slicing)
+        # The precision guard (see _guarded); guard_log keeps every recovery's one-line report.
+        self.guard = True
+        self.guard_log = []
+        self._guard_scale, self._guard_nets, self._guard_warned = {}, {}, False
 
     # -- diffusers' switches -------------------------------------------------------------------
     @property
@@ -162,13 +168,9 @@ class AutoencoderKL(nn.Module):
         self.check_pixels(pixels)
         if self.device.type == "cpu":
             return_freed_memory_to_os()
+        # [-1, 1] pixels are cast once, here; callers map from [0, 1] in fp32 first (no banding).
         x = pixels.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        if tiling is None:
-            moments = self.encoder(x)
-            self.last_tiling = None
-        else:
-            from .tiling import tiled_encode
-            moments = tiled_encode(self, x, tiling)
+        moments = self._guarded("encoder", x, tiling)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         return DiagonalGaussian(moments.contiguous())
@@ -192,11 +194,70 @@ class AutoencoderKL(nn.Module):
         z = latents.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
+        return self._guarded("decoder", z, tiling).contiguous()
+
+    # -- the precision guard -------------------------------------------------------------------
+    def _run(self, name, x, tiling, net=None):
+        """The encoder or decoder (or a stand-in for it) on x, untiled or tiled."""
+        net = net if net is not None else getattr(self, name)
         if tiling is None:
             self.last_tiling = None
-            return self.decoder(z).contiguous()
-        from .tiling import tiled_decode
-        return tiled_decode(self, z, tiling).contiguous()
+            return net(x)
+        from .tiling import tiled_decode, tiled_encode
+        return (tiled_decode if name == "decoder" else tiled_encode)(self, x, tiling, net)
+
+    def _guarded(self, name, x, tiling):
+        """Low-precision runs never hand back NaN/Inf. fp16 overflows (SDXL's decoder exceeds
+        65504) are re-run per batch item with the residual stream scaled down by 2^-6, then 2^-12
+        (model.stream_scaled: exact, same fp16 speed); only if that fails, in fp32. Once a scale
+        worked, later calls start with it. One host sync per call (the finiteness check)."""
+        if x.dtype not in (torch.float16, torch.bfloat16) or not self.guard:
+            return self._run(name, x, tiling)
+        scale = self._guard_scale.get(name)
+        out = self._run(name, x, tiling, self._scaled(name, scale) if scale else None)
+        bad = ~torch.isfinite(out).flatten(1).all(1)
+        if not bad.any():
+            return out
+        import time
+        import warnings
+        t0, idx = time.perf_counter(), bad.nonzero().flatten()
+        ladder = [s for s in (2.0**-6, 2.0**-12) if x.dtype == torch.float16 and (scale is None or s < scale)]
+        how = None
+        for s in ladder + ["fp32"]:
+            xs = x[idx]
+            if s == "fp32":
+                net = getattr(self, name)
+                fixed = self._run(name, xs.float(), tiling, copy.deepcopy(net).float()).to(out.dtype)
+            else:
+                fixed = self._run(name, xs, tiling, self._scaled(name, s))
+            ok = torch.isfinite(fixed).flatten(1).all(1)
+            out[idx[ok]] = fixed[ok]
+            idx = idx[~ok]
+            if s != "fp32" and ok.all():
+                self._guard_scale[name] = s  # what the rest of this session's calls start with
+            if not len(idx):
+                how = s
+                break
+        if len(idx):
+            raise KLVAEError(f"{name} output is non-finite for batch items {idx.tolist()} even in fp32: the input "
+                             f"is degenerate (check it for huge values), not a precision problem")
+        what = (f"re-ran them with the residual stream scaled by 2^{int(math.log2(how))} (exact: GroupNorm "
+                f"removes the scale; later {x.dtype} calls start scaled, at no extra cost)") if how != "fp32" \
+            else "re-ran them in fp32 (the stream could not be rescaled into range)"
+        msg = (f"klvae: {x.dtype} {name} produced non-finite values in {int(bad.sum())} of {len(bad)} batch "
+               f"items; {what}; cost {time.perf_counter() - t0:.1f} s")
+        if not self._guard_warned:
+            warnings.warn(msg, stacklevel=4)
+            self._guard_warned = True
+        self.guard_log.append(msg)
+        return out
+
+    def _scaled(self, name, s):
+        net, cached = getattr(self, name), self._guard_nets.get((name, s))
+        w, cw = net.conv_in.weight, cached.conv_in.weight if cached is not None else None
+        if cw is None or cw.dtype != w.dtype or cw.device != w.device:  # rebuilt after .to()
+            cached = self._guard_nets[(name, s)] = stream_scaled(net, s)
+        return cached
 
     def forward(self, pixels, generator=None):
         """Round trip through the posterior mode (or a sample when a generator is given)."""

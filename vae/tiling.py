@@ -382,9 +382,9 @@ class Plan:
 class Direction:
     """What differs between decode and encode: the tiled part, its input and the whole parts."""
 
-    def __init__(self, vae, kind):
+    def __init__(self, vae, kind, net=None):
         self.vae, self.kind = vae, kind
-        self.net = vae.decoder if kind == "decode" else vae.encoder
+        self.net = net or (vae.decoder if kind == "decode" else vae.encoder)
         n_norms = sum(isinstance(m, torch.nn.GroupNorm) for lv in (self.net.down if kind == "encode" else self.net.up)
                       for m in lv.modules())
         self.norms = n_norms + (1 if kind == "decode" else 0)  # the decoder's norm_out is tiled too
@@ -539,15 +539,16 @@ def plan(vae, x_shape, kind: str, tiling=None) -> Plan:
 # ----------------------------------------------------------------------------------------------
 # The two entry points (AutoencoderKL.decode/encode call these when tiling is not None).
 # ----------------------------------------------------------------------------------------------
-def tiled_decode(vae, z: torch.Tensor, tiling) -> torch.Tensor:
-    """z (after post_quant_conv) -> pixels, tiled. The report lands in vae.last_tiling."""
+def tiled_decode(vae, z: torch.Tensor, tiling, net=None) -> torch.Tensor:
+    """z (after post_quant_conv) -> pixels, tiled. The report lands in vae.last_tiling.
+    `net`: a stand-in for vae.decoder (the precision guard's rescaled copy)."""
     tiling = Tiling.of(tiling)
-    d = Direction(vae, "decode")
+    d = Direction(vae, "decode", net)
     B, _, h, w = z.shape
     f = vae.config.downscale
     plan = make_plan(d, z.shape, z.dtype, z.device, tiling)
     meter, t0 = PeakMeter(z.device), time.perf_counter()
-    dec = vae.decoder
+    dec = d.net
     mid = dec.mid(dec.conv_in(z))  # latent resolution, whole image: exact attention
     out = torch.empty(B, vae.config.out_channels, h * f, w * f, dtype=z.dtype, device=z.device)
 
@@ -561,16 +562,16 @@ def tiled_decode(vae, z: torch.Tensor, tiling) -> torch.Tensor:
     return out
 
 
-def tiled_encode(vae, x: torch.Tensor, tiling) -> torch.Tensor:
+def tiled_encode(vae, x: torch.Tensor, tiling, net=None) -> torch.Tensor:
     """pixels -> encoder moments (before quant_conv), tiled. The report lands in vae.last_tiling."""
     tiling = Tiling.of(tiling)
-    d = Direction(vae, "encode")
+    d = Direction(vae, "encode", net)
     f = vae.config.downscale
     B, _, H, W = x.shape
     shape = (B, vae.config.latent_channels, H // f, W // f)
     plan = make_plan(d, shape, x.dtype, x.device, tiling)
     meter, t0 = PeakMeter(x.device), time.perf_counter()
-    enc = vae.encoder
+    enc = d.net
     h = torch.empty(B, vae.config.block_out_channels[-1], H // f, W // f, dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last)
 

@@ -3,6 +3,7 @@
     python benchmarks/bench.py core            # untiled decode/encode, 512 and 1024 (issue: core library)
     python benchmarks/bench.py tiling          # tiled decode/encode at 1024 (+ 2048 decode), all systems
     python benchmarks/bench.py big             # a 4096x4096 bounded decode within the predicted memory
+    python benchmarks/bench.py precision       # 1024 decode in fp32 and bf16 (CPU AMX), all systems
     python benchmarks/bench.py tiling --sizes 1024 --systems klvae,diffusers
 
 Every system gets the same calibrated random SD1.x weights (benchmarks/common.py) and the same
@@ -45,20 +46,28 @@ def latent_for(size):
 
 
 # ---- one case, in this (fresh) process -------------------------------------------------------------
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def run_case(system, op, size, mode, tile):
     torch.set_num_threads(2)
     dvae = common.calibrated_sd_vae("sd1")
     x = latent_for(size) if op == "decode" else common.test_image(size)
     report = None
+    # mode: a tiling mode ("untiled", "exact", "bounded", "tiled"), or a dtype with an optional
+    # tiling mode ("bf16", "bf16-exact") in the precision suite; fp32 otherwise.
+    dname, _, tmode = mode.partition("-") if mode.split("-")[0] in DTYPES else ("fp32", "", mode)
+    tmode, dtype = tmode or "untiled", DTYPES[dname]
     if system == "klvae":
         from klvae.vae import Tiling, load_vae
-        vae = load_vae(dvae.state_dict(), family="sd1")
+        vae = load_vae(dvae.state_dict(), family="sd1", dtype=dtype)
         del dvae
-        tiling = None if mode == "untiled" else Tiling(mode=mode, tile_size=tile)
+        tiling = None if tmode == "untiled" else Tiling(mode=tmode, tile_size=tile)
         fn = (lambda: vae.decode(x, tiling=tiling)) if op == "decode" else (lambda: vae.encode(x, tiling=tiling).mode())
     elif system == "diffusers":
-        vae = dvae
-        if mode == "tiled":
+        vae = dvae.to(dtype)
+        x = x.to(dtype)
+        if tmode == "tiled":
             vae.enable_tiling()
         fn = (lambda: vae.decode(x).sample) if op == "decode" else (lambda: vae.encode(x).latent_dist.mode())
     elif system == "comfy":
@@ -70,13 +79,13 @@ def run_case(system, op, size, mode, tile):
         from klvae.vae import load_vae
         sd = load_vae(dvae.state_dict(), family="sd1").state_dict()  # LDM keys, as ComfyUI loads them
         del dvae
-        vae = comfy.sd.VAE(sd=sd)
+        vae = comfy.sd.VAE(sd=sd, dtype=dtype)
         t = tile // 8 if op == "decode" else tile
         if op == "decode":
-            fn = (lambda: vae.decode(x) if mode == "untiled" else vae.decode_tiled(x, tile_x=t, tile_y=t, overlap=8))
+            fn = (lambda: vae.decode(x) if tmode == "untiled" else vae.decode_tiled(x, tile_x=t, tile_y=t, overlap=8))
         else:
             px = ((x + 1) / 2).permute(0, 2, 3, 1)  # ComfyUI IMAGE: [B, H, W, C] in 0..1
-            fn = (lambda: vae.encode(px) if mode == "untiled" else vae.encode_tiled(px, tile_x=t, tile_y=t, overlap=64))
+            fn = (lambda: vae.encode(px) if tmode == "untiled" else vae.encode_tiled(px, tile_x=t, tile_y=t, overlap=64))
     gc.collect()
     rss0 = common.peak_rss_reset()
     t0 = time.perf_counter()
@@ -87,7 +96,7 @@ def run_case(system, op, size, mode, tile):
     if system == "comfy" and op == "decode":
         y = y.movedim(-1, 1) * 2 - 1 if y.shape[-1] == 3 else y
         y = y.reshape(-1, *y.shape[-3:])
-    if system == "klvae" and mode != "untiled":
+    if system == "klvae" and tmode != "untiled":
         r = vae.last_tiling
         report = dict(grid=r.grid, halo=r.halo, predicted=r.predicted_peak, statistics=r.statistics, tile=r.tile_size)
     os.makedirs(os.path.join(OUT, "outputs"), exist_ok=True)
@@ -116,6 +125,15 @@ def cases(suite, sizes, systems):
                     yield "comfy", op, size, "tiled", 512
     elif suite == "big":
         yield "klvae", "decode", sizes[0] if sizes else 4096, "bounded", 512
+    elif suite == "precision":
+        for size in sizes or (1024,):
+            yield "klvae", "decode", size, "fp32", 0
+            yield "klvae", "decode", size, "bf16", 0
+            yield "klvae", "decode", size, "bf16-exact", 512
+            for system in ("diffusers", "comfy"):
+                if system in systems:
+                    yield system, "decode", size, "fp32", 0
+                    yield system, "decode", size, "bf16", 0
 
 
 def fidelity(c, ref):
@@ -158,7 +176,7 @@ def heatmaps(results, size):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suite", choices=["core", "tiling", "big"])
+    ap.add_argument("suite", choices=["core", "tiling", "big", "precision"])
     ap.add_argument("--sizes", default="", help="comma-separated image sizes")
     ap.add_argument("--systems", default="klvae,diffusers,comfy")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
@@ -191,6 +209,17 @@ def main():
             if r["mode"] not in ("untiled",):
                 ref = torch.load(os.path.join(OUT, "outputs", f"klvae_{r['op']}_{r['size']}_untiled_0.pt"))
                 r.update(fidelity(r, ref))
+    if a.suite == "precision":
+        ref_case = next(r for r in results if r["system"] == "klvae" and r["mode"] == "fp32")
+        ref = torch.load(os.path.join(OUT, "outputs", f"klvae_decode_{ref_case['size']}_fp32_0.pt"))
+        d32 = next((r for r in results if r["system"] == "diffusers" and r["mode"] == "fp32"), None)
+        for r in results:
+            y = torch.load(os.path.join(OUT, "outputs", f"{r['system']}_decode_{r['size']}_{r['mode']}_{r['tile']}.pt"))
+            if r["system"] == "comfy":
+                y = y.clamp(-1, 1)
+            r["psnr_vs_fp32"] = common.psnr_vs_full(y, ref) if r is not ref_case else float("inf")
+            r["speedup_vs_diffusers_fp32"] = d32["seconds"] / r["seconds"] if d32 else float("nan")
+            r["speedup_vs_klvae_fp32"] = ref_case["seconds"] / r["seconds"]
     if a.suite == "core":
         for r in results:
             k = next((q for q in results if q["system"] == "klvae" and q["op"] == r["op"] and q["size"] == r["size"]), None)
@@ -206,6 +235,13 @@ def main():
 
 def table(results, suite):
     gib = lambda b: f"{b / 2**30:.2f}"
+    if suite == "precision":
+        rows = ["| size | system | dtype / mode | time s | x faster than diffusers fp32 | x faster than klvae fp32 | peak GiB | psnr vs klvae fp32 dB |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in results:
+            rows.append(f"| {r['size']} | {r['system']} | {r['mode']} | {r['seconds']:.0f} | {r['speedup_vs_diffusers_fp32']:.1f} | "
+                        f"{r['speedup_vs_klvae_fp32']:.1f} | {gib(r['peak'])} | {r['psnr_vs_fp32']:.1f} |")
+        return "\n".join(rows)
     if suite == "core":
         rows = ["| op | size | klvae s | diffusers s | time ratio (diffusers/klvae) | klvae peak GiB | diffusers peak GiB | peak saved |",
                 "|---|---|---|---|---|---|---|---|"]

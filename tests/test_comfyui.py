@@ -148,3 +148,69 @@ def test_bad_inputs_are_node_errors_and_server_keeps_serving(comfy, case):
     ok = comfy.run(graph("KLVAELoader", ARGMAX, ("KLVAEDecodeTiled", {"tile_size": 128, "overlap": 0,
                                                                         "tiling": "exact"}), f"after_{case}"))
     assert ok["status"]["status_str"] == "success", error_of(ok)
+
+
+def _watch(comfy, prompt, on_progress=None, timeout=300):
+    """Queue a prompt over a websocket client as the frontend does; return its messages in order."""
+    import asyncio
+    import json
+    import uuid
+
+    import aiohttp  # one of the host's own requirements
+
+    async def go():
+        cid = uuid.uuid4().hex
+        msgs = []
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(f"{comfy.url}/ws?clientId={cid}") as ws:
+                r = await s.post(f"{comfy.url}/prompt", json={"prompt": prompt, "client_id": cid})
+                pid = (await r.json())["prompt_id"]
+                async for m in ws:
+                    if m.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    d = json.loads(m.data)
+                    msgs.append(d)
+                    if d["type"] == "progress" and on_progress:
+                        await on_progress(s, d)
+                    if d["type"] in ("execution_success", "execution_error", "execution_interrupted") \
+                            and d["data"].get("prompt_id") == pid:
+                        return msgs
+    return asyncio.run(asyncio.wait_for(go(), timeout))
+
+
+def test_progress_bar_per_tile_and_model_manager(comfy):
+    g = graph("KLVAELoader", ARGMAX, ("KLVAEDecodeTiled", {"tile_size": 40, "overlap": 0, "tiling": "exact"}),
+              "progress")
+    msgs = _watch(comfy, g)
+    prog = [(m["data"]["value"], m["data"]["max"]) for m in msgs if m["type"] == "progress" and m["data"]["node"] == "4"]
+    assert msgs[-1]["type"] == "execution_success"
+    # 2x2 tiles (80x96 px in 40 px tiles -> 2x3 latent cores) stepping through every GroupNorm
+    assert len(prog) > 10 and prog[-1][0] == prog[-1][1] and [v for v, _ in prog] == sorted(v for v, _ in prog)
+    # the VAE went through ComfyUI's model manager (load_models_gpu logs each model it loads)
+    assert "Requested to load Module" in comfy.tail(200_000) or "loaded completely" in comfy.tail(200_000)
+
+
+def test_cancel_button_stops_between_tiles(comfy):
+    """The frontend's cancel (POST /interrupt) stops a long tiled encode after its first steps."""
+    g = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1, "color": 8421504}},
+        "2": {"class_type": "KLVAELoader", "inputs": {"vae_name": VAE, "dtype": "auto", "device": "auto"}},
+        "3": {"class_type": "KLVAEEncodeTiled", "inputs": {"pixels": ["1", 0], "vae": ["2", 0], "tile_size": 64,
+                                                          "overlap": 0, "tiling": "exact", "posterior": "argmax",
+                                                          "seed": 0}},
+        "4": {"class_type": "KLVAEDecode", "inputs": {"samples": ["3", 0], "vae": ["2", 0]}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "cancelled"}},
+    }
+    sent = []
+
+    async def cancel(session, d):
+        if d["data"]["node"] == "3" and not sent:
+            sent.append(d["data"]["value"])
+            await session.post(f"{comfy.url}/interrupt")
+
+    msgs = _watch(comfy, g, on_progress=cancel)
+    assert sent and msgs[-1]["type"] == "execution_interrupted", [m["type"] for m in msgs][-5:]
+    steps = [m["data"] for m in msgs if m["type"] == "progress" and m["data"]["node"] == "3"]
+    assert steps[-1]["value"] < steps[-1]["max"] / 4  # stopped early, between tile steps
+    ok = comfy.run(graph("KLVAELoader", ARGMAX, ("KLVAEDecode", {}), "after_cancel"))
+    assert ok["status"]["status_str"] == "success"

@@ -166,14 +166,14 @@ class KLVAE:
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
         """Core's VAEEncodeTiled: tile and overlap in image px. Tiles are exact here (shared
         statistics), so overlap below the receptive field is raised, never blended."""
-        tile = min(t for t in (tile_x, tile_y, 512) if t)
-        return self.encode_latent(pixel_samples, tiling=Tiling(mode="auto", tile_size=tile // 8 * 8 or 8,
+        tile = min((t for t in (tile_x, tile_y) if t), default=512)  # square tiles: the smaller side
+        return self.encode_latent(pixel_samples, tiling=Tiling(mode="auto", tile_size=max(8, tile // 8 * 8),
                                                                  overlap=overlap or None))
 
     def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
         """Core's VAEDecodeTiled: tile and overlap in latent px."""
         f = self.upscale_ratio
-        tile = min(t for t in (tile_x, tile_y, 64) if t)
+        tile = min((t for t in (tile_x, tile_y) if t), default=64)
         return self.decode_image(samples, tiling=Tiling(mode="auto", tile_size=tile * f,
                                                           overlap=overlap * f if overlap else None))
 

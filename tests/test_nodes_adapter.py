@@ -1,0 +1,87 @@
+"""nodes/adapter.py without a host: the VAE object core nodes call, and the node work."""
+import pytest
+import torch
+
+from conftest import klvae_from, make_diffusers_vae, small
+from klvae.nodes import adapter
+from klvae.vae import KLVAEError
+
+
+@pytest.fixture(scope="module")
+def kl():
+    return adapter.KLVAE(klvae_from(make_diffusers_vae("sd1", seed=2, **small()), family="sd1"))
+
+
+def test_core_tiled_calls_map_to_exact_tiles(kl):
+    z = torch.randn(1, 4, 20, 20, generator=torch.Generator().manual_seed(0))
+    full = kl.decode(z)
+    tiled = kl.decode_tiled(z, tile_x=16, tile_y=16, overlap=2)  # core passes latent px
+    r = kl.model.last_tiling
+    assert r.tile_size == 128 and r.grid == (2, 2) and r.halo == 104  # overlap raised to the receptive field
+    assert tiled.shape == (1, 160, 160, 3) and (tiled - full).abs().max() < 1e-4
+    kl.encode_tiled(torch.rand(1, 160, 160, 3), tile_x=96, tile_y=128, overlap=16)  # core passes image px
+    assert kl.model.last_tiling.tile_size == 96
+    assert kl.spacial_compression_decode() == kl.downscale_ratio == 8 and kl.temporal_compression_decode() is None
+
+
+def test_encode_crops_like_core_and_keeps_conventions(kl):
+    img = torch.rand(2, 67, 90, 4)  # RGBA, sides not multiples of 8
+    z = kl.encode(img)
+    assert z.shape == (2, 4, 8, 11) and z.dtype == torch.float32
+    ref = kl.model.encode(img[:, 1:65, 1:89, :3].movedim(-1, 1) * 2 - 1).mode()  # centre crop, alpha dropped
+    assert torch.allclose(z, ref, atol=1e-5)
+    out = kl.decode(z)
+    assert out.shape == (2, 64, 88, 3) and 0 <= out.min() and out.max() <= 1 and out.is_contiguous()
+    grey = kl.encode(torch.rand(1, 16, 16, 1))
+    assert grey.shape == (1, 4, 2, 2)
+    s1, s2 = adapter.encode(kl, img, "sample", 3), adapter.encode(kl, img, "sample", 3)
+    assert torch.equal(s1["samples"], s2["samples"]) and not torch.equal(s1["samples"], z)
+    sd = kl.get_sd()
+    assert "decoder.conv_in.weight" in sd and all(v.is_contiguous() for v in sd.values())
+
+
+def test_auto_decodes_untiled_when_the_plan_fits(kl):
+    from klvae.vae.tiling import plan
+    z = torch.randn(1, 4, 32, 32)
+    steps = []
+    kl.decode_image(z, adapter.Tiling(mode="auto", progress=lambda d, t: steps.append((d, t))))
+    assert kl.model.last_tiling is None and steps == [(0, 1), (1, 1)]  # the plain pass ran
+    whole = plan(kl.model, z.shape, "decode", adapter.Tiling(mode="auto", memory_budget=2**40))
+    assert len(whole.cores) == 1
+    kl.decode_image(z, adapter.Tiling(mode="auto", memory_budget=int(0.8 * whole.predicted)))
+    assert kl.model.last_tiling is not None and kl.model.last_tiling.n_tiles > 1
+
+
+class FakeHostVAE:
+    """What ComfyUI's VAELoader returns for a TAESD: a comfy.sd.VAE whose model is a TAESD."""
+    def __init__(self, inner):
+        self.first_stage_model = inner
+        self.latent_channels = 4
+
+
+def test_non_kl_host_vaes_are_refused_with_what_they_are():
+    TAESD = type("TAESD", (torch.nn.Module,), {"__module__": "comfy.taesd.taesd"})
+    with pytest.raises(KLVAEError, match=r"ArgMax only supported for AutoencoderKL .*got a TAESD"):
+        adapter.encode(FakeHostVAE(TAESD()), torch.rand(1, 8, 8, 3), what="ArgMax")
+    with pytest.raises(KLVAEError, match="without a model"):
+        adapter.as_klvae(FakeHostVAE(None))
+    with pytest.raises(KLVAEError, match="expected a LATENT"):
+        adapter.decode(FakeHostVAE(TAESD()), torch.zeros(1, 4, 2, 2))
+    with pytest.raises(KLVAEError, match="unknown tiling mode"):
+        adapter.tiling_from("fast")
+
+
+def test_host_kl_vaes_convert_once(kl):
+    AutoencoderKL = type("AutoencoderKL", (torch.nn.Module,), {})
+
+    class HostVAE(FakeHostVAE):
+        device, vae_dtype = torch.device("cpu"), torch.float32
+
+        def get_sd(self):
+            return kl.get_sd()
+
+    host = HostVAE(AutoencoderKL())
+    a, b = adapter.as_klvae(host), adapter.as_klvae(host)
+    assert a is b and a is not kl
+    z = torch.randn(1, 4, 4, 4)
+    assert torch.equal(a.decode(z), kl.decode(z))

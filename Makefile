@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	$(BIN)/klvae demo
 
 # The benchmarks also drive ComfyUI's own VAE (the host tree installed above).
 bench: $(STAMP)

@@ -9,6 +9,8 @@ the call shapes pipelines use (`encode(x).latent_dist`, `decode(z, return_dict=F
 """
 import copy
 import math
+import time
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -218,8 +220,6 @@ class AutoencoderKL(nn.Module):
         bad = ~torch.isfinite(out).flatten(1).all(1)
         if not bad.any():
             return out
-        import time
-        import warnings
         t0, idx = time.perf_counter(), bad.nonzero().flatten()
         ladder = [s for s in (2.0**-6, 2.0**-12) if x.dtype == torch.float16 and (scale is None or s < scale)]
         how = None

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 # The repository root is the package `klvae` (setuptools package-dir); make a checkout importable

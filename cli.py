@@ -122,10 +122,14 @@ def encode_image(vae, x, args):
 
 
 # -- commands ----------------------------------------------------------------------------------------
+def must_exist(path):
+    if not Path(path).exists():
+        raise CLIError(f"{path}: no such file or folder")
+
+
 def cmd_info(args):
-    vae = load_vae(args.file, device="cpu", dtype="fp32") if Path(args.file).exists() else None
-    if vae is None:
-        raise CLIError(f"{args.file}: no such file or folder")
+    must_exist(args.file)
+    vae = load_vae(args.file, device="cpu", dtype="fp32")
     c = vae.config
     stored = _stored_dtypes(Path(args.file))
     n = sum(p.numel() for p in vae.parameters())
@@ -226,10 +230,8 @@ def cmd_roundtrip(args):
 
 
 def cmd_convert(args):
-    vae = load_vae(args.file, device="cpu", dtype=args.dtype, family=args.family) if Path(args.file).exists() \
-        else None
-    if vae is None:
-        raise CLIError(f"{args.file}: no such file or folder")
+    must_exist(args.file)
+    vae = load_vae(args.file, device="cpu", dtype=args.dtype, family=args.family)
     out = Path(args.output)
     if args.layout == "diffusers" and out.suffix == ".safetensors":
         raise CLIError(f"{out}: a diffusers VAE is a folder (config.json + weights); give a folder path")
@@ -245,7 +247,6 @@ def cmd_demo(args):
     """The shipped VAE on a large canvas: untiled and tiled round trips, written and compared."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    args.vae = args.vae or None
     vae = open_vae(args)
     if not DEMO_PHOTO.exists():
         raise CLIError(f"{DEMO_PHOTO}: the bundled demo photo is missing: reinstall klvae")

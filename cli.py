@@ -20,9 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .vae import KLVAEError, Tiling, load_vae, save_vae
+from .testing import psnr
+from .vae import DEFAULT_MODE, FAMILIES, KLVAEError, Tiling, load_vae, save_vae
 from .vae.memory import PeakMeter
 
 HERE = Path(__file__).resolve().parent
@@ -69,11 +72,6 @@ def pad_to(x: torch.Tensor, f: int) -> torch.Tensor:
     return x
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) / 2) ** 2).mean().item()
-    return 10 * math.log10(1 / max(mse, 1e-20))
-
-
 # -- VAE and tiling options ------------------------------------------------------------------------
 def open_vae(args):
     path = Path(args.vae) if args.vae else SHIPPED_VAE
@@ -104,7 +102,8 @@ def tiling_of(args, desc):
     if args.tiling == "none":
         return None, None
     bar = Bar(desc)
-    return Tiling(mode=args.tiling, tile_size=args.tile or None, overlap=args.overlap or None, progress=bar), bar
+    return Tiling(mode=args.tiling, tile_size=args.tile, overlap=args.overlap, store=args.store,
+                  spill_dir=args.spill_dir, progress=bar), bar
 
 
 def run_tiled(fn, args, desc):
@@ -147,7 +146,6 @@ def cmd_info(args):
 
 
 def _stored_dtypes(path: Path) -> str:
-    from safetensors import safe_open
     files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
     seen = set()
     for f in files:
@@ -174,7 +172,6 @@ def cmd_encode(args):
             "klvae.vae": Path(args.vae).name if args.vae else SHIPPED_VAE.name}
     if c.latents_mean is not None:
         meta["klvae.latents_mean"], meta["klvae.latents_std"] = json.dumps(c.latents_mean), json.dumps(c.latents_std)
-    from safetensors.torch import save_file
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     save_file({LATENT_KEY: out.float().contiguous().cpu()}, str(args.output), metadata=meta)
     print(f"{args.image} ({W}x{H}) -> {args.output}: {kind} latent {list(out.shape)} ({args.mode}) "
@@ -182,7 +179,6 @@ def cmd_encode(args):
 
 
 def read_latent(path):
-    from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(path), "pt") as h:
             meta, keys = h.metadata() or {}, list(h.keys())
@@ -196,7 +192,7 @@ def read_latent(path):
     except (SafetensorError, OSError) as e:
         raise CLIError(f"{path}: not a readable safetensors latent ({e})") from None
     if key == "latent_tensor" and "latent_format_version_0" not in keys:
-        z = z * (1.0 / 0.18215)  # ComfyUI's pre-2023 .latent files stored SD1 latents scaled
+        z = z / FAMILIES["sd1"].scaling_factor  # ComfyUI's pre-2023 .latent files stored SD1 latents scaled
     return z.float(), meta
 
 
@@ -260,11 +256,9 @@ def cmd_demo(args):
           f"({vae.dtype}, {vae.device}), {torch.get_num_threads()} threads")
     results = {}
     for name in ("untiled", "tiled"):
-        tiling = None if name == "untiled" else Tiling(mode=args.tiling, tile_size=args.tile)
-        meter, t0 = PeakMeter(vae.device), time.perf_counter()
         bar = Bar(f"{name} round trip")
-        if tiling:
-            tiling.progress = bar
+        tiling = None if name == "untiled" else Tiling(mode=args.tiling, tile_size=args.tile, progress=bar)
+        meter, t0 = PeakMeter(vae.device), time.perf_counter()
         z = vae.encode(img, tiling=tiling).mode()
         enc_report = vae.last_tiling
         x = vae.decode(z, tiling=tiling)
@@ -299,15 +293,19 @@ class Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see `{self.prog} --help`)")
 
 
-def vae_options(p, tiling_default="none"):
+def vae_options(p):
     p.add_argument("--vae", help="VAE file or diffusers folder (default: the shipped demo VAE)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="compute dtype (auto: bf16 on GPUs that have it, fp32 on the CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, gpu or cuda:N")
-    p.add_argument("--tiling", default=tiling_default, choices=["none", "exact", "bounded", "auto"],
-                   help="none: one pass; exact: tiles equal to untiled; bounded: flat memory; auto: from the memory plan")
+    p.add_argument("--tiling", default="auto", choices=["none", "exact", "bounded", "auto"],
+                   help="auto (default): untiled when the memory plan fits, else tiled; none: untiled always; "
+                        "exact: tiles equal to untiled; bounded: flat memory, estimated statistics")
     p.add_argument("--tile", type=int, default=0, help="tile side in px, multiple of 8 (0: largest that fits)")
-    p.add_argument("--overlap", type=int, default=0, help="context per tile in px (0: the receptive field)")
+    p.add_argument("--overlap", type=int, default=0, help="bounded mode's context per tile in px (0: the receptive field)")
+    p.add_argument("--store", default="auto", choices=["auto", "device", "host", "disk"],
+                   help="exact mode: where full-size activations live (auto: the plan picks)")
+    p.add_argument("--spill-dir", default=None, help="folder for the disk store (default: $KLVAE_SPILL_DIR or the temp folder)")
 
 
 def encode_options(p):
@@ -325,7 +323,7 @@ def build_parser():
     p = sub.add_parser("demo", help="round-trip a bundled photo on a large canvas, untiled and tiled")
     p.add_argument("--size", type=int, default=2048, help="canvas side in px (multiple of 8)")
     p.add_argument("--tile", type=int, default=512, help="tile side in px")
-    p.add_argument("--tiling", default="exact", choices=["exact", "bounded", "auto"])
+    p.add_argument("--tiling", default=DEFAULT_MODE, choices=["exact", "bounded", "auto"])
     p.add_argument("--out", default="out/demo", help="output folder")
     p.add_argument("--vae", help="another VAE instead of the shipped one")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])

@@ -6,7 +6,7 @@
     python benchmarks/bench.py precision       # 1024 decode in fp32 and bf16 (CPU AMX), all systems
     python benchmarks/bench.py tiling --sizes 1024 --systems klvae,diffusers
 
-Every system gets the same calibrated random SD1.x weights (benchmarks/common.py) and the same
+Every system gets the same calibrated random SD1.x weights (klvae/testing.py) and the same
 synthetic image; decode cases decode the klvae argmax latent of that image. Time is wall time of
 the call; peak is the rise of the process's peak RSS (VmHWM) over its RSS just before the call.
 Fidelity is each tiled output against the untiled output (klvae's; diffusers' and ComfyUI's
@@ -23,10 +23,25 @@ import time
 
 import torch
 
+from klvae import testing
+from klvae.vae import Tiling
+from klvae.vae.memory import proc_status
+from klvae.vae.tiling import band_rows, tile_grid
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "out")
-sys.path.insert(0, HERE)
-import common  # noqa: E402
+
+
+def shared_vae():
+    """The calibrated full-width SD1.x VAE every system gets (made once, cached as a diffusers folder)."""
+    return testing.calibrated_vae("sd1", seed=0, image_size=256, cache=os.path.join(OUT, "calibrated_sd1_0"))
+
+
+def peak_rss_reset():
+    """Reset this process's peak RSS (Linux) and return the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return proc_status("VmRSS")
 
 
 def comfy_path():
@@ -40,8 +55,8 @@ def latent_for(size):
     path = os.path.join(OUT, f"latent_{size}.pt")
     if not os.path.exists(path):
         from klvae.vae import load_vae
-        vae = load_vae(common.calibrated_sd_vae("sd1").state_dict(), family="sd1")
-        torch.save(vae.encode(common.test_image(size)).mode(), path)
+        vae = load_vae(shared_vae().state_dict(), family="sd1")
+        torch.save(vae.encode(testing.test_image(size)).mode(), path)
     return torch.load(path, weights_only=True)
 
 
@@ -51,15 +66,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def run_case(system, op, size, mode, tile):
     torch.set_num_threads(2)
-    dvae = common.calibrated_sd_vae("sd1")
-    x = latent_for(size) if op == "decode" else common.test_image(size)
+    dvae = shared_vae()
+    x = latent_for(size) if op == "decode" else testing.test_image(size)
     report = None
     # mode: a tiling mode ("untiled", "exact", "bounded", "tiled"), or a dtype with an optional
     # tiling mode ("bf16", "bf16-exact") in the precision suite; fp32 otherwise.
     dname, _, tmode = mode.partition("-") if mode.split("-")[0] in DTYPES else ("fp32", "", mode)
     tmode, dtype = tmode or "untiled", DTYPES[dname]
     if system == "klvae":
-        from klvae.vae import Tiling, load_vae
+        from klvae.vae import load_vae
         vae = load_vae(dvae.state_dict(), family="sd1", dtype=dtype)
         del dvae
         tiling = None if tmode == "untiled" else Tiling(mode=tmode, tile_size=tile)
@@ -87,21 +102,34 @@ def run_case(system, op, size, mode, tile):
             px = ((x + 1) / 2).permute(0, 2, 3, 1)  # ComfyUI IMAGE: [B, H, W, C] in 0..1
             fn = (lambda: vae.encode(px) if tmode == "untiled" else vae.encode_tiled(px, tile_x=t, tile_y=t, overlap=64))
     gc.collect()
-    rss0 = common.peak_rss_reset()
+    rss0 = peak_rss_reset()
     t0 = time.perf_counter()
     with torch.inference_mode():
         y = fn()
     seconds = time.perf_counter() - t0
-    peak = common.peak_rss() - rss0
+    peak = proc_status("VmHWM") - rss0
     if system == "comfy" and op == "decode":
         y = y.movedim(-1, 1) * 2 - 1 if y.shape[-1] == 3 else y
         y = y.reshape(-1, *y.shape[-3:])
     if system == "klvae" and tmode != "untiled":
         r = vae.last_tiling
-        report = dict(grid=r.grid, halo=r.halo, predicted=r.predicted_peak, statistics=r.statistics, tile=r.tile_size)
+        report = dict(grid=r.grid, halo=r.halo, predicted=r.predicted_peak, statistics=r.statistics, tile=r.tile_size,
+                      store=r.store, store_bytes=r.store_bytes, measured=r.measured_peak,
+                      boundaries=tile_boundaries(vae, x.shape if op == "decode" else (1, 4, size // 8, size // 8), r))
     os.makedirs(os.path.join(OUT, "outputs"), exist_ok=True)
     torch.save(y.float().contiguous(), os.path.join(OUT, "outputs", f"{system}_{op}_{size}_{mode}_{tile}.pt"))
     return dict(system=system, op=op, size=size, mode=mode, tile=tile, seconds=seconds, peak=peak, report=report)
+
+
+def tile_boundaries(vae, latent_shape, r):
+    """Image rows/cols where klvae's tiles meet: bounded tiles, or exact mode's bands at full resolution."""
+    h, w = latent_shape[2], latent_shape[3]
+    f = vae.config.downscale
+    if r.mode == "exact":
+        plan = vae.plan_decode(latent_shape, Tiling(mode="exact", tile_size=r.tile_size, store=r.store))
+        return [y0 for y0, _ in band_rows(h * f, w * f, vae.config.block_out_channels[0], plan.band_elems)][1:], []
+    cores, _ = tile_grid(h, w, r.tile_size // f)
+    return sorted({c[0] * f for c in cores} - {0}), sorted({c[2] * f for c in cores} - {0})
 
 
 # ---- the suites ---------------------------------------------------------------------------------------
@@ -140,19 +168,16 @@ def fidelity(c, ref):
     y = torch.load(os.path.join(OUT, "outputs", f"{c['system']}_{c['op']}_{c['size']}_{c['mode']}_{c['tile']}.pt"))
     if c["op"] == "encode":
         rel = ((y - ref).norm() / ref.norm()).item()
-        return dict(rel_l2_vs_full=rel, max_abs_vs_full=common.max_abs_vs_full(y, ref))
+        return dict(rel_l2_vs_full=rel, max_abs_vs_full=testing.max_abs_vs_full(y, ref))
     f = 8
     if c["system"] == "klvae" and c["report"]:
-        from klvae.vae.tiling import tile_grid
-        cores, _ = tile_grid(ref.shape[2] // f, ref.shape[3] // f, c["report"]["tile"] // f)
-        ys = sorted({a * f for cc in cores for a in cc[:2]})
-        xs = sorted({a * f for cc in cores for a in cc[2:]})
+        ys, xs = c["report"]["boundaries"]
     else:  # diffusers: 512 px tiles every 384 px; ComfyUI: 512 px tiles every 448 px (first of its passes)
         stride = 384 if c["system"] == "diffusers" else 448
         ys = xs = list(range(stride, ref.shape[2], stride))
     # max_abs on pixels clamped to [-1, 1]: ComfyUI returns clamped images, so that is the fair comparison.
-    return dict(psnr_vs_full=common.psnr_vs_full(y, ref), max_abs_vs_full=common.max_abs_vs_full(y.clamp(-1, 1), ref.clamp(-1, 1)),
-                seam_ratio=common.seam_ratio(y, ref, ys, xs))
+    return dict(psnr_vs_full=testing.psnr_vs_full(y, ref), max_abs_vs_full=testing.max_abs_vs_full(y.clamp(-1, 1), ref.clamp(-1, 1)),
+                seam_ratio=testing.seam_ratio(y, ref, ys, xs))
 
 
 def heatmaps(results, size):
@@ -186,7 +211,7 @@ def main():
         print("RESULT " + json.dumps(run_case(system, op, int(size), mode, int(tile))))
         return
     os.makedirs(OUT, exist_ok=True)
-    common.calibrated_sd_vae("sd1")  # make the shared weights once, outside the timed cases
+    shared_vae()  # make the shared weights once, outside the timed cases
     sizes = [int(s) for s in a.sizes.split(",") if s]
     results = []
     for system, op, size, mode, tile in cases(a.suite, sizes, a.systems.split(",")):
@@ -217,7 +242,7 @@ def main():
             y = torch.load(os.path.join(OUT, "outputs", f"{r['system']}_decode_{r['size']}_{r['mode']}_{r['tile']}.pt"))
             if r["system"] == "comfy":
                 y = y.clamp(-1, 1)
-            r["psnr_vs_fp32"] = common.psnr_vs_full(y, ref) if r is not ref_case else float("inf")
+            r["psnr_vs_fp32"] = testing.psnr_vs_full(y, ref) if r is not ref_case else float("inf")
             r["speedup_vs_diffusers_fp32"] = d32["seconds"] / r["seconds"] if d32 else float("nan")
             r["speedup_vs_klvae_fp32"] = ref_case["seconds"] / r["seconds"]
     if a.suite == "core":

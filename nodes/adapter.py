@@ -19,13 +19,12 @@ import weakref
 
 import torch
 
-from ..vae import KLVAEError, Tiling, load_vae, resolve_device, resolve_dtype
-from ..vae.tiling import MODES, plan
+from ..vae import DEFAULT_MODE, KLVAEError, Tiling, load_vae, resolve_device, resolve_dtype
+from ..vae.tiling import UNLIMITED
 
 log = logging.getLogger("klvae")
 
 POSTERIORS = ("argmax", "sample")
-UNLIMITED = 2**62  # a budget that never binds: plans the call as requested, to learn its need
 
 
 class Host:
@@ -62,13 +61,6 @@ class Host:
 
 
 PLAIN = Host()
-
-
-def tiling_from(mode: str = "auto", tile_size: int = 0, overlap: int = 0) -> Tiling:
-    """Node widgets -> Tiling. 0 means "choose": the largest tile that fits, the receptive field."""
-    if mode not in MODES:
-        raise KLVAEError(f"unknown tiling mode {mode!r}: use one of {', '.join(MODES)}")
-    return Tiling(mode=mode, tile_size=tile_size or None, overlap=overlap or None)
 
 
 class KLVAE:
@@ -128,31 +120,22 @@ class KLVAE:
         return img.movedim(1, -1).contiguous()
 
     def _run(self, kind: str, x: torch.Tensor, tiling: Tiling | None):
-        """Plan first, ask the host for room, then run untiled if the plan allows it, else tiled."""
-        if kind == "decode":
-            self.model.check_latents(x)  # clear errors before the host moves models around
-        else:
-            self.model.check_pixels(x)
+        """Plan once, ask the host for that much room, run the plan (re-planned only if the host
+        could not make room). Untiled requests run "auto": untiled when the plan fits, else tiled."""
+        model = self.model
+        check, plan, call = ((model.check_latents, model.plan_decode, model.decode) if kind == "decode"
+                             else (model.check_pixels, model.plan_encode, model.encode))
+        check(x, finite=False)  # clear shape errors before the host moves models; NaNs are checked once, in the call
         t = tiling or Tiling(mode="auto")
-        need = plan(self.model, x.shape, kind, dataclasses.replace(t, memory_budget=t.memory_budget or UNLIMITED))
-        budget = self.host.load(self, need.predicted)
-        t = dataclasses.replace(t, memory_budget=t.memory_budget or budget,
-                                progress=t.progress or self.host.progress(),
-                                interrupt=t.interrupt or self.host.interrupt())
-        call = self.model.decode if kind == "decode" else self.model.encode
-        whole = t.mode == "auto" and t.tile_size is None and len(need.cores) == 1
-        if whole and (t.memory_budget is None or need.predicted <= t.memory_budget):
-            # One exact tile is the untiled pass; run the plain one (faster, no generator stops).
-            if t.progress:
-                t.progress(0, 1)
-            out = call(x)
-            if t.progress:
-                t.progress(1, 1)
-            return out
-        out = call(x, tiling=t)
-        r = self.model.last_tiling
-        log.info("klvae %s: %s mode, %dx%d tiles of %d px, halo %d px, predicted %.2f GiB, %.1f s%s",
-                 kind, r.mode, r.grid[0], r.grid[1], r.tile_size, r.halo, r.predicted_peak / 2**30, r.seconds,
+        t = dataclasses.replace(t, progress=t.progress or self.host.progress(), interrupt=t.interrupt or self.host.interrupt())
+        p = plan(x.shape, t if t.memory_budget else dataclasses.replace(t, memory_budget=UNLIMITED))
+        budget = self.host.load(self, p.predicted)
+        if not t.memory_budget and budget is not None and p.predicted > budget:
+            p = plan(x.shape, dataclasses.replace(t, memory_budget=budget))
+        out = call(x, tiling=p)
+        r = model.last_tiling
+        log.info("klvae %s: %s, %dx%d tiles of %d px, store %s, predicted %.2f GiB, %.1f s%s", kind, r.mode,
+                 r.grid[0], r.grid[1], r.tile_size, r.store, r.predicted_peak / 2**30, r.seconds,
                  "".join(f"; {n}" for n in r.notes))
         return out
 
@@ -167,14 +150,15 @@ class KLVAE:
         """Core's VAEEncodeTiled: tile and overlap in image px. Tiles are exact here (shared
         statistics), so overlap below the receptive field is raised, never blended."""
         tile = min((t for t in (tile_x, tile_y) if t), default=512)  # square tiles: the smaller side
-        return self.encode_latent(pixel_samples, tiling=Tiling(mode="auto", tile_size=max(8, tile // 8 * 8),
+        f = self.downscale_ratio
+        return self.encode_latent(pixel_samples, tiling=Tiling(mode=DEFAULT_MODE, tile_size=max(f, tile // f * f),
                                                                  overlap=overlap or None))
 
     def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
         """Core's VAEDecodeTiled: tile and overlap in latent px."""
         f = self.upscale_ratio
         tile = min((t for t in (tile_x, tile_y) if t), default=64)
-        return self.decode_image(samples, tiling=Tiling(mode="auto", tile_size=tile * f,
+        return self.decode_image(samples, tiling=Tiling(mode=DEFAULT_MODE, tile_size=tile * f,
                                                           overlap=overlap * f if overlap else None))
 
     def spacial_compression_decode(self):
@@ -199,10 +183,10 @@ class KLVAE:
     get_ram_usage = model_size
 
     def memory_used_decode(self, shape, dtype=None):
-        return plan(self.model, shape, "decode", Tiling(mode="exact", memory_budget=UNLIMITED)).predicted
+        return self.model.plan_decode(shape, Tiling(mode="auto", memory_budget=UNLIMITED)).predicted
 
     def memory_used_encode(self, shape, dtype=None):
-        return plan(self.model, shape, "encode", Tiling(mode="exact", memory_budget=UNLIMITED)).predicted
+        return self.model.plan_encode(shape, Tiling(mode="auto", memory_budget=UNLIMITED)).predicted
 
     def vae_encode_crop_pixels(self, pixels):
         """Centre-crop [B, H, W, C] to multiples of 8, as core's VAE does (it never pads)."""

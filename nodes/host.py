@@ -13,6 +13,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import adapter
 from .adapter import KLVAE
+from ..vae import DEFAULT_MODE, Tiling
 from ..vae.tiling import MODES
 
 CATEGORY = "latent/klvae"
@@ -60,17 +61,19 @@ class ComfyHost(adapter.Host):
 HOST = ComfyHost()
 
 
-def _tiling_inputs(default_mode="exact"):
+def _tiling_inputs():
     return [
         io.Int.Input("tile_size", default=512, min=0, max=8192, step=64,
                      tooltip="Tile side in image pixels (multiple of 8). 0: the largest tile that fits in memory."),
         io.Int.Input("overlap", default=0, min=0, max=1024, step=8,
                      tooltip="Context around each tile in image pixels. 0: the network's receptive field, "
                              "the minimum for an exact result; less is raised to it, never blended."),
-        io.Combo.Input("tiling", options=list(MODES), default=default_mode,
-                       tooltip="exact: the same image as an untiled pass, memory ~2 full-size activations. "
-                               "bounded: GroupNorm statistics from a small mosaic, memory independent of image "
-                               "size, ~40 dB from untiled. auto: exact if the memory plan fits, else bounded."),
+        io.Combo.Input("tiling", options=list(MODES), default=DEFAULT_MODE,
+                       tooltip="exact: the same image as an untiled pass, at about its compute; full-size "
+                               "activations live on the device, in RAM or in a spill file (KLVAE_SPILL_DIR), "
+                               "whichever the memory plan allows. bounded: GroupNorm statistics from a small "
+                               "mosaic, no full-size activation anywhere, ~40 dB from untiled. auto: untiled if "
+                               "the plan fits, else exact, else bounded."),
     ]
 
 
@@ -183,7 +186,7 @@ class KLVAEEncodeTiled(io.ComfyNode):
 
     @classmethod
     def execute(cls, pixels, vae, tile_size, overlap, tiling, posterior, seed) -> io.NodeOutput:
-        t = adapter.tiling_from(tiling, tile_size, overlap)
+        t = Tiling(mode=tiling, tile_size=tile_size, overlap=overlap)
         return io.NodeOutput(adapter.encode(vae, pixels, posterior, seed, t, HOST, what="VAE Encode (Tiled)"))
 
 
@@ -219,7 +222,7 @@ class KLVAEDecodeTiled(io.ComfyNode):
 
     @classmethod
     def execute(cls, samples, vae, tile_size, overlap, tiling) -> io.NodeOutput:
-        t = adapter.tiling_from(tiling, tile_size, overlap)
+        t = Tiling(mode=tiling, tile_size=tile_size, overlap=overlap)
         return io.NodeOutput(adapter.decode(vae, samples, t, HOST, what="VAE Decode (Tiled, klvae)"))
 
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from klvae.testing import test_image
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -162,8 +164,6 @@ def taesd_state_dict(seed=0) -> dict:
 
 def test_png(path: Path, w=96, h=80, seed=0):
     """A structured picture (gradients, edges, noise) saved as 8-bit PNG; returns it as an IMAGE."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import test_image
     x = test_image(max(w, h), seed=seed)[:, :, :h, :w]  # [-1, 1]
     arr = ((x[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
     Image.fromarray(arr).save(path)

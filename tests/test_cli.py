@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import klvae_from, make_diffusers_vae, small
+from klvae.testing import NARROW, diffusers_vae, klvae_from
 from klvae.vae import load_vae, save_vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def klvae(*args, check=True):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    save_vae(klvae_from(make_diffusers_vae("sdxl", seed=6, **small()), family="sdxl"), d / "vae.safetensors")
+    save_vae(klvae_from(diffusers_vae("sdxl", seed=6, **NARROW), family="sdxl"), d / "vae.safetensors")
     rng = np.random.default_rng(0)
     img = np.clip(rng.normal(0.5, 0.2, (52, 70, 3)).cumsum(1) / 20, 0, 1)  # smooth-ish, not a multiple of 8
     Image.fromarray((img * 255).astype("uint8")).save(d / "img.png")
@@ -110,7 +110,7 @@ def test_bad_arguments_are_one_line_errors(files, args, words, monkeypatch):
 
 def test_wrong_family_latent_is_a_clear_error(files):
     flux = files / "flux.safetensors"
-    save_vae(klvae_from(make_diffusers_vae("flux", seed=1, **small()), family="flux"), flux)
+    save_vae(klvae_from(diffusers_vae("flux", seed=1, **NARROW), family="flux"), flux)
     klvae("encode", files / "img.png", "-o", files / "z16.safetensors", "--vae", flux)
     r = klvae("decode", files / "z16.safetensors", "-o", files / "x.png", "--vae", files / "vae.safetensors", check=False)
     assert r.returncode == 2 and "16 channels" in r.stderr and "sd3/flux" in r.stderr

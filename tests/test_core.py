@@ -5,15 +5,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import klvae_from, make_diffusers_vae, small
+from klvae.testing import NARROW, diffusers_vae, klvae_from
 from klvae.vae import KLVAEError, load_vae
-from klvae.vae.checkpoint import ldm_to_diffusers
+from klvae.vae.diffusers_compat import ldm_to_diffusers
 
 
 # ---- parity with diffusers at full width ------------------------------------------------------
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux"])
 def test_parity_with_diffusers_full_width(family):
-    d = make_diffusers_vae(family, seed=3)
+    d = diffusers_vae(family, seed=3)
     k = klvae_from(d, family=family)
     assert k.config.family == family and k.config.latent_channels == (16 if family in ("sd3", "flux") else 4)
     assert (k.quant_conv is None) == (family in ("sd3", "flux"))
@@ -28,7 +28,7 @@ def test_parity_with_diffusers_full_width(family):
 
 
 def test_config_read_from_shapes_not_assumed(tmp_path):
-    d = make_diffusers_vae("flux", ch=32, ch_mult=(1, 2, 2, 2), norm_groups=8)
+    d = diffusers_vae("flux", ch=32, ch_mult=(1, 2, 2, 2), norm_groups=8)
     d.save_pretrained(tmp_path / "f")  # norm_num_groups=8 lives only in config.json
     k = load_vae(tmp_path / "f", family="flux")
     c = k.config
@@ -43,7 +43,7 @@ def test_config_read_from_shapes_not_assumed(tmp_path):
 
 # ---- layouts and round trips ------------------------------------------------------------------
 def test_ldm_and_diffusers_layouts_give_identical_outputs(tmp_path):
-    d = make_diffusers_vae("sd1", **small())
+    d = diffusers_vae("sd1", **NARROW)
     k = klvae_from(d, family="sd1")
     k.save(tmp_path / "ldm.safetensors", layout="ldm")
     k.save(tmp_path / "dif.safetensors", layout="diffusers")
@@ -57,7 +57,7 @@ def test_ldm_and_diffusers_layouts_give_identical_outputs(tmp_path):
 
 @pytest.mark.parametrize("layout", ["ldm", "diffusers"])
 def test_save_load_round_trip_is_bit_exact(tmp_path, layout):
-    k = klvae_from(make_diffusers_vae("sd3", **small()), family="sd3")
+    k = klvae_from(diffusers_vae("sd3", **NARROW), family="sd3")
     path = tmp_path / f"v_{layout}.safetensors"
     k.save(path, layout=layout)
     k2 = load_vae(path)
@@ -68,7 +68,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, layout):
 
 
 def test_diffusers_folder_from_diffusers_itself(tmp_path):
-    d = make_diffusers_vae("sdxl", **small())
+    d = diffusers_vae("sdxl", **NARROW)
     d.save_pretrained(tmp_path / "sdxl_vae")   # diffusers writes config.json with scaling_factor 0.13025
     k = load_vae(tmp_path / "sdxl_vae")
     assert k.config.family == "sdxl" and k.config.scaling_factor == 0.13025
@@ -78,7 +78,7 @@ def test_diffusers_folder_from_diffusers_itself(tmp_path):
 
 def test_klvae_diffusers_folder_loads_in_diffusers(tmp_path):
     from diffusers import AutoencoderKL as D
-    k = klvae_from(make_diffusers_vae("flux", **small()), family="flux")
+    k = klvae_from(diffusers_vae("flux", **NARROW), family="flux")
     k.save(tmp_path / "flux_vae", layout="diffusers")
     d = D.from_pretrained(tmp_path / "flux_vae")
     assert d.config.scaling_factor == 0.3611 and d.config.shift_factor == 0.1159
@@ -88,7 +88,7 @@ def test_klvae_diffusers_folder_loads_in_diffusers(tmp_path):
 
 
 def test_old_diffusers_attention_names_and_linear_weights():
-    d = make_diffusers_vae("sd1", **small())
+    d = diffusers_vae("sd1", **NARROW)
     sd = d.state_dict()
     old = {}
     for key, v in sd.items():
@@ -103,7 +103,7 @@ def test_old_diffusers_attention_names_and_linear_weights():
 
 @pytest.mark.parametrize("prefix", ["first_stage_model.", "vae."])
 def test_whole_checkpoint_reads_only_the_vae(tmp_path, prefix):
-    k = klvae_from(make_diffusers_vae("sd1", **small()), family="sd1")
+    k = klvae_from(diffusers_vae("sd1", **NARROW), family="sd1")
     sd = {prefix + n: v.contiguous() for n, v in k.state_dict().items()}
     sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(8, 4, 3, 3)
     sd["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = torch.randn(10, 8)
@@ -115,7 +115,7 @@ def test_whole_checkpoint_reads_only_the_vae(tmp_path, prefix):
 
 
 def test_ckpt_with_weights_only_and_lightning_wrapper(tmp_path):
-    k = klvae_from(make_diffusers_vae("sd1", **small()), family="sd1")
+    k = klvae_from(diffusers_vae("sd1", **NARROW), family="sd1")
     sd = {"state_dict": {"first_stage_model." + n: v for n, v in k.state_dict().items()}, "global_step": 10}
     sd["state_dict"]["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)  # training leftover
     torch.save(sd, tmp_path / "model.ckpt")
@@ -123,16 +123,44 @@ def test_ckpt_with_weights_only_and_lightning_wrapper(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(k.state_dict().values(), k2.state_dict().values()))
 
 
-def test_load_converts_dtype_and_keeps_one_copy():
-    k = klvae_from(make_diffusers_vae("sd1", **small()), family="sd1", dtype="bf16")
+def test_load_converts_dtype():
+    k = klvae_from(diffusers_vae("sd1", **NARROW), family="sd1", dtype="bf16")
     assert k.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in k.parameters())
     assert not any(p.requires_grad for p in k.parameters()) and not k.training
     assert not any(p.is_meta for p in k.parameters())
 
 
+ONE_COPY = """
+import json, sys, torch
+from klvae.vae import load_vae
+from klvae.vae.memory import PeakMeter
+m = PeakMeter(torch.device("cpu"), anon=True)
+vae = load_vae(sys.argv[1], dtype="bf16")
+print(json.dumps(m.peak()))
+"""
+
+
+def test_load_keeps_one_copy_of_the_weights(tmp_path):
+    """Loading a full-width fp32 file (335 MB) as bf16 grows the process's anonymous memory by the
+    bf16 weights (167 MB) and not by a second, fp32 copy: tensors are read one at a time from the
+    memory-mapped file into a model built on the meta device. (A fresh process, so nothing else
+    lives in that memory.)"""
+    import subprocess
+    import sys
+    k = klvae_from(diffusers_vae("sd1", seed=0), family="sd1")
+    k.save(tmp_path / "sd_vae.safetensors")
+    fp32 = sum(p.numel() * 4 for p in k.parameters())
+    r = subprocess.run([sys.executable, "-c", ONE_COPY, str(tmp_path / "sd_vae.safetensors")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    grew = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"fp32 weights {fp32 / 2**20:.0f} MiB, anonymous memory grew {grew / 2**20:.0f} MiB")
+    assert grew < 0.5 * fp32 + 48 * 2**20  # the bf16 copy (half) plus torch's own start-up
+
+
 # ---- family inference -------------------------------------------------------------------------
 def test_family_from_file_name_metadata_and_ambiguity(tmp_path):
-    k = klvae_from(make_diffusers_vae("sd1", **small()), family="sd1")
+    k = klvae_from(diffusers_vae("sd1", **NARROW), family="sd1")
     sd = {n: v.contiguous() for n, v in k.state_dict().items()}
     save_file(sd, str(tmp_path / "my_sdxl_vae.safetensors"))
     assert load_vae(tmp_path / "my_sdxl_vae.safetensors").config.family == "sdxl"
@@ -147,7 +175,7 @@ def test_family_from_file_name_metadata_and_ambiguity(tmp_path):
 
 # ---- the posterior ----------------------------------------------------------------------------
 def test_mode_is_deterministic_and_sample_is_seeded():
-    k = klvae_from(make_diffusers_vae("sd3", **small()), family="sd3")
+    k = klvae_from(diffusers_vae("sd3", **NARROW), family="sd3")
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     p1, p2 = k.encode(x), k.encode(x)
     assert torch.equal(p1.mode(), p2.mode()) and torch.equal(p1.mode(), p1.mean)
@@ -162,7 +190,7 @@ def test_mode_is_deterministic_and_sample_is_seeded():
 
 
 def test_sample_matches_diffusers_for_the_same_generator():
-    d = make_diffusers_vae("sd1", **small())
+    d = diffusers_vae("sd1", **NARROW)
     k = klvae_from(d, family="sd1")
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -171,7 +199,7 @@ def test_sample_matches_diffusers_for_the_same_generator():
 
 
 def test_scaled_latent_helpers_round_trip():
-    k = klvae_from(make_diffusers_vae("flux", **small()), family="flux")
+    k = klvae_from(diffusers_vae("flux", **NARROW), family="flux")
     raw = torch.randn(1, 16, 4, 4)
     torch.testing.assert_close(k.to_scaled(raw), (raw - 0.1159) * 0.3611)
     torch.testing.assert_close(k.from_scaled(k.to_scaled(raw)), raw)
@@ -186,7 +214,7 @@ def _one_line(e):
 
 @pytest.fixture(scope="module")
 def tiny_vae():
-    return klvae_from(make_diffusers_vae("sd1", **small()), family="sd1")
+    return klvae_from(diffusers_vae("sd1", **NARROW), family="sd1")
 
 
 def test_wrong_latent_channels_names_the_family(tiny_vae):
@@ -198,7 +226,7 @@ def test_wrong_latent_channels_names_the_family(tiny_vae):
 def test_size_not_multiple_of_8(tiny_vae):
     with pytest.raises(KLVAEError) as e:
         tiny_vae.encode(torch.zeros(1, 3, 100, 64))
-    assert "64x100 is not a multiple of 8" in _one_line(e) and "64x96" in str(e.value)
+    assert "64x100 is not a positive multiple of 8" in _one_line(e) and "64x96" in str(e.value)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -299,7 +327,7 @@ def test_unknown_family_and_dtype(tiny_vae):
 
 
 def test_ldm_to_diffusers_keys_match_diffusers_exactly():
-    d = make_diffusers_vae("sd1", **small())
+    d = diffusers_vae("sd1", **NARROW)
     k = klvae_from(d, family="sd1")
     conv = ldm_to_diffusers(k.state_dict())
     ref = d.state_dict()

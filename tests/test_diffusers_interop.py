@@ -3,23 +3,16 @@
 The pipelines are tiny (seeded UNet, a 5-layer CLIP text model, a tokenizer built from a local
 byte-level vocabulary), so they run in seconds; the VAE is SD-shaped, narrowed and calibrated.
 """
-import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_diffusers_vae, small
+from klvae.testing import NARROW, calibrate, diffusers_vae, psnr, test_image
 from klvae.vae import AutoencoderKL, load_vae, preset
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def psnr(a, b) -> float:
-    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
-    return 10 * np.log10(1.0 / max(mse, 1e-20))
+def psnr_np(a, b) -> float:
+    """PSNR of two pipeline outputs (numpy, [0, 1])."""
+    return psnr(torch.from_numpy(a) * 2 - 1, torch.from_numpy(b) * 2 - 1)
 
 
 def same_weights(a: dict, b: dict):
@@ -30,7 +23,7 @@ def same_weights(a: dict, b: dict):
 
 # -- conversions -----------------------------------------------------------------------------------
 def test_from_diffusers_keeps_every_weight_and_the_config():
-    d = make_diffusers_vae("sdxl", seed=1, ch=32, ch_mult=(1, 2, 2, 2), norm_groups=8)
+    d = diffusers_vae("sdxl", seed=1, ch=32, ch_mult=(1, 2, 2, 2), norm_groups=8)
     d.register_to_config(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 0.5, 1.0],
                          force_upcast=False, scaling_factor=0.5)  # a Playground-style SDXL-shaped VAE
     k = AutoencoderKL.from_diffusers(d)
@@ -53,7 +46,7 @@ def test_from_diffusers_keeps_every_weight_and_the_config():
 
 
 def test_klvae_to_diffusers_and_back_is_bit_exact():
-    k = load_vae(make_diffusers_vae("flux", seed=2, **small()).state_dict(), family="flux", dtype="bf16")
+    k = load_vae(diffusers_vae("flux", seed=2, **NARROW).state_dict(), family="flux", dtype="bf16")
     d = k.to_diffusers()
     assert d.dtype == torch.bfloat16 and d.config.shift_factor == pytest.approx(0.1159)
     k2 = AutoencoderKL.from_diffusers(d)
@@ -65,7 +58,7 @@ def test_klvae_to_diffusers_and_back_is_bit_exact():
                                                         ("ae.safetensors", "flux", 0.3611, 0.1159, 16)])
 def test_lone_files_get_their_family_config_not_sd15_defaults(tmp_path, name, family, scale, shift, z):
     """What diffusers' from_single_file gets wrong without config=: a lone SDXL or Flux VAE file."""
-    d = make_diffusers_vae(family, seed=3, **small())
+    d = diffusers_vae(family, seed=3, **NARROW)
     path = tmp_path / name
     save_file({k: v.contiguous() for k, v in d.state_dict().items()}, str(path))  # diffusers keys, no metadata
     conv = load_vae(path).to_diffusers()
@@ -78,7 +71,7 @@ def test_lone_files_get_their_family_config_not_sd15_defaults(tmp_path, name, fa
 # -- raw <-> scaled --------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux"])
 def test_scaled_latents_follow_diffusers_pipelines(family):
-    k = AutoencoderKL(preset(family, **small()))
+    k = AutoencoderKL(preset(family, **NARROW))
     raw = torch.randn(1, k.config.latent_channels, 4, 4)
     scaled = k.to_scaled(raw)
     # what the pipelines do before decoding (SD/SDXL: / scale; SD3/Flux: / scale + shift)
@@ -88,7 +81,7 @@ def test_scaled_latents_follow_diffusers_pipelines(family):
 
 
 def test_latents_mean_std_scaling_matches_sdxl_pipeline():
-    k = AutoencoderKL(preset("sdxl", **small()))
+    k = AutoencoderKL(preset("sdxl", **NARROW))
     import dataclasses
     k.config = dataclasses.replace(k.config, latents_mean=(0.1, 0.2, 0.3, 0.4), latents_std=(2.0, 1.0, 0.5, 4.0))
     raw = torch.randn(1, 4, 4, 4)
@@ -100,7 +93,7 @@ def test_latents_mean_std_scaling_matches_sdxl_pipeline():
 
 # -- call shapes -----------------------------------------------------------------------------------
 def test_diffusers_call_shapes():
-    k = load_vae(make_diffusers_vae("sd1", seed=4, **small()).state_dict(), family="sd1")
+    k = load_vae(diffusers_vae("sd1", seed=4, **NARROW).state_dict(), family="sd1")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     post = k.encode(x).latent_dist
     assert torch.equal(k.encode(x, return_dict=False)[0].latent_dist.mode(), post.mode())
@@ -116,7 +109,7 @@ def test_diffusers_call_shapes():
     k.disable_slicing().enable_tiling(tile_size=16)
     assert k.use_tiling and torch.allclose(k.decode(z), full, atol=1e-4) and k.last_tiling.n_tiles == 4
     k.disable_tiling()
-    assert not k.use_tiling and k.decode(z) is not None and k.last_tiling is None
+    assert not k.use_tiling and torch.equal(k.decode(z), full) and k.last_tiling is None
 
 
 # -- pipelines ----------------------------------------------------------------------------------------
@@ -136,8 +129,6 @@ def pipe():
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import calibrate, test_image
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
@@ -146,8 +137,8 @@ def pipe():
     text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32,
                                         intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
                                         vocab_size=1000))
-    vae = make_diffusers_vae("sd1", seed=5, **small())
-    calibrate(vae, test_image(64), 4)
+    vae = diffusers_vae("sd1", seed=5, **NARROW)
+    calibrate(vae, test_image(64))
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1,
                           set_alpha_to_one=False)
     p = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tiny_tokenizer(),
@@ -169,14 +160,14 @@ def test_text_to_image_with_klvae_swapped_in(pipe):
         pipe.vae = AutoencoderKL.from_diffusers(dvae)
         assert pipe.vae.dtype == torch.float32 and pipe.vae_scale_factor == 8
         ours = run(pipe)
-        db = psnr(ours, ref)
+        db = psnr_np(ours, ref)
         print(f"txt2img klvae vs diffusers VAE: {db:.1f} dB")
         assert db >= 50
         pipe.vae.enable_tiling(tile_size=64)  # 2x2 exact tiles on the 128x128 image
         tiled = run(pipe)
         assert pipe.vae.last_tiling.n_tiles == 4
-        print(f"txt2img klvae tiled psnr_vs_full: {psnr(tiled, ours):.1f} dB")
-        assert psnr(tiled, ours) >= 50
+        print(f"txt2img klvae tiled psnr_vs_full: {psnr_np(tiled, ours):.1f} dB")
+        assert psnr_np(tiled, ours) >= 50
     finally:
         pipe.vae = dvae
 
@@ -185,8 +176,6 @@ def test_img2img_sample_and_argmax_with_klvae(pipe):
     from diffusers import StableDiffusionImg2ImgPipeline
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import test_image
     img = (test_image(128) + 1) / 2
     dvae = pipe.vae
     i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
@@ -200,8 +189,8 @@ def test_img2img_sample_and_argmax_with_klvae(pipe):
     try:
         i2i.vae = AutoencoderKL.from_diffusers(dvae)
         ours = go()
-        print(f"img2img klvae vs diffusers VAE: {psnr(ours, ref):.1f} dB")
-        assert psnr(ours, ref) >= 50
+        print(f"img2img klvae vs diffusers VAE: {psnr_np(ours, ref):.1f} dB")
+        assert psnr_np(ours, ref) >= 50
         mode = retrieve_latents(i2i.vae.encode(x), sample_mode="argmax")
         sample = retrieve_latents(i2i.vae.encode(x), generator=torch.Generator().manual_seed(7))
         assert torch.allclose(mode, ref_mode, atol=1e-4) and torch.allclose(sample, ref_sample, atol=1e-4)

@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from conftest import klvae_from, make_diffusers_vae, small
+from klvae.testing import NARROW, diffusers_vae, klvae_from
 from klvae.nodes import adapter
 from klvae.vae import KLVAEError
 
 
 @pytest.fixture(scope="module")
 def kl():
-    return adapter.KLVAE(klvae_from(make_diffusers_vae("sd1", seed=2, **small()), family="sd1"))
+    return adapter.KLVAE(klvae_from(diffusers_vae("sd1", seed=2, **NARROW), family="sd1"))
 
 
 def test_core_tiled_calls_map_to_exact_tiles(kl):
@@ -17,10 +17,15 @@ def test_core_tiled_calls_map_to_exact_tiles(kl):
     full = kl.decode(z)
     tiled = kl.decode_tiled(z, tile_x=16, tile_y=16, overlap=2)  # core passes latent px
     r = kl.model.last_tiling
-    assert r.tile_size == 128 and r.grid == (2, 2) and r.halo == 104  # overlap raised to the receptive field
+    # exact (not "auto", which could fall back to estimated statistics): bands of a 128 px tile's area
+    assert r.mode == "exact" and r.tile_size == 128 and r.grid == (2, 1) and r.store == "device"
+    assert any("overlap" in n for n in r.notes)  # core's blending overlap has no use in exact mode: said so
     assert tiled.shape == (1, 160, 160, 3) and (tiled - full).abs().max() < 1e-4
-    kl.encode_tiled(torch.rand(1, 160, 160, 3), tile_x=96, tile_y=128, overlap=16)  # core passes image px
-    assert kl.model.last_tiling.tile_size == 96
+    img = torch.rand(1, 160, 160, 3, generator=torch.Generator().manual_seed(1))
+    z_tiled = kl.encode_tiled(img, tile_x=96, tile_y=128, overlap=16)  # core passes image px
+    r = kl.model.last_tiling
+    assert r.mode == "exact" and r.tile_size == 96 and r.grid[0] > 1
+    assert (z_tiled - kl.encode(img)).abs().max() < 1e-4
     assert kl.spacial_compression_decode() == kl.downscale_ratio == 8 and kl.temporal_compression_decode() is None
 
 
@@ -41,15 +46,15 @@ def test_encode_crops_like_core_and_keeps_conventions(kl):
 
 
 def test_auto_decodes_untiled_when_the_plan_fits(kl):
-    from klvae.vae.tiling import plan
     z = torch.randn(1, 4, 32, 32)
     steps = []
     kl.decode_image(z, adapter.Tiling(mode="auto", progress=lambda d, t: steps.append((d, t))))
-    assert kl.model.last_tiling is None and steps == [(0, 1), (1, 1)]  # the plain pass ran
-    whole = plan(kl.model, z.shape, "decode", adapter.Tiling(mode="auto", memory_budget=2**40))
-    assert len(whole.cores) == 1
+    assert kl.model.last_tiling.mode == "untiled" and steps == [(0, 1), (1, 1)]  # the plain pass ran
+    whole = kl.model.plan_decode(z.shape, adapter.Tiling(mode="auto", memory_budget=2**40))
+    assert whole.mode == "untiled"
     kl.decode_image(z, adapter.Tiling(mode="auto", memory_budget=int(0.8 * whole.predicted)))
-    assert kl.model.last_tiling is not None and kl.model.last_tiling.n_tiles > 1
+    r = kl.model.last_tiling
+    assert r.mode == "exact" and r.n_tiles > 1 and r.predicted_peak <= 0.8 * whole.predicted
 
 
 class FakeHostVAE:
@@ -68,7 +73,7 @@ def test_non_kl_host_vaes_are_refused_with_what_they_are():
     with pytest.raises(KLVAEError, match="expected a LATENT"):
         adapter.decode(FakeHostVAE(TAESD()), torch.zeros(1, 4, 2, 2))
     with pytest.raises(KLVAEError, match="unknown tiling mode"):
-        adapter.tiling_from("fast")
+        adapter.Tiling(mode="fast")
 
 
 def test_host_kl_vaes_convert_once(kl):

@@ -3,28 +3,25 @@
 Latents are *raw* (unscaled) everywhere in klvae, as in ComfyUI's LATENT. diffusers pipelines work
 on scaled latents, `(raw - shift_factor) * scaling_factor`; `to_scaled` / `from_scaled` convert.
 
-The same object also serves as a diffusers pipeline's `vae` (`pipe.vae = load_vae(...)`): it takes
-the call shapes pipelines use (`encode(x).latent_dist`, `decode(z, return_dict=False)[0]`,
-`config.scaling_factor`, `enable_tiling()`, ...), backed by klvae's own model and tiling.
+The class holds the model (encoder, decoder, quant convs), its posterior and the public `encode` /
+`decode`. Everything else lives where its name says: files in checkpoint.py, the fp16 guard in
+precision.py, the tile plan in tiling.py, exact tiles in engine.py, bounded tiles in bounded.py,
+diffusers' call shapes in diffusers_compat.py.
 """
-import copy
-import math
 import time
-import warnings
-from typing import NamedTuple
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
+from . import bounded, checkpoint, engine
 from .config import FAMILIES_BY_CHANNELS, VAEConfig
+from .diffusers_compat import Decoded, DiffusersVAE, ldm_to_diffusers
 from .errors import KLVAEError
-from .memory import return_freed_memory_to_os
-from .model import Decoder, Encoder, stream_scaled
-
-
-class Decoded(NamedTuple):
-    """decode(..., return_dict=True): `.sample` and `[0]` both give the pixels, as diffusers' DecoderOutput."""
-    sample: torch.Tensor
+from .memory import PeakMeter, free_memory, return_freed_memory_to_os
+from .model import Decoder, Encoder
+from .precision import Guard, resolve_device, resolve_dtype
+from .tiling import UNLIMITED, Plan, Tiling, TilingReport, make_plan
 
 
 class DiagonalGaussian:
@@ -63,7 +60,7 @@ class DiagonalGaussian:
         return self.mean + self.std * eps.to(self.mean.device)
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(DiffusersVAE, nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
@@ -73,13 +70,39 @@ class AutoencoderKL(nn.Module):
         # SD3 and Flux.1 have no quant convs; absent modules mean absent keys (strict loading).
         self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(z, z, 1) if config.use_post_quant_conv else None
-        self.last_tiling = None  # what the last tiled call did (a tiling.TilingReport)
-        self.tiling = None       # default tiling of encode/decode calls (enable_tiling)
-        self.use_slicing = False  # one batch item at a time (enable_slicing)
-        # The precision guard (see _guarded); guard_log keeps every recovery's one-line report.
-        self.guard = True
-        self.guard_log = []
-        self._guard_scale, self._guard_nets, self._guard_warned = {}, {}, False
+        self.guard = Guard()         # the fp16/bf16 overflow guard (precision.py)
+        self.tiling = None           # default tiling of encode/decode calls (enable_tiling)
+        self.use_slicing = False     # one batch item at a time (enable_slicing)
+        self._last_tiling = None
+
+    @classmethod
+    def load(cls, src, device="cpu", dtype="auto", family: str | None = None, config_json: dict | None = None,
+             name: str | None = None) -> "AutoencoderKL":
+        """A ready model (eval, no grad, channels_last) from a path, a diffusers folder or a state
+        dict; `config_json`: a diffusers config for weights that come without their folder."""
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        if device.type == "cpu":
+            return_freed_memory_to_os()  # process-wide, once (memory.py): freed tensors go back to the OS
+        ckpt = checkpoint.read(src, family, config_json, name)
+        with torch.device("meta"):
+            model = cls(ckpt.config)
+        checkpoint.fill(model, ckpt, device, dtype)
+        # channels_last: oneDNN and cuDNN convolve NHWC without reordering copies (measured on this
+        # CPU, SD decode at 512x512: 0.64 GiB peak instead of 1.08, and 8% faster).
+        model.to(memory_format=torch.channels_last).requires_grad_(False).eval()
+        model.source_layout, model.source_name = ckpt.layout, ckpt.source.name
+        return model
+
+    # -- what the last tiled call did ----------------------------------------------------------
+    @property
+    def last_tiling(self) -> TilingReport | None:
+        """The report of the last encode/decode that was given a tiling (None after an untiled call)."""
+        return self._last_tiling
+
+    @property
+    def guard_log(self) -> list:
+        return self.guard.log
 
     # -- diffusers' switches -------------------------------------------------------------------
     @property
@@ -90,12 +113,8 @@ class AutoencoderKL(nn.Module):
         """Tile every later encode/decode: a mode ("exact", "bounded", "auto") or a Tiling, plus
         Tiling fields (tile_size=512, memory_budget=...). Unlike diffusers' enable_tiling, exact
         tiles give the untiled result."""
-        from .tiling import Tiling
         t = Tiling.of(tiling)
-        if options:
-            from dataclasses import replace
-            t = replace(t, **options)
-        self.tiling = t
+        self.tiling = replace(t, **options) if options else t
         return self
 
     def disable_tiling(self):
@@ -120,144 +139,130 @@ class AutoencoderKL(nn.Module):
         return self.decoder.conv_in.weight.device
 
     # -- checks that turn shape errors deep in a conv into one clear line ---------------------
-    def check_pixels(self, x: torch.Tensor) -> None:
-        if not torch.is_tensor(x) or x.dim() != 4:
-            raise KLVAEError(f"pixels must be a 4-D tensor [B, 3, H, W] in [-1, 1], got "
-                             f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+    def check_pixels(self, x, finite: bool = True) -> None:
+        _check_tensor(x, "pixels", "[B, 3, H, W] in [-1, 1]")
         B, C, H, W = x.shape
         if C != self.config.in_channels:
             raise KLVAEError(f"pixels have {C} channels, this VAE encodes {self.config.in_channels}: "
                              f"pass [B, {self.config.in_channels}, H, W] (drop alpha, move channels to dim 1)")
         f = self.config.downscale
-        if H % f or W % f:
-            raise KLVAEError(f"image size {W}x{H} is not a multiple of {f}: crop or pad it to "
-                             f"{W // f * f}x{H // f * f} (or {-(-W // f) * f}x{-(-H // f) * f}) before encoding")
-        self._check_finite(x, "pixels", "check the image source (a NaN from an earlier node?)")
+        if H % f or W % f or H < f or W < f:
+            raise KLVAEError(f"image size {W}x{H} is not a positive multiple of {f}: crop or pad it to "
+                             f"{max(f, W // f * f)}x{max(f, H // f * f)} (or {-(-W // f) * f}x{-(-H // f) * f}) "
+                             f"before encoding")
+        if finite:
+            _check_finite(x, "pixels", "check the image source (a NaN from an earlier node?)")
 
-    def check_latents(self, z: torch.Tensor) -> None:
-        if not torch.is_tensor(z) or z.dim() != 4:
-            raise KLVAEError(f"latents must be a 4-D tensor [B, C, h, w], got "
-                             f"{tuple(z.shape) if torch.is_tensor(z) else type(z).__name__}")
+    def check_latents(self, z, finite: bool = True) -> None:
+        _check_tensor(z, "latents", "[B, C, h, w]")
         C, want = z.shape[1], self.config.latent_channels
         if C != want:
             hint = FAMILIES_BY_CHANNELS.get(C, "another model family")
             raise KLVAEError(f"latent has {C} channels but this {self.config.family} VAE takes {want}: "
                              f"{C} channels suggests {hint}; decode it with a matching VAE")
-        self._check_finite(z, "latents", "the sampler diverged or the latent is corrupt; re-run the sampler "
-                                         "(lower CFG or fp32) before decoding")
+        if finite:
+            _check_finite(z, "latents", "the sampler diverged or the latent is corrupt; re-run the sampler "
+                                        "(lower CFG or fp32) before decoding")
 
-    @staticmethod
-    def _check_finite(t, what, fix):
-        bad = ~torch.isfinite(t)
-        if bad.any():
-            raise KLVAEError(f"{what} contain {int(bad.sum())} NaN/Inf values of {t.numel()}: {fix}")
+    # -- plans: what a call will do and how much memory it needs, decided before it runs --------
+    def plan_decode(self, shape, tiling=None) -> Plan:
+        """The plan vae.decode(latents, tiling) runs for latents of `shape` (nothing is computed).
+        tiling None: the plain pass, refused up front if it cannot fit in memory."""
+        B, C, h, w = shape
+        return self._plan(self.decoder, "decode", C, (B, C, h, w), tiling)
+
+    def plan_encode(self, shape, tiling=None) -> Plan:
+        """The plan vae.encode(pixels, tiling) runs for pixels of `shape`."""
+        B, C, H, W = shape
+        f = self.config.downscale
+        return self._plan(self.encoder, "encode", C, (B, self.config.latent_channels, H // f, W // f), tiling)
+
+    def _plan(self, net, direction, in_channels, shape, tiling) -> Plan:
+        if isinstance(tiling, Plan):
+            return tiling
+        t = Tiling(mode="auto", memory_budget=UNLIMITED) if tiling is None else Tiling.of(tiling)
+        p = make_plan(net, direction, in_channels, shape, self.dtype, self.device, t, self.config.downscale,
+                      allow_untiled=t.mode == "auto",
+                      bounded_peak=lambda p, item: bounded.prepare(net, p, shape, in_channels, item))
+        if tiling is None:  # the plain pass: refuse up front what cannot fit, rather than fail in the allocator
+            free = free_memory(self.device)
+            if p.predicted > 1.25 * free:
+                B, _, h, w = shape
+                f = self.config.downscale
+                raise KLVAEError(f"an untiled {direction} of {B} x {w * f}x{h * f} px needs ~{p.predicted / 2**30:.1f} "
+                                 f"GiB, {free / 2**30:.1f} GiB are free: pass tiling='auto' (or 'exact')")
+        return p
 
     # -- the two directions --------------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor, tiling=None, return_dict: bool = True) -> DiagonalGaussian:
         """[B, 3, H, W] in [-1, 1] -> posterior over raw latents [B, z, H/8, W/8].
-        tiling None: the enable_tiling() default (untiled unless enabled). return_dict=False:
-        a 1-tuple, as diffusers."""
+        tiling: None (the enable_tiling() default; untiled unless enabled), a mode, a Tiling, or a
+        Plan from plan_encode. return_dict=False: a 1-tuple, as diffusers."""
         tiling = tiling if tiling is not None else self.tiling
+        self.check_pixels(pixels)
         if self.use_slicing and pixels.shape[0] > 1:
-            posts = [self.encode(p, tiling) for p in pixels.split(1)]
-            post = DiagonalGaussian(torch.cat([p.moments for p in posts]))
-            return post if return_dict else (post,)
-        post = self._encode(pixels, tiling)
+            moments = torch.cat([self._encode(p, tiling) for p in pixels.split(1)])
+        else:
+            moments = self._encode(pixels, tiling)
+        post = DiagonalGaussian(moments)
         return post if return_dict else (post,)
 
-    def _encode(self, pixels, tiling) -> DiagonalGaussian:
-        self.check_pixels(pixels)
-        if self.device.type == "cpu":
-            return_freed_memory_to_os()
+    def _encode(self, pixels, tiling) -> torch.Tensor:
+        plan = self.plan_encode(pixels.shape, tiling)
         # [-1, 1] pixels are cast once, here; callers map from [0, 1] in fp32 first (no banding).
         x = pixels.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        moments = self._guarded("encoder", x, tiling)
+        moments = self._run(self.encoder, x, plan, tiling is not None)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        return DiagonalGaussian(moments.contiguous())
+        return moments.contiguous()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, tiling=None, return_dict: bool | None = None, generator=None):
         """Raw latents [B, z, h, w] -> pixels [B, 3, 8h, 8w] in [-1, 1] (not clamped).
-        tiling None: the enable_tiling() default. return_dict: None gives the tensor; True an
-        object with `.sample`, False a 1-tuple (diffusers' call shapes; `generator` is unused)."""
+        tiling: None (the enable_tiling() default), a mode, a Tiling, or a Plan from plan_decode.
+        return_dict: None gives the tensor; True an object with `.sample`, False a 1-tuple
+        (diffusers' call shapes; `generator` is unused)."""
         tiling = tiling if tiling is not None else self.tiling
+        self.check_latents(latents)
         if self.use_slicing and latents.shape[0] > 1:
-            x = torch.cat([self.decode(z, tiling) for z in latents.split(1)])
+            x = torch.cat([self._decode(z, tiling) for z in latents.split(1)])
         else:
             x = self._decode(latents, tiling)
         return x if return_dict is None else Decoded(x) if return_dict else (x,)
 
     def _decode(self, latents, tiling) -> torch.Tensor:
-        self.check_latents(latents)
-        if self.device.type == "cpu":
-            return_freed_memory_to_os()
+        plan = self.plan_decode(latents.shape, tiling)
         z = latents.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self._guarded("decoder", z, tiling).contiguous()
+        return self._run(self.decoder, z, plan, tiling is not None).contiguous()
 
-    # -- the precision guard -------------------------------------------------------------------
-    def _run(self, name, x, tiling, net=None):
-        """The encoder or decoder (or a stand-in for it) on x, untiled or tiled."""
-        net = net if net is not None else getattr(self, name)
-        if tiling is None:
-            self.last_tiling = None
-            return net(x)
-        from .tiling import tiled_decode, tiled_encode
-        return (tiled_decode if name == "decoder" else tiled_encode)(self, x, tiling, net)
+    def _run(self, net, x, plan: Plan, tiled_call: bool) -> torch.Tensor:
+        """net on x as planned, through the precision guard; records what was done."""
+        reports = []
 
-    def _guarded(self, name, x, tiling):
-        """Low-precision runs never hand back NaN/Inf. fp16 overflows (SDXL's decoder exceeds
-        65504) are re-run per batch item with the residual stream scaled down by 2^-6, then 2^-12
-        (model.stream_scaled: exact, same fp16 speed); only if that fails, in fp32. Once a scale
-        worked, later calls start with it. One host sync per call (the finiteness check)."""
-        if x.dtype not in (torch.float16, torch.bfloat16) or not self.guard:
-            return self._run(name, x, tiling)
-        scale = self._guard_scale.get(name)
-        out = self._run(name, x, tiling, self._scaled(name, scale) if scale else None)
-        bad = ~torch.isfinite(out).flatten(1).all(1)
-        if not bad.any():
+        def run(n, xs):
+            if plan.mode == "exact" and (plan.n_tiles > 1 or plan.store != "device"):
+                out, rep = engine.run_segments(n, xs, plan)
+            elif plan.mode == "bounded":
+                out, rep = bounded.run(n, xs, plan)
+            else:  # untiled, or one exact band: the plain pass is that band
+                progress, meter, t0 = plan.tiling.progress, PeakMeter(xs.device), time.perf_counter()
+                if progress:
+                    progress(0, 1)
+                out = n(xs)
+                if progress:
+                    progress(1, 1)
+                rep = TilingReport(plan.direction, plan.mode if plan.mode == "exact" else "untiled",
+                                   plan.tile_size, plan.grid, 0, "exact: the whole image at once", plan.predicted,
+                                   plan.store, 0, meter.peak(), time.perf_counter() - t0, 1, list(plan.notes))
+            reports.append(rep)
             return out
-        t0, idx = time.perf_counter(), bad.nonzero().flatten()
-        ladder = [s for s in (2.0**-6, 2.0**-12) if x.dtype == torch.float16 and (scale is None or s < scale)]
-        how = None
-        for s in ladder + ["fp32"]:
-            xs = x[idx]
-            if s == "fp32":
-                net = getattr(self, name)
-                fixed = self._run(name, xs.float(), tiling, copy.deepcopy(net).float()).to(out.dtype)
-            else:
-                fixed = self._run(name, xs, tiling, self._scaled(name, s))
-            ok = torch.isfinite(fixed).flatten(1).all(1)
-            out[idx[ok]] = fixed[ok]
-            idx = idx[~ok]
-            if s != "fp32" and ok.all():
-                self._guard_scale[name] = s  # what the rest of this session's calls start with
-            if not len(idx):
-                how = s
-                break
-        if len(idx):
-            raise KLVAEError(f"{name} output is non-finite for batch items {idx.tolist()} even in fp32: the input "
-                             f"is degenerate (check it for huge values), not a precision problem")
-        what = (f"re-ran them with the residual stream scaled by 2^{int(math.log2(how))} (exact: GroupNorm "
-                f"removes the scale; later {x.dtype} calls start scaled, at no extra cost)") if how != "fp32" \
-            else "re-ran them in fp32 (the stream could not be rescaled into range)"
-        msg = (f"klvae: {x.dtype} {name} produced non-finite values in {int(bad.sum())} of {len(bad)} batch "
-               f"items; {what}; cost {time.perf_counter() - t0:.1f} s")
-        if not self._guard_warned:
-            warnings.warn(msg, stacklevel=4)
-            self._guard_warned = True
-        self.guard_log.append(msg)
-        return out
 
-    def _scaled(self, name, s):
-        net, cached = getattr(self, name), self._guard_nets.get((name, s))
-        w, cw = net.conv_in.weight, cached.conv_in.weight if cached is not None else None
-        if cw is None or cw.dtype != w.dtype or cw.device != w.device:  # rebuilt after .to()
-            cached = self._guard_nets[(name, s)] = stream_scaled(net, s)
-        return cached
+        out = self.guard.run(net, x, run, "decoder" if net is self.decoder else "encoder")
+        self._last_tiling = reports[0] if tiled_call else None
+        return out
 
     def forward(self, pixels, generator=None):
         """Round trip through the posterior mode (or a sample when a generator is given)."""
@@ -275,53 +280,52 @@ class AutoencoderKL(nn.Module):
 
     def to_scaled(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw latent (ComfyUI LATENT) -> diffusers' scaled latent: (raw - shift) * scale."""
+        self.check_latents(raw, finite=False)
         offset, gain = self._offset_gain(raw)
         return (raw - offset) * gain
 
     def from_scaled(self, scaled: torch.Tensor) -> torch.Tensor:
         """diffusers' scaled latent -> raw latent: scaled / scale + shift."""
+        self.check_latents(scaled, finite=False)
         offset, gain = self._offset_gain(scaled)
         return scaled / gain + offset
 
-    # -- diffusers interop ---------------------------------------------------------------------
-    @classmethod
-    def from_diffusers(cls, dvae, device=None, dtype=None) -> "AutoencoderKL":
-        """A klvae copy of a diffusers.AutoencoderKL: every weight, its config (scale, shift,
-        latents_mean/std, force_upcast), its device and dtype unless given."""
-        from .checkpoint import load_vae, source_from_dict
-        src = source_from_dict(dvae.state_dict(), name=f"diffusers {type(dvae).__name__}")
-        src.diffusers_config = dict(dvae.config)
-        return load_vae(src, device=device or dvae.device, dtype=dtype or dvae.dtype)
-
-    def to_diffusers(self):
-        """A diffusers.AutoencoderKL with the same weights (bit-exact) and config, offline."""
-        from diffusers import AutoencoderKL as DAutoencoderKL
-
-        from .checkpoint import diffusers_config
-        cfg = {k: v for k, v in diffusers_config(self.config).items() if not k.startswith("_")}
-        with torch.device("meta"):
-            d = DAutoencoderKL(**cfg)
-        sd = {k: v.contiguous() for k, v in self.state_dict(layout="diffusers").items()}
-        d.load_state_dict(sd, strict=True, assign=True)
-        return d.eval().requires_grad_(False)
-
-    def save_pretrained(self, folder) -> None:
-        """A diffusers folder (config.json + diffusion_pytorch_model.safetensors); what a
-        pipeline's save_pretrained calls on its components."""
-        self.save(folder, layout="diffusers")
-
-    # -- checkpoints ---------------------------------------------------------------------------
+    # -- weights -------------------------------------------------------------------------------
     def state_dict(self, *args, layout: str = "ldm", **kwargs):
         """Weights with LDM keys (default, what ComfyUI saves) or diffusers keys (layout='diffusers')."""
         sd = super().state_dict(*args, **kwargs)
         if layout == "ldm":
             return sd
-        from .checkpoint import ldm_to_diffusers
         if layout == "diffusers":
             return ldm_to_diffusers(sd)
         raise KLVAEError(f"unknown layout {layout!r}: use 'ldm' or 'diffusers'")
 
     def save(self, path, layout: str = "ldm") -> None:
         """Write a .safetensors file (or, for layout='diffusers' and a folder path, a diffusers folder)."""
-        from .checkpoint import save_vae
-        save_vae(self, path, layout=layout)
+        checkpoint.save_vae(self, path, layout=layout)
+
+
+def load_vae(src, device="cpu", dtype="auto", family: str | None = None) -> AutoencoderKL:
+    """A ready AutoencoderKL (eval, no grad) from a path, a diffusers folder or a state dict.
+
+    device: "auto" | "cpu" | "gpu" | "cuda:N"; dtype: "auto" (bf16 on GPUs that have it, fp16 on
+    older ones, fp32 on the CPU) | "fp32" | "fp16" | "bf16"; family: "sd1" | "sdxl" | "sd3" | "flux"
+    when the file cannot say. On glibc, the first CPU model fixes malloc's mmap threshold so that
+    freed activations go back to the OS (memory.py; KLVAE_KEEP_MALLOC=1 opts out)."""
+    return AutoencoderKL.load(src, device, dtype, family)
+
+
+def _check_tensor(t, what, expected) -> None:
+    if not torch.is_tensor(t) or t.dim() != 4:
+        got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        raise KLVAEError(f"{what} must be a 4-D tensor {expected}, got {got}")
+    if not t.is_floating_point():
+        raise KLVAEError(f"{what} are {t.dtype}, not floating point: convert them with .float()")
+    if min(t.shape) < 1:
+        raise KLVAEError(f"{what} of shape {tuple(t.shape)} are empty: nothing to do")
+
+
+def _check_finite(t, what, fix) -> None:
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        raise KLVAEError(f"{what} contain {int(bad.sum())} NaN/Inf values of {t.numel()}: {fix}")

@@ -1,10 +1,18 @@
-"""VAEConfig: the shape of a KL autoencoder, and the four families that share one architecture.
+"""VAEConfig: the shape of a KL autoencoder, and the families that share one architecture.
 
 The numbers come from the released VAEs (LDM `first_stage_config`, diffusers `config.json`):
 SD1.x/2.x and SDXL are 4-channel with quant convs, SD3 and Flux.1 are 16-channel without them.
 SD1.x and SDXL have identical tensor shapes; only metadata or a file name can tell them apart.
+
+A VAEConfig checks itself when it is made (`__post_init__`): every value is of the right type
+and inside bounds that no real VAE comes near, so a config built from a hostile file fails here,
+naming the value, before a single module is built from it.
 """
+import math
 from dataclasses import dataclass, field, replace
+
+from .diffusers_compat import DiffusersNames
+from .errors import KLVAEError
 
 
 @dataclass(frozen=True)
@@ -24,12 +32,16 @@ FAMILIES = {
     "sd3": Family("sd3", 16, 1.5305, 0.0609, False, "Stable Diffusion 3 / 3.5"),
     "flux": Family("flux", 16, 0.3611, 0.1159, False, "Flux.1"),
 }
+CUSTOM = "custom"  # a VAE of this architecture that no released family matches
 # Which family a latent channel count suggests, for error messages.
 FAMILIES_BY_CHANNELS = {4: "sd1/sdxl", 16: "sd3/flux", 8: "a video/other VAE", 32: "a DC-AE or video VAE"}
 
+# Bounds a config must keep. Released VAEs: ch 128, 4 levels, 2 res blocks, <= 32 latent channels.
+MAX_CH, MAX_WIDTH, MAX_LEVELS, MAX_RES_BLOCKS, MAX_LATENT, MAX_IO = 1024, 4096, 8, 8, 256, 16
+
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(DiffusersNames):
     family: str = "sd1"
     in_channels: int = 3
     out_channels: int = 3
@@ -49,6 +61,44 @@ class VAEConfig:
     force_upcast: bool = False             # diffusers' flag (SDXL: True; the fp16-fix VAE: False)
     notes: tuple = field(default=(), compare=False)  # how the config was inferred (for `info`)
 
+    def __post_init__(self):
+        if self.family not in FAMILIES and self.family != CUSTOM:
+            raise KLVAEError(f"unknown family {self.family!r}: use one of {', '.join(FAMILIES)} (or '{CUSTOM}')")
+        for name, lo, hi in (("in_channels", 1, MAX_IO), ("out_channels", 1, MAX_IO), ("ch", 1, MAX_CH),
+                             ("num_res_blocks", 1, MAX_RES_BLOCKS), ("latent_channels", 1, MAX_LATENT),
+                             ("norm_groups", 1, MAX_CH)):
+            _int_in(name, getattr(self, name), lo, hi)
+        if not isinstance(self.ch_mult, tuple) or not 1 <= len(self.ch_mult) <= MAX_LEVELS:
+            raise KLVAEError(f"ch_mult {self.ch_mult!r}: expected a tuple of 1 to {MAX_LEVELS} level widths")
+        for m in self.ch_mult:
+            _int_in("ch_mult entry", m, 1, MAX_WIDTH // self.ch)
+        bad = [w for w in self.block_out_channels if w % self.norm_groups]
+        if bad:
+            raise KLVAEError(f"norm_groups {self.norm_groups} does not divide the width {bad[0]}: GroupNorm needs "
+                             f"groups that divide every width (released VAEs use 32)")
+        for name in ("use_quant_conv", "use_post_quant_conv", "force_upcast"):
+            if not isinstance(getattr(self, name), bool):
+                raise KLVAEError(f"{name} is {getattr(self, name)!r}: expected True or False")
+        for name in ("scaling_factor", "shift_factor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise KLVAEError(f"{name} is {v!r}: expected a finite number")
+        if not 1e-6 <= self.scaling_factor <= 1e6:
+            raise KLVAEError(f"scaling_factor is {self.scaling_factor!r}: expected a positive factor "
+                             f"(released VAEs: 0.13 to 1.53)")
+        for name in ("latents_mean", "latents_std"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not isinstance(v, tuple) or len(v) != self.latent_channels or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
+                raise KLVAEError(f"{name} must be {self.latent_channels} finite numbers, one per latent channel; "
+                                 f"got {str(v)[:60]}")
+        if (self.latents_mean is None) != (self.latents_std is None):
+            raise KLVAEError("latents_mean and latents_std come together: state both or neither")
+        if self.latents_std is not None and min(self.latents_std) <= 0:
+            raise KLVAEError(f"latents_std must be positive, got {min(self.latents_std)}")
+
     @property
     def downscale(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
@@ -57,33 +107,21 @@ class VAEConfig:
     def block_out_channels(self) -> tuple:
         return tuple(self.ch * m for m in self.ch_mult)
 
-    # -- diffusers' names, so `vae.config` reads like diffusers.AutoencoderKL's in pipelines ------
-    def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        from .checkpoint import diffusers_config
-        d = diffusers_config(self)
-        if name in d:
-            return d[name]
-        raise AttributeError(f"VAEConfig has no attribute {name!r}")
-
-    def __getitem__(self, name):
-        try:
-            return getattr(self, name)
-        except AttributeError:
-            raise KeyError(name) from None
-
-    def get(self, name, default=None):
-        return getattr(self, name, default)
-
     def with_family(self, family: str) -> "VAEConfig":
         f = FAMILIES[family]
         return replace(self, family=family, scaling_factor=f.scaling_factor, shift_factor=f.shift_factor,
                        force_upcast=f.force_upcast)
 
 
+def _int_in(name, v, lo, hi):
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise KLVAEError(f"{name} is {v!r}: expected a whole number from {lo} to {hi}")
+
+
 def preset(family: str, **overrides) -> VAEConfig:
     """The released configuration of a family (full width), optionally narrowed by overrides."""
+    if family not in FAMILIES:
+        raise KLVAEError(f"unknown family {family!r}: use one of {', '.join(FAMILIES)}")
     f = FAMILIES[family]
     cfg = VAEConfig(family=family, latent_channels=f.latent_channels, use_quant_conv=f.quant_conv,
                     use_post_quant_conv=f.quant_conv, scaling_factor=f.scaling_factor,

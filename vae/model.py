@@ -8,8 +8,6 @@ and Flux.1; only the widths and the latent channel count differ (see config.py).
 Inference only: activations are updated in place where autograd is off, and each block frees
 its intermediates as soon as it can, which is most of the memory win over the references.
 """
-import copy
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -93,14 +91,13 @@ class Upsample(nn.Module):
 
 
 class Mid(nn.Module):
+    """The latent-resolution middle: resnet, global self-attention, resnet (run by layers())."""
+
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, groups)
         self.attn_1 = AttnBlock(channels, groups)
         self.block_2 = ResnetBlock(channels, channels, groups)
-
-    def forward(self, x):
-        return self.block_2(self.attn_1(self.block_1(x)))
 
 
 class Level(nn.Module):
@@ -112,6 +109,17 @@ class Level(nn.Module):
         self.attn = nn.ModuleList()  # the SD-family VAEs have no attention in levels; kept for key parity
         if resample is not None:
             setattr(self, resample_name, resample)
+
+
+class Tail:
+    """norm_out -> SiLU -> conv_out, the last step of either network. Not a module: its two
+    parts are the network's own attributes (keys `decoder.norm_out.*`, `decoder.conv_out.*`)."""
+
+    def __init__(self, norm: nn.GroupNorm, conv: nn.Conv2d):
+        self.norm, self.conv = norm, conv
+
+    def __call__(self, x):
+        return self.conv(silu_(self.norm(x)))
 
 
 class Encoder(nn.Module):
@@ -130,15 +138,19 @@ class Encoder(nn.Module):
         self.norm_out = Normalize(w_in, g)
         self.conv_out = nn.Conv2d(w_in, 2 * cfg.latent_channels, 3, padding=1)  # mean and logvar
 
-    def forward(self, x):                       # [B, 3, H, W] -> [B, 2*z, H/8, W/8]
-        h = self.conv_in(x)
+    def layers(self) -> list:
+        """Every step in order: what forward runs, and what the segment engine runs tile by tile."""
+        steps = [self.conv_in]
         for level in self.down:
-            for block in level.block:
-                h = block(h)
+            steps += list(level.block)
             if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(silu_(self.norm_out(h)))
+                steps.append(level.downsample)
+        return steps + [self.mid.block_1, self.mid.attn_1, self.mid.block_2, Tail(self.norm_out, self.conv_out)]
+
+    def forward(self, x):                       # [B, 3, H, W] -> [B, 2*z, H/8, W/8]
+        for layer in self.layers():
+            x = layer(x)
+        return x
 
 
 class Decoder(nn.Module):
@@ -158,47 +170,16 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(w, g)
         self.conv_out = nn.Conv2d(w, cfg.out_channels, 3, padding=1)
 
-    def forward(self, z):                       # [B, z, h, w] -> [B, 3, 8h, 8w]
-        h = self.mid(self.conv_in(z))
+    def layers(self) -> list:
+        """Every step in order: what forward runs, and what the segment engine runs tile by tile."""
+        steps = [self.conv_in, self.mid.block_1, self.mid.attn_1, self.mid.block_2]
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
+            steps += list(level.block)
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(silu_(self.norm_out(h)))
+                steps.append(level.upsample)
+        return steps + [Tail(self.norm_out, self.conv_out)]
 
-
-@torch.no_grad()
-def stream_scaled(net: nn.Module, s: float) -> nn.Module:
-    """A copy of an Encoder or Decoder whose residual stream is `s` times smaller, same outputs.
-
-    Why it is exact: every consumer of the residual stream is a GroupNorm, and GroupNorm(s*x)
-    with eps*s^2 equals GroupNorm(x) with eps. So the convs that write into the stream (conv_in,
-    each resnet's conv2, attention's proj_out) get weight and bias times s, the convs that map the
-    stream to itself (nin_shortcut, up/downsample) get bias times s, and the norms reading it get
-    eps times s^2. With s a power of two the weight scaling is exact in every float format (bar
-    subnormals, which keep the same absolute precision). This is what lets an fp16 decoder whose
-    activations exceed 65504 (SDXL's) run in fp16 without a fine-tuned "fp16-fix" VAE.
-    """
-    c = copy.deepcopy(net)
-
-    def scale(conv, weight=True):
-        if weight:
-            conv.weight.copy_((conv.weight.float() * s).to(conv.weight.dtype))
-        if conv.bias is not None:
-            conv.bias.copy_((conv.bias.float() * s).to(conv.bias.dtype))
-
-    scale(c.conv_in)
-    for m in c.modules():
-        if isinstance(m, ResnetBlock):
-            scale(m.conv2)
-            m.norm1.eps *= s * s
-            if m.nin_shortcut is not None:
-                scale(m.nin_shortcut, weight=False)
-        elif isinstance(m, AttnBlock):
-            scale(m.proj_out)
-            m.norm.eps *= s * s
-        elif isinstance(m, (Upsample, Downsample)):
-            scale(m.conv, weight=False)
-    c.norm_out.eps *= s * s
-    return c
+    def forward(self, z):                       # [B, z, h, w] -> [B, 3, 8h, 8w]
+        for layer in self.layers():
+            z = layer(z)
+        return z

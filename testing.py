@@ -1,0 +1,144 @@
+"""Helpers shared by the tests, the benchmarks and the demo: metrics, a synthetic test image and
+seeded VAEs (no real VAE weights can be downloaded here).
+
+Metrics use the names the whole project uses: `psnr_vs_full` (PSNR in dB, pixels in [-1, 1]
+mapped to [0, 1] and clamped), `max_abs_vs_full`, `seam_ratio`.
+
+Weights: diffusers' own init of a family's config plus seeded noise on norms and biases
+(`diffusers_vae`: no layer is an identity, so a mistake in a GroupNorm affine or a bias cannot
+hide), optionally *calibrated* (`calibrate`: every conv rescaled on a real forward pass,
+LSUV-style, to unit-std outputs with residual branches at 0.3), which gives activations and
+GroupNorm statistics of a realistic scale and spatial variation that plain random weights lack.
+"""
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .vae import load_vae, preset
+from .vae.diffusers_compat import diffusers_config
+
+NARROW = dict(ch=32, ch_mult=(1, 2, 2, 2))  # same structure as the families, 1/4 width: fast tests
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+def psnr_vs_full(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of a against b, pixels in [-1, 1] mapped to [0, 1] and clamped."""
+    x = ((a.float() + 1) / 2).clamp(0, 1)
+    y = ((b.float() + 1) / 2).clamp(0, 1)
+    mse = (x - y).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+psnr = psnr_vs_full  # the same measure against any reference (an input image, an fp32 run)
+
+
+def max_abs_vs_full(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def seam_ratio(tiled, full, boundaries_y, boundaries_x, width=2) -> float:
+    """Mean |tiled - full| on pixels within `width` of a tile boundary over the mean elsewhere
+    (1.0: no seam). It cannot see per-tile tone offsets, which shift whole tiles: read it next
+    to the PSNR."""
+    d = (tiled.float() - full.float()).abs().mean(dim=(0, 1))  # [H, W]
+    H, W = d.shape
+    mask = torch.zeros(H, W, dtype=torch.bool)
+    for y in boundaries_y:
+        mask[max(0, y - width): y + width, :] = True
+    for x in boundaries_x:
+        mask[:, max(0, x - width): x + width] = True
+    if not mask.any() or mask.all():
+        return 1.0
+    inside, outside = d[mask].mean().item(), d[~mask].mean().item()
+    return inside / outside if outside > 0 else (1.0 if inside == 0 else float("inf"))
+
+
+# -- a test picture -------------------------------------------------------------------------------------
+def test_image(size: int, width: int | None = None, seed: int = 0) -> torch.Tensor:
+    """A deterministic synthetic photo-like image [1, 3, H, W] in [-1, 1]: sky gradient, disks,
+    stripes, a checkerboard, fine noise texture. Different regions have different statistics."""
+    H, W = size, width or size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    y, x = yy / H, xx / W
+    img = np.stack([0.3 + 0.5 * y, 0.5 + 0.3 * y, 0.9 - 0.4 * y], -1)          # sky
+    ground = y > 0.6 + 0.05 * np.sin(8 * x)
+    img[ground] = np.stack([0.35 + 0.1 * np.sin(40 * x), 0.55 + 0.1 * np.sin(37 * y), 0.2 + 0 * x], -1)[ground]
+    for _ in range(12):                                                          # disks
+        cy, cx, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.03, 0.12)
+        m = (y - cy) ** 2 + (x - cx) ** 2 < r * r
+        img[m] = rng.uniform(0, 1, 3)
+    m = (x > 0.62) & (x < 0.9) & (y > 0.1) & (y < 0.35)                          # checkerboard
+    img[m] = ((((xx // 8) + (yy // 8)) % 2)[..., None] * np.ones(3))[m]
+    m = (x < 0.3) & (y > 0.7)                                                    # stripes
+    img[m] = (0.5 + 0.5 * np.sin(xx * 0.8))[..., None][m] * np.array([1, 0.8, 0.6])
+    img += rng.normal(0, 0.02, img.shape) * (y[..., None] > 0.6)                # grass texture
+    t = torch.from_numpy(np.clip(img, 0, 1)).permute(2, 0, 1)[None].float()
+    return t * 2 - 1
+
+
+test_image.__test__ = False  # not a pytest test, despite its name
+
+
+# -- seeded VAEs ------------------------------------------------------------------------------------------
+def diffusers_vae(family="sd1", seed=0, noise=0.1, **overrides):
+    """A diffusers.AutoencoderKL of a family's config (optionally narrowed) with seeded weights:
+    diffusers' init, plus `noise` x N(0, 1) on every norm and bias."""
+    from diffusers import AutoencoderKL as DAutoencoderKL  # optional dependency (tests, benchmarks)
+
+    cfg = {k: v for k, v in diffusers_config(preset(family, **overrides)).items() if not k.startswith("_")}
+    torch.manual_seed(seed)
+    vae = DAutoencoderKL(**cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(noise * torch.randn(p.shape, generator=g))
+    return vae
+
+
+@torch.no_grad()
+def calibrate(vae, pixels: torch.Tensor):
+    """Rescale every conv of a diffusers.AutoencoderKL so its outputs have unit std on real input
+    (residual branches 0.3), in one forward pass per half: encoder on `pixels`, decoder on its mode."""
+
+    def hook(name):
+        target = 0.3 if name.endswith(("conv2", "to_out.0", "conv_shortcut")) else 0.5 if name == "decoder.conv_out" else 1.0
+
+        def fn(mod, inp, out):
+            a = target / max(out.float().std().item(), 1e-6)
+            mod.weight.mul_(a)
+            if mod.bias is not None:
+                mod.bias.mul_(a)
+            return out * a
+        return fn
+
+    hooks = [m.register_forward_hook(hook(n)) for n, m in vae.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    vae.decode(vae.encode(pixels).latent_dist.mode())
+    for h in hooks:
+        h.remove()
+    return vae
+
+
+def calibrated_vae(family="sd1", seed=0, image_size=64, cache=None, **overrides):
+    """diffusers_vae(...) calibrated on test_image(image_size); cached as a diffusers folder when
+    `cache` names one (the full-width benchmark VAE takes a minute to make)."""
+    from diffusers import AutoencoderKL as DAutoencoderKL  # optional dependency (tests, benchmarks)
+    if cache and os.path.exists(os.path.join(cache, "config.json")):
+        return DAutoencoderKL.from_pretrained(cache).eval()
+    vae = calibrate(diffusers_vae(family, seed, **overrides), test_image(image_size, seed=seed))
+    if cache:
+        vae.save_pretrained(cache)
+    return vae
+
+
+def klvae_from(dvae, family=None, **kw):
+    """klvae's AutoencoderKL with a diffusers model's (or a state dict's) weights; the family
+    ambiguity warning is expected here and silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_vae(dvae if isinstance(dvae, dict) else dvae.state_dict(), family=family, **kw)

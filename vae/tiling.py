@@ -18,6 +18,7 @@ CUDA's allocator in tests/test_tiling.py):
            and, around the attention, its q/k/v on the device.
   bounded  the latent-resolution part whole, plus one tile with its receptive-field halo.
 """
+import inspect
 import math
 import os
 import shutil
@@ -80,9 +81,19 @@ class Tiling:
         set_("overlap", _int_or_none("overlap", self.overlap, 0))
         set_("memory_budget", _int_or_none("memory_budget", self.memory_budget, 1))
         set_("mosaic_size", _int_or_none("mosaic_size", self.mosaic_size, 4))
-        for name in ("progress", "interrupt"):
-            if getattr(self, name) is not None and not callable(getattr(self, name)):
-                raise KLVAEError(f"Tiling {name} must be a callable, got {type(getattr(self, name)).__name__}")
+        for name, n_args in (("progress", 2), ("interrupt", 0)):
+            fn = getattr(self, name)
+            if fn is None:
+                continue
+            if not callable(fn):
+                raise KLVAEError(f"Tiling {name} must be a callable, got {type(fn).__name__}")
+            try:
+                inspect.signature(fn).bind(*range(n_args))
+            except TypeError:
+                raise KLVAEError(f"Tiling {name} must take {n_args} arguments ({'done, total' if n_args else 'none'}), "
+                                 f"got {getattr(fn, '__name__', type(fn).__name__)}{inspect.signature(fn)}") from None
+            except ValueError:
+                pass  # a builtin without a signature: trust it
         if self.spill_dir is not None and not isinstance(self.spill_dir, (str, os.PathLike)):
             raise KLVAEError(f"Tiling spill_dir must be a folder path, got {type(self.spill_dir).__name__}")
 

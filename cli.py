@@ -63,7 +63,8 @@ def write_image(x: torch.Tensor, path) -> None:
 
 
 def pad_to(x: torch.Tensor, f: int) -> torch.Tensor:
-    """Reflect-pad right/bottom to multiples of f (decode crops back to the stored size)."""
+    """Reflect-pad right/bottom to multiples of f (decode crops back to the stored size). Flux.2
+    pads to 16: its scaled latents are 2x2 patches of the 1/8 latent."""
     H, W = x.shape[2:]
     ph, pw = -H % f, -W % f
     if ph or pw:
@@ -162,7 +163,7 @@ def cmd_encode(args):
     img = read_image(args.image)
     H, W = img.shape[2:]
     t0 = time.perf_counter()
-    z = encode_image(vae, pad_to(img, vae.config.downscale), args)
+    z = encode_image(vae, pad_to(img, vae.config.downscale * (2 if vae.config.batch_norm else 1)), args)
     kind = "scaled" if args.scaled else "raw"
     out = vae.to_scaled(z) if args.scaled else z
     c = vae.config
@@ -201,6 +202,8 @@ def cmd_decode(args):
     z, meta = read_latent(args.latent)
     if meta.get("klvae.latent") == "scaled":
         z = vae.from_scaled(z)
+    elif vae.bn is not None and "klvae.latent" not in meta and z.shape[1] == vae.config.scaled_channels:
+        z = vae.from_scaled(z)  # ComfyUI's Flux.2 LATENT: patchified and normalised
     fam = meta.get("klvae.family")
     if fam and fam != vae.config.family and z.shape[1] == vae.config.latent_channels:
         print(f"note: latent came from a {fam} VAE, decoding with a {vae.config.family} one", file=sys.stderr)
@@ -218,7 +221,7 @@ def cmd_roundtrip(args):
     img = read_image(args.image)
     H, W = img.shape[2:]
     t0 = time.perf_counter()
-    z = encode_image(vae, pad_to(img, vae.config.downscale), args)
+    z = encode_image(vae, pad_to(img, vae.config.downscale * (2 if vae.config.batch_norm else 1)), args)
     x = run_tiled(lambda t: vae.decode(z, tiling=t), args, "decode")[:, :, :H, :W]
     write_image(x, args.output)
     print(f"{args.image} -> {args.output} ({W}x{H}) in {time.perf_counter() - t0:.1f} s, "
@@ -360,7 +363,7 @@ def build_parser():
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True, help="LDM: a .safetensors path; diffusers: a folder")
     p.add_argument("--layout", required=True, choices=["ldm", "diffusers"])
-    p.add_argument("--family", choices=["sd1", "sdxl", "sd3", "flux"], help="when the file cannot say")
+    p.add_argument("--family", choices=list(FAMILIES), help="when the file cannot say")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="stored dtype")
     p.set_defaults(fn=cmd_convert)
     return ap

@@ -86,18 +86,22 @@ test_image.__test__ = False  # not a pytest test, despite its name
 
 # -- seeded VAEs ------------------------------------------------------------------------------------------
 def diffusers_vae(family="sd1", seed=0, noise=0.1, **overrides):
-    """A diffusers.AutoencoderKL of a family's config (optionally narrowed) with seeded weights:
-    diffusers' init, plus `noise` x N(0, 1) on every norm and bias."""
-    from diffusers import AutoencoderKL as DAutoencoderKL  # optional dependency (tests, benchmarks)
+    """A diffusers.AutoencoderKL (AutoencoderKLFlux2 for flux2) of a family's config, optionally
+    narrowed, with seeded weights: diffusers' init, plus `noise` x N(0, 1) on every norm and bias
+    (and, for Flux.2, latent BatchNorm statistics that are not the identity)."""
+    import diffusers  # optional dependency (tests, benchmarks)
 
-    cfg = {k: v for k, v in diffusers_config(preset(family, **overrides)).items() if not k.startswith("_")}
+    cfg = diffusers_config(preset(family, **overrides))
     torch.manual_seed(seed)
-    vae = DAutoencoderKL(**cfg).eval()
+    vae = getattr(diffusers, cfg["_class_name"])(**{k: v for k, v in cfg.items() if not k.startswith("_")}).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in vae.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(noise * torch.randn(p.shape, generator=g))
+        if getattr(vae, "bn", None) is not None:
+            vae.bn.running_mean.copy_(0.5 * torch.randn(vae.bn.running_mean.shape, generator=g))
+            vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=g))
     return vae
 
 

@@ -9,7 +9,9 @@ ComfyUI install, and nodes/host.py stays a thin schema layer.
 `decode`, `encode_tiled`, `decode_tiled`, `spacial_compression_*`, `get_sd`, `downscale_ratio`...),
 so a klvae VAE can be wired into VAEDecode, VAEEncode, VAEDecodeTiled, VAEEncodeTiled,
 VAEEncodeForInpaint or a checkpoint saver. The conventions are core's: IMAGE is [B, H, W, C] in
-[0, 1] on the host's intermediate device, LATENT holds raw (unscaled) latents, and images whose
+[0, 1] on the host's intermediate device, LATENT holds raw (unscaled) latents (Flux.2: core's form,
+the 2x2-patchified, BatchNorm-normalised 128-channel latent at 1/16, which the library calls
+`to_scaled`; the library and CLI keep diffusers' raw 32-channel form), and images whose
 sides are not multiples of 8 are centre-cropped as core does.
 """
 import dataclasses
@@ -71,8 +73,9 @@ class KLVAE:
         cfg = model.config
         self.load_device = device or model.device  # where it computes; the weights may rest elsewhere
         # Attributes core nodes read on their own VAE objects.
-        self.downscale_ratio = self.upscale_ratio = cfg.downscale
-        self.latent_channels = cfg.latent_channels
+        # Flux.2's graph latent is patchified 2x2: 16x smaller, 4x the channels (core's VAE does the same)
+        self.downscale_ratio = self.upscale_ratio = cfg.downscale * (2 if cfg.batch_norm else 1)
+        self.latent_channels = cfg.scaled_channels
         self.latent_dim = 2
         self.output_channels = cfg.out_channels
         self.crop_input = True
@@ -100,7 +103,8 @@ class KLVAE:
     # -- what klvae's nodes call ---------------------------------------------------------------
     def encode_latent(self, image: torch.Tensor, posterior: str = "argmax", seed: int = 0,
                       tiling: Tiling | None = None) -> torch.Tensor:
-        """IMAGE [B, H, W, C] in [0, 1] -> raw latent [B, z, H/8, W/8] (posterior mode or seeded sample)."""
+        """IMAGE [B, H, W, C] in [0, 1] -> the graph's latent [B, z, H/8, W/8] (posterior mode or seeded
+        sample; Flux.2: patchified and normalised, [B, 128, H/16, W/16], as core's VAE gives)."""
         if posterior not in POSTERIORS:
             raise KLVAEError(f"unknown posterior {posterior!r}: use 'argmax' (the mode) or 'sample' (seeded)")
         image = _as_image(image)
@@ -109,12 +113,16 @@ class KLVAE:
         x = x.movedim(-1, 1).to(torch.float32) * 2.0 - 1.0
         post = self._run("encode", x, tiling)
         z = post.mode() if posterior == "argmax" else post.sample(seed=seed)
+        if self.model.bn is not None:
+            z = self.model.to_scaled(z)
         return z.to(self.output_device, torch.float32)
 
     def decode_image(self, latent: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
-        """Raw latent [B, z, h, w] -> IMAGE [B, 8h, 8w, 3] in [0, 1]."""
+        """The graph's latent [B, z, h, w] -> IMAGE [B, 8h, 8w, 3] in [0, 1] (Flux.2: [B, 128, h, w] -> 16h x 16w)."""
         if torch.is_tensor(latent) and latent.dim() == 5:
             raise KLVAEError(f"latent of shape {tuple(latent.shape)} is a video latent; this image VAE takes [B, C, h, w]")
+        if self.model.bn is not None:
+            latent = self.model.from_scaled(latent)
         x = self._run("decode", latent, tiling)
         img = ((x.to(self.output_device, torch.float32) + 1.0) / 2.0).clamp_(0.0, 1.0)
         return img.movedim(1, -1).contiguous()
@@ -147,15 +155,15 @@ class KLVAE:
         return self.decode_image(samples_in)
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
-        """Core's VAEEncodeTiled: tile and overlap in image px. Tiles are exact here (shared
-        statistics), so overlap below the receptive field is raised, never blended."""
+        """Core's VAEEncodeTiled: tile and overlap in image px. Tiles are exact here (klvae's default
+        mode: whole-image statistics, no blending), so the overlap has nothing to do."""
         tile = min((t for t in (tile_x, tile_y) if t), default=512)  # square tiles: the smaller side
         f = self.downscale_ratio
         return self.encode_latent(pixel_samples, tiling=Tiling(mode=DEFAULT_MODE, tile_size=max(f, tile // f * f),
                                                                  overlap=overlap or None))
 
     def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
-        """Core's VAEDecodeTiled: tile and overlap in latent px."""
+        """Core's VAEDecodeTiled: tile and overlap in the graph latent's px."""
         f = self.upscale_ratio
         tile = min((t for t in (tile_x, tile_y) if t), default=64)
         return self.decode_image(samples, tiling=Tiling(mode=DEFAULT_MODE, tile_size=tile * f,
@@ -263,7 +271,7 @@ def as_klvae(vae, what: str = "klvae", host: Host = PLAIN, dtype: str = "auto", 
     if isinstance(vae, KLVAE):
         return vae
     if not is_kl(vae):
-        raise KLVAEError(f"{what} only supported for AutoencoderKL (SD1.x/2.x, SDXL, SD3, Flux.1 VAEs); got "
+        raise KLVAEError(f"{what} only supported for AutoencoderKL (SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2 VAEs); got "
                          f"{describe(vae)}: connect a KL VAE, or use the core VAE nodes for this one")
     # "auto" follows the host VAE's own placement and precision.
     dev = host.device(device) if device != "auto" else torch.device(getattr(vae, "device", "cpu"))

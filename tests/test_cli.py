@@ -137,3 +137,19 @@ def test_demo_writes_its_outputs(tmp_path):
     a = np.asarray(Image.open(tmp_path / "tiled.png")).astype(int)
     b = np.asarray(Image.open(tmp_path / "untiled.png")).astype(int)
     assert np.abs(a - b).max() <= 1
+
+
+def test_flux2_scaled_latents_round_trip(files):
+    """Flux.2's --scaled latent is the pipelines' form (patchified, normalised: 128 channels at 1/16)."""
+    vae = files / "flux2.safetensors"
+    save_vae(klvae_from(diffusers_vae("flux2", seed=2, **NARROW), family="flux2"), vae)
+    klvae("encode", files / "img.png", "-o", files / "z2.safetensors", "--vae", vae, "--scaled")
+    with safe_open(str(files / "z2.safetensors"), "pt") as h:
+        z = h.get_tensor("latent")
+    assert z.shape == (1, 128, 4, 5)  # 52x70 padded to 64x80, then /16
+    lib = load_vae(vae)
+    klvae("decode", files / "z2.safetensors", "-o", files / "f2.png", "--vae", vae)
+    out = np.asarray(Image.open(files / "f2.png"))
+    x = lib.decode(lib.from_scaled(z))[:, :, :52, :70]
+    ref = ((x[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    assert out.shape == (52, 70, 3) and np.abs(out.astype(int) - ref.astype(int)).max() <= 1

@@ -270,3 +270,31 @@ def test_hostile_vae_file_is_a_node_error_and_the_server_survives(comfy):
     ok = comfy.run(graph("KLVAELoader", ARGMAX, ("KLVAEDecodeTiled", {"tile_size": 192, "overlap": 0,
                                                                         "tiling": "exact"}), "after_hostile"))
     assert ok["status"]["status_str"] == "success", error_of(ok)
+
+
+def test_flux2_latents_mix_with_core_nodes_both_ways(comfy):
+    """ComfyUI's Flux.2 LATENT is patchified and normalised (128 channels at 1/16). Core's encode
+    into our decode, and our encode into core's decode, each equal the other side's own result."""
+    F2 = "flux2_vae.safetensors"
+    g = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "klvae_test.png"}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": F2}},
+        "3": {"class_type": "KLVAELoader", "inputs": {"vae_name": F2, "dtype": "auto", "device": "auto"}},
+        "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["2", 0]}},          # core's latent
+        "5": {"class_type": "KLVAEDecode", "inputs": {"samples": ["4", 0], "vae": ["2", 0]}},       # ... by us
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["2", 0]}},         # ... by core
+        "7": {"class_type": "KLVAEEncodeArgMax", "inputs": {"pixels": ["1", 0], "vae": ["3", 0]}},  # our latent
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["2", 0]}},         # ... by core
+        "9": {"class_type": "KLVAEDecode", "inputs": {"samples": ["7", 0], "vae": ["3", 0]}},       # ... by us
+    }
+    for n, src in (("10", "5"), ("11", "6"), ("12", "8"), ("13", "9")):
+        g[n] = {"class_type": "SaveImage", "inputs": {"images": [src, 0], "filename_prefix": f"flux2_{n}"}}
+    entry = comfy.run(g)
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    ours_of_core, core_of_core, core_of_ours, ours_of_ours = (comfy.images(entry, n)[0] for n in ("10", "11", "12", "13"))
+    assert ours_of_core.shape == (80, 96, 3)
+    close(ours_of_core, core_of_core)
+    close(core_of_ours, ours_of_ours)
+    lib = load_vae(comfy.base / "models" / "vae" / F2)
+    z = lib.encode(comfy.image.movedim(-1, 1) * 2 - 1).mode()
+    close(ours_of_ours, to_png_bytes(((lib.decode(z) + 1) / 2).clamp(0, 1).movedim(1, -1)))

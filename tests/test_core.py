@@ -11,11 +11,11 @@ from klvae.vae.diffusers_compat import ldm_to_diffusers
 
 
 # ---- parity with diffusers at full width ------------------------------------------------------
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux", "flux2"])
 def test_parity_with_diffusers_full_width(family):
     d = diffusers_vae(family, seed=3)
     k = klvae_from(d, family=family)
-    assert k.config.family == family and k.config.latent_channels == (16 if family in ("sd3", "flux") else 4)
+    assert k.config.family == family and k.config.latent_channels == {"sd3": 16, "flux": 16, "flux2": 32}.get(family, 4)
     assert (k.quant_conv is None) == (family in ("sd3", "flux"))
     x = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():

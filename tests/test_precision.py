@@ -13,7 +13,7 @@ def calibrated_sd(family, seed=0):
     return {k: v.clone() for k, v in d.state_dict().items()}
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux", "flux2"])
 def test_low_precision_decodes_agree_with_fp32(family):
     sd = calibrated_sd(family)
     v32 = load_vae(sd, family=family)

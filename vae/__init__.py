@@ -16,11 +16,11 @@ Modules, each one concern (imports run down this list, never up):
 from .autoencoder import AutoencoderKL, DiagonalGaussian, load_vae
 from .checkpoint import save_vae
 from .config import FAMILIES, VAEConfig, preset
-from .diffusers_compat import diffusers_config
+from .diffusers_compat import diffusers_config, load_pipeline, save_pipeline
 from .errors import KLVAEError
 from .precision import resolve_device, resolve_dtype
 from .tiling import DEFAULT_MODE, Interrupted, Plan, Tiling, TilingReport
 
 __all__ = ["AutoencoderKL", "DEFAULT_MODE", "DiagonalGaussian", "FAMILIES", "Interrupted", "KLVAEError", "Plan",
-           "Tiling", "TilingReport", "VAEConfig", "diffusers_config", "load_vae", "preset", "resolve_device",
-           "resolve_dtype", "save_vae"]
+           "Tiling", "TilingReport", "VAEConfig", "diffusers_config", "load_pipeline", "load_vae", "preset",
+           "resolve_device", "resolve_dtype", "save_pipeline", "save_vae"]

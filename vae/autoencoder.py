@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from . import bounded, checkpoint, engine
 from .config import FAMILIES_BY_CHANNELS, VAEConfig
-from .diffusers_compat import Decoded, DiffusersVAE, ldm_to_diffusers
+from .diffusers_compat import Decoded, DecoderOutput, DiffusersVAE, ldm_to_diffusers
 from .errors import KLVAEError
 from .memory import PeakMeter, free_memory, return_freed_memory_to_os
 from .model import Decoder, Encoder
@@ -70,6 +70,9 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         # SD3 and Flux.1 have no quant convs; absent modules mean absent keys (strict loading).
         self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(z, z, 1) if config.use_post_quant_conv else None
+        # Flux.2: running statistics of its 2x2-patchified latents (keys bn.running_mean/var), the
+        # pipelines' normalisation (to_scaled); encode and decode never apply it, as in diffusers.
+        self.bn = nn.BatchNorm2d(4 * z, eps=config.batch_norm_eps, affine=False) if config.batch_norm else None
         self.guard = Guard()         # the fp16/bf16 overflow guard (precision.py)
         self.tiling = None           # default tiling of encode/decode calls (enable_tiling)
         self.use_slicing = False     # one batch item at a time (enable_slicing)
@@ -153,12 +156,18 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         if finite:
             _check_finite(x, "pixels", "check the image source (a NaN from an earlier node?)")
 
-    def check_latents(self, z, finite: bool = True) -> None:
+    def check_latents(self, z, finite: bool = True, scaled: bool = False) -> None:
         _check_tensor(z, "latents", "[B, C, h, w]")
-        C, want = z.shape[1], self.config.latent_channels
+        c = self.config
+        C, want = z.shape[1], c.scaled_channels if scaled else c.latent_channels
         if C != want:
+            if c.batch_norm and C == (c.latent_channels if scaled else c.scaled_channels):
+                fix = ("this is a raw latent: pass it to decode, or to_scaled first" if scaled else
+                       "this is the patchified, normalised form (ComfyUI's LATENT, to_scaled's): from_scaled first")
+                raise KLVAEError(f"latent has {C} channels, this {c.family} VAE's "
+                                 f"{'scaled' if scaled else 'raw'} latents have {want}: {fix}")
             hint = FAMILIES_BY_CHANNELS.get(C, "another model family")
-            raise KLVAEError(f"latent has {C} channels but this {self.config.family} VAE takes {want}: "
+            raise KLVAEError(f"latent has {C} channels but this {c.family} VAE takes {want}: "
                              f"{C} channels suggests {hint}; decode it with a matching VAE")
         if finite:
             _check_finite(z, "latents", "the sampler diverged or the latent is corrupt; re-run the sampler "
@@ -199,6 +208,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         """[B, 3, H, W] in [-1, 1] -> posterior over raw latents [B, z, H/8, W/8].
         tiling: None (the enable_tiling() default; untiled unless enabled), a mode, a Tiling, or a
         Plan from plan_encode. return_dict=False: a 1-tuple, as diffusers."""
+        self._offload_hook()
         tiling = tiling if tiling is not None else self.tiling
         self.check_pixels(pixels)
         if self.use_slicing and pixels.shape[0] > 1:
@@ -221,15 +231,16 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     def decode(self, latents: torch.Tensor, tiling=None, return_dict: bool | None = None, generator=None):
         """Raw latents [B, z, h, w] -> pixels [B, 3, 8h, 8w] in [-1, 1] (not clamped).
         tiling: None (the enable_tiling() default), a mode, a Tiling, or a Plan from plan_decode.
-        return_dict: None gives the tensor; True an object with `.sample`, False a 1-tuple
-        (diffusers' call shapes; `generator` is unused)."""
+        return_dict: None gives the tensor (which also answers `.sample`); True an object with
+        `.sample` and `[0]`, False a 1-tuple (diffusers' call shapes; `generator` is unused)."""
+        self._offload_hook()
         tiling = tiling if tiling is not None else self.tiling
         self.check_latents(latents)
         if self.use_slicing and latents.shape[0] > 1:
             x = torch.cat([self._decode(z, tiling) for z in latents.split(1)])
         else:
             x = self._decode(latents, tiling)
-        return x if return_dict is None else Decoded(x) if return_dict else (x,)
+        return x.as_subclass(Decoded) if return_dict is None else DecoderOutput(x) if return_dict else (x,)
 
     def _decode(self, latents, tiling) -> torch.Tensor:
         plan = self.plan_decode(latents.shape, tiling)
@@ -279,16 +290,30 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         return c.shift_factor, c.scaling_factor
 
     def to_scaled(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw latent (ComfyUI LATENT) -> diffusers' scaled latent: (raw - shift) * scale."""
+        """Raw latent -> what the family's diffusers pipelines hand their denoiser: (raw - shift) * scale;
+        Flux.2: 2x2 patchify [B, 32, h, w] -> [B, 128, h/2, w/2], then (z - running_mean) /
+        sqrt(running_var + eps) (Flux2Pipeline._patchify_latents and the normalisation after it)."""
         self.check_latents(raw, finite=False)
+        if self.bn is not None:
+            mean, std = self._bn_stats(raw)
+            return (patchify(raw) - mean) / std
         offset, gain = self._offset_gain(raw)
         return (raw - offset) * gain
 
     def from_scaled(self, scaled: torch.Tensor) -> torch.Tensor:
-        """diffusers' scaled latent -> raw latent: scaled / scale + shift."""
-        self.check_latents(scaled, finite=False)
+        """The inverse of to_scaled: scaled / scale + shift; Flux.2: z * std + mean, then unpatchify."""
+        self.check_latents(scaled, finite=False, scaled=True)
+        if self.bn is not None:
+            mean, std = self._bn_stats(scaled)
+            return unpatchify(scaled * std + mean)
         offset, gain = self._offset_gain(scaled)
         return scaled / gain + offset
+
+    def _bn_stats(self, like):
+        f = dict(device=like.device, dtype=like.dtype)
+        mean = self.bn.running_mean.view(1, -1, 1, 1).to(**f)
+        std = torch.sqrt(self.bn.running_var.view(1, -1, 1, 1).double() + self.bn.eps).to(**f)
+        return mean, std
 
     # -- weights -------------------------------------------------------------------------------
     def state_dict(self, *args, layout: str = "ldm", **kwargs):
@@ -303,6 +328,20 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     def save(self, path, layout: str = "ldm") -> None:
         """Write a .safetensors file (or, for layout='diffusers' and a folder path, a diffusers folder)."""
         checkpoint.save_vae(self, path, layout=layout)
+
+
+def patchify(z: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B, 4C, h/2, w/2], channel c*4 + 2*i + j from pixel (2y+i, 2x+j) (Flux.2's order)."""
+    B, C, h, w = z.shape
+    if h % 2 or w % 2:
+        raise KLVAEError(f"a Flux.2 latent of {w}x{h} cannot be patchified 2x2: its sides must be even "
+                         f"(images in multiples of 16 px)")
+    return z.view(B, C, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(B, C * 4, h // 2, w // 2)
+
+
+def unpatchify(z: torch.Tensor) -> torch.Tensor:
+    B, C4, h, w = z.shape
+    return z.reshape(B, C4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(B, C4 // 4, h * 2, w * 2)
 
 
 def load_vae(src, device="cpu", dtype="auto", family: str | None = None) -> AutoencoderKL:

@@ -121,9 +121,9 @@ def _diffusers_folder(path: Path) -> Source:
         raise KLVAEError(f"folder {path} has no config.json file: pass a diffusers VAE folder or a weights file")
     cfg = read_config_json(cfg_file)
     cls = cfg.get("_class_name", "AutoencoderKL")
-    if cls != "AutoencoderKL":
+    if cls not in ("AutoencoderKL", "AutoencoderKLFlux2"):
         raise KLVAEError(f"{path} holds a diffusers {str(cls)[:40]}, not an AutoencoderKL: klvae loads KL "
-                         f"autoencoders (SD1.x/2.x, SDXL, SD3, Flux.1)")
+                         f"autoencoders (SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2)")
     for name in WEIGHT_NAMES:
         if (path / name).is_file():
             src = open_path(path / name)
@@ -190,7 +190,7 @@ def find_prefix(src: Source) -> str:
         if conv_in:
             if len(src.shape(conv_in[0])) == 5:
                 raise KLVAEError(f"{src.name} is a video VAE (3-D convolutions), which klvae does not load: "
-                                 f"use a 2-D KL autoencoder (SD1.x/2.x, SDXL, SD3, Flux.1)")
+                                 f"use a 2-D KL autoencoder (SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2)")
             return p
     raise KLVAEError(f"{src.name} is not a VAE: it looks like {what_is_it(src.keys)}")
 
@@ -242,14 +242,24 @@ def infer_config(name, shape, keys, hints=(), stated=None) -> VAEConfig:
         raise KLVAEError(f"{name}: decoder has {dec_res} resnet blocks per level, encoder {num_res}: not an "
                          f"LDM-style KL autoencoder (expected decoder = encoder + 1)")
     z = shape("decoder.conv_in.weight")[1]
+    ch_mult = tuple(w // ch for w in widths)
+    dec_top = shape("decoder.conv_in.weight")[0]  # the decoder's widest level: Flux.2's small decoder is narrower
+    if dec_top % ch_mult[-1]:
+        raise KLVAEError(f"{name}: decoder width {dec_top} does not follow the encoder's level pattern {ch_mult}")
+    batch_norm = "bn.running_mean" in keys
+    if batch_norm and tuple(shape("bn.running_mean")) != (4 * z,):
+        raise KLVAEError(f"{name}: bn.running_mean has shape {shape('bn.running_mean')}, expected ({4 * z},): "
+                         f"a Flux.2 VAE's BatchNorm covers its 2x2-patchified latent")
     cfg = dict(family=CUSTOM, in_channels=in_ch, out_channels=shape("decoder.conv_out.weight")[0],
-               ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=num_res, latent_channels=z,
+               ch=ch, ch_mult=ch_mult, num_res_blocks=num_res, latent_channels=z,
                use_quant_conv="quant_conv.weight" in keys, use_post_quant_conv="post_quant_conv.weight" in keys,
-               scaling_factor=1.0, shift_factor=0.0)
+               scaling_factor=1.0, shift_factor=0.0, batch_norm=batch_norm,
+               decoder_ch=None if dec_top // ch_mult[-1] == ch else dec_top // ch_mult[-1])
     # GroupNorm's group count leaves no trace in the shapes: 32 in every released VAE, otherwise
     # stated by the file (klvae metadata, diffusers norm_num_groups).
     cfg["norm_groups"] = stated.pop("norm_groups", 32)
-    candidates = [f for f, spec in FAMILIES.items() if spec.latent_channels == z and spec.quant_conv == cfg["use_quant_conv"]]
+    candidates = [f for f, spec in FAMILIES.items() if spec.latent_channels == z and
+                  spec.quant_conv == cfg["use_quant_conv"] and spec.batch_norm == batch_norm]
     notes = []
     for fam, where in hints:
         if fam in candidates or (fam in FAMILIES and "scaling_factor" in stated):
@@ -272,8 +282,9 @@ def infer_config(name, shape, keys, hints=(), stated=None) -> VAEConfig:
             else:
                 notes.append(f"family {candidates[0]} from tensor shapes")
         else:
-            notes.append(f"no released family has {z} latent channels with quant_conv={cfg['use_quant_conv']}; "
-                         f"scale 1.0, shift 0.0 unless the file says otherwise")
+            notes.append(f"no released family has {z} latent channels with quant_conv={cfg['use_quant_conv']}"
+                         f"{' and a latent BatchNorm' if batch_norm else ''}; scale 1.0, shift 0.0 unless the file "
+                         f"says otherwise")
     cfg.update(stated)  # what the file states wins over the family's numbers
     try:
         return VAEConfig(**cfg, notes=tuple(notes))
@@ -305,6 +316,8 @@ def family_hints(src: Source, explicit=None):
             stated[k] = vector(md[f"klvae.{k}"], f"{src.name}: metadata klvae.{k}", None)
     if "klvae.force_upcast" in md:
         stated["force_upcast"] = flag(md["klvae.force_upcast"], f"{src.name}: metadata klvae.force_upcast")
+    if "klvae.batch_norm_eps" in md:
+        stated["batch_norm_eps"] = number(md["klvae.batch_norm_eps"], f"{src.name}: metadata klvae.batch_norm_eps")
     arch = (md.get("modelspec.architecture", "") + " " + md.get("ss_base_model_version", "")).lower()
     for word, fam in (("flux", "flux"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"), ("xl", "sdxl"),
                       ("stable-diffusion-v1", "sd1"), ("sd_v1", "sd1"), ("v2", "sd1")):
@@ -326,7 +339,7 @@ def family_hints(src: Source, explicit=None):
                 fields.setdefault("shift_factor", 0.0)
         stated.update(fields)
     name = src.name.lower()
-    for pattern, fam in ((r"flux|(^|/)ae\.safetensors", "flux"), (r"sd3|sd35|sd_3", "sd3"),
+    for pattern, fam in ((r"flux[._-]?2", "flux2"), (r"flux|(^|/)ae\.safetensors", "flux"), (r"sd3|sd35|sd_3", "sd3"),
                          (r"sdxl|(^|[^a-z])xl([^a-z]|$)|pony|illustrious", "sdxl"),
                          (r"sd15|sd-?1|sd_?v?1|sd2|vae-ft-(mse|ema)|kl-f8|orangemix|anything", "sd1")):
         if re.search(pattern, name):
@@ -365,6 +378,12 @@ def read(src, family=None, config_json=None, name=None) -> Checkpoint:
         levels = levels_of(sub, "diffusers")
         names = {diffusers_key_to_ldm(k, levels): full for k, full in zip(sub, raw_keys)}
         layout = "diffusers"
+    elif "encoder.quant_conv.weight" in sub or "decoder.post_quant_conv.weight" in sub:
+        # Black Forest Labs' Flux.2 release keeps the quant convs inside the encoder and decoder.
+        bfl = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
+        names = {next((new + k[len(old):] for old, new in bfl.items() if k.startswith(old)), k): full
+                 for k, full in zip(sub, raw_keys)}
+        layout = "bfl"
     else:
         names = dict(zip(sub, raw_keys))
         layout = "ldm"
@@ -379,7 +398,8 @@ def fill(model, ckpt: Checkpoint, device, dtype) -> None:
     shape, a float dtype, finite values, and values that fit the target dtype."""
     src, names = ckpt.source, ckpt.names
     ref = model.state_dict()
-    missing, unexpected = sorted(ref.keys() - names.keys()), sorted(names.keys() - ref.keys())
+    optional = {"bn.num_batches_tracked"}  # a counter only training uses; not every Flux.2 file has it
+    missing, unexpected = sorted(ref.keys() - names.keys() - optional), sorted(names.keys() - ref.keys())
     if missing or unexpected:
         parts = []
         if missing:
@@ -388,9 +408,15 @@ def fill(model, ckpt: Checkpoint, device, dtype) -> None:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(k[:60] for k in unexpected[:3])})")
         raise KLVAEError(f"{src.name}: VAE keys do not match a KL autoencoder: {'; '.join(parts)}: "
                          f"the file is damaged or from another architecture")
-    sd = {}
+    sd = {k: torch.zeros((), dtype=ref[k].dtype) for k in optional & ref.keys() - names.keys()}
     for k, full in names.items():
         t = src.get(full)
+        if k in optional:
+            if not torch.is_tensor(t) or t.numel() != 1 or t.is_floating_point() or t.is_complex():
+                raise KLVAEError(f"{src.name}: {full} should be one whole number (a batch counter), got "
+                                 f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+            sd[k] = t.reshape(()).to(torch.long)
+            continue
         if not torch.is_tensor(t) or t.layout != torch.strided or t.is_meta or t.is_quantized or t.is_nested:
             kind = "meta" if torch.is_tensor(t) and t.is_meta else getattr(t, "layout", type(t).__name__)
             raise KLVAEError(f"{src.name}: {full} is a {kind} tensor, not plain stored weights: the file is damaged "
@@ -406,6 +432,8 @@ def fill(model, ckpt: Checkpoint, device, dtype) -> None:
         if not torch.isfinite(t).all():
             raise KLVAEError(f"{src.name}: {full} contains NaN or Inf values: the weights are broken (a failed "
                              f"training run or a damaged file); use another copy")
+        if k == "bn.running_var" and (t < 0).any():
+            raise KLVAEError(f"{src.name}: {full} has negative variances: the BatchNorm statistics are damaged")
         if dtype == torch.float16 and t.numel() and t.abs().max().item() > FP16_MAX:
             raise KLVAEError(f"{src.name}: {full} has values up to {t.abs().max().item():.3g}, beyond fp16's "
                              f"{FP16_MAX:g}: load it in bf16 or fp32 instead")
@@ -422,6 +450,8 @@ def save_vae(model, path, layout: str = "ldm") -> None:
     meta = {"klvae.family": cfg.family, "klvae.scaling_factor": repr(cfg.scaling_factor),
             "klvae.shift_factor": repr(cfg.shift_factor), "klvae.layout": layout,
             "klvae.norm_groups": str(cfg.norm_groups), "klvae.force_upcast": str(cfg.force_upcast).lower()}
+    if cfg.batch_norm:
+        meta["klvae.batch_norm_eps"] = repr(cfg.batch_norm_eps)
     for k in ("latents_mean", "latents_std"):
         if getattr(cfg, k) is not None:
             meta[f"klvae.{k}"] = json.dumps(list(getattr(cfg, k)))

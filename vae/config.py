@@ -1,8 +1,9 @@
 """VAEConfig: the shape of a KL autoencoder, and the families that share one architecture.
 
 The numbers come from the released VAEs (LDM `first_stage_config`, diffusers `config.json`):
-SD1.x/2.x and SDXL are 4-channel with quant convs, SD3 and Flux.1 are 16-channel without them.
-SD1.x and SDXL have identical tensor shapes; only metadata or a file name can tell them apart.
+SD1.x/2.x and SDXL are 4-channel with quant convs, SD3 and Flux.1 are 16-channel without them,
+Flux.2 is 32-channel with quant convs and a latent BatchNorm (`bn.*`), optionally with a narrower
+decoder. SD1.x and SDXL have identical tensor shapes; only metadata or a file name can tell them apart.
 
 A VAEConfig checks itself when it is made (`__post_init__`): every value is of the right type
 and inside bounds that no real VAE comes near, so a config built from a hostile file fails here,
@@ -24,6 +25,7 @@ class Family:
     quant_conv: bool
     note: str = ""
     force_upcast: bool = False  # diffusers pipelines run it in fp32 when given fp16
+    batch_norm: bool = False    # latents normalised by a BatchNorm over 2x2 patches (Flux.2)
 
 
 FAMILIES = {
@@ -31,10 +33,15 @@ FAMILIES = {
     "sdxl": Family("sdxl", 4, 0.13025, 0.0, True, "SDXL (overflows fp16 in the decoder)", True),
     "sd3": Family("sd3", 16, 1.5305, 0.0609, False, "Stable Diffusion 3 / 3.5"),
     "flux": Family("flux", 16, 0.3611, 0.1159, False, "Flux.1"),
+    # Flux.2: no scale or shift; its pipelines normalise 2x2-patchified latents with the VAE's
+    # BatchNorm running statistics instead (to_scaled / from_scaled).
+    "flux2": Family("flux2", 32, 1.0, 0.0, True, "Flux.2 (BatchNorm-normalised 2x2 patches)", batch_norm=True),
 }
 CUSTOM = "custom"  # a VAE of this architecture that no released family matches
 # Which family a latent channel count suggests, for error messages.
-FAMILIES_BY_CHANNELS = {4: "sd1/sdxl", 16: "sd3/flux", 8: "a video/other VAE", 32: "a DC-AE or video VAE"}
+FAMILIES_BY_CHANNELS = {4: "sd1/sdxl", 16: "sd3/flux", 8: "a video/other VAE",
+                        32: "flux2 (Flux.2's raw latent)",
+                        128: "flux2 in its patchified, normalised form (ComfyUI's Flux.2 LATENT, or to_scaled's)"}
 
 # Bounds a config must keep. Released VAEs: ch 128, 4 levels, 2 res blocks, <= 32 latent channels.
 MAX_CH, MAX_WIDTH, MAX_LEVELS, MAX_RES_BLOCKS, MAX_LATENT, MAX_IO = 1024, 4096, 8, 8, 256, 16
@@ -59,6 +66,10 @@ class VAEConfig(DiffusersNames):
     latents_mean: tuple | None = None
     latents_std: tuple | None = None
     force_upcast: bool = False             # diffusers' flag (SDXL: True; the fp16-fix VAE: False)
+    decoder_ch: int | None = None          # the decoder's first width when it differs (Flux.2's small decoder)
+    # Flux.2: a BatchNorm (running mean/variance, no affine) over latents patchified 2x2 (`bn.*` keys)
+    batch_norm: bool = False
+    batch_norm_eps: float = 1e-4
     notes: tuple = field(default=(), compare=False)  # how the config was inferred (for `info`)
 
     def __post_init__(self):
@@ -68,21 +79,25 @@ class VAEConfig(DiffusersNames):
                              ("num_res_blocks", 1, MAX_RES_BLOCKS), ("latent_channels", 1, MAX_LATENT),
                              ("norm_groups", 1, MAX_CH)):
             _int_in(name, getattr(self, name), lo, hi)
+        if self.decoder_ch is not None:
+            _int_in("decoder_ch", self.decoder_ch, 1, MAX_CH)
         if not isinstance(self.ch_mult, tuple) or not 1 <= len(self.ch_mult) <= MAX_LEVELS:
             raise KLVAEError(f"ch_mult {self.ch_mult!r}: expected a tuple of 1 to {MAX_LEVELS} level widths")
         for m in self.ch_mult:
             _int_in("ch_mult entry", m, 1, MAX_WIDTH // self.ch)
-        bad = [w for w in self.block_out_channels if w % self.norm_groups]
+        bad = [w for w in self.block_out_channels + self.decoder_block_out_channels if w % self.norm_groups]
         if bad:
             raise KLVAEError(f"norm_groups {self.norm_groups} does not divide the width {bad[0]}: GroupNorm needs "
                              f"groups that divide every width (released VAEs use 32)")
-        for name in ("use_quant_conv", "use_post_quant_conv", "force_upcast"):
+        for name in ("use_quant_conv", "use_post_quant_conv", "force_upcast", "batch_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise KLVAEError(f"{name} is {getattr(self, name)!r}: expected True or False")
-        for name in ("scaling_factor", "shift_factor"):
+        for name in ("scaling_factor", "shift_factor", "batch_norm_eps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise KLVAEError(f"{name} is {v!r}: expected a finite number")
+        if not 0 < self.batch_norm_eps <= 1:
+            raise KLVAEError(f"batch_norm_eps is {self.batch_norm_eps!r}: expected a small positive number (Flux.2: 1e-4)")
         if not 1e-6 <= self.scaling_factor <= 1e6:
             raise KLVAEError(f"scaling_factor is {self.scaling_factor!r}: expected a positive factor "
                              f"(released VAEs: 0.13 to 1.53)")
@@ -107,6 +122,15 @@ class VAEConfig(DiffusersNames):
     def block_out_channels(self) -> tuple:
         return tuple(self.ch * m for m in self.ch_mult)
 
+    @property
+    def decoder_block_out_channels(self) -> tuple:
+        return tuple((self.decoder_ch or self.ch) * m for m in self.ch_mult)
+
+    @property
+    def scaled_channels(self) -> int:
+        """Channels of a to_scaled latent (Flux.2: 4x the raw ones, at half the size)."""
+        return self.latent_channels * (4 if self.batch_norm else 1)
+
     def with_family(self, family: str) -> "VAEConfig":
         f = FAMILIES[family]
         return replace(self, family=family, scaling_factor=f.scaling_factor, shift_factor=f.shift_factor,
@@ -125,5 +149,5 @@ def preset(family: str, **overrides) -> VAEConfig:
     f = FAMILIES[family]
     cfg = VAEConfig(family=family, latent_channels=f.latent_channels, use_quant_conv=f.quant_conv,
                     use_post_quant_conv=f.quant_conv, scaling_factor=f.scaling_factor,
-                    shift_factor=f.shift_factor, force_upcast=f.force_upcast)
+                    shift_factor=f.shift_factor, force_upcast=f.force_upcast, batch_norm=f.batch_norm)
     return replace(cfg, **overrides)

@@ -107,8 +107,19 @@ def ldm_to_diffusers(sd: dict) -> dict:
 
 # -- config.json -----------------------------------------------------------------------------------
 def diffusers_config(cfg) -> dict:
-    """The config.json diffusers.AutoencoderKL.from_pretrained needs, scale and shift included."""
+    """The config.json diffusers.AutoencoderKL.from_pretrained needs, scale and shift included
+    (AutoencoderKLFlux2's for a VAE with a latent BatchNorm: no scale or shift, the BatchNorm's eps)."""
     n = len(cfg.ch_mult)
+    if cfg.batch_norm:
+        return {"_class_name": "AutoencoderKLFlux2", "act_fn": "silu", "in_channels": cfg.in_channels,
+                "out_channels": cfg.out_channels, "latent_channels": cfg.latent_channels,
+                "block_out_channels": list(cfg.block_out_channels),
+                "decoder_block_out_channels": list(cfg.decoder_block_out_channels) if cfg.decoder_ch else None,
+                "layers_per_block": cfg.num_res_blocks, "down_block_types": ["DownEncoderBlock2D"] * n,
+                "up_block_types": ["UpDecoderBlock2D"] * n, "norm_num_groups": cfg.norm_groups, "sample_size": 1024,
+                "use_quant_conv": cfg.use_quant_conv, "use_post_quant_conv": cfg.use_post_quant_conv,
+                "mid_block_add_attention": True, "batch_norm_eps": cfg.batch_norm_eps, "batch_norm_momentum": 0.1,
+                "patch_size": [2, 2]}
     return {"_class_name": "AutoencoderKL", "act_fn": "silu", "in_channels": cfg.in_channels,
             "out_channels": cfg.out_channels, "latent_channels": cfg.latent_channels,
             "block_out_channels": list(cfg.block_out_channels), "layers_per_block": cfg.num_res_blocks,
@@ -152,6 +163,11 @@ def config_fields(dc: dict, latent_channels: int | None = None) -> dict:
             out[k] = vector(dc[k], f"config.json {k}", latent_channels)
     if dc.get("force_upcast") is not None:
         out["force_upcast"] = flag(dc["force_upcast"], "config.json force_upcast")
+    if dc.get("batch_norm_eps") is not None:
+        out["batch_norm_eps"] = number(dc["batch_norm_eps"], "config.json batch_norm_eps")
+    ps = dc.get("patch_size")
+    if ps is not None and ps != 2 and not (isinstance(ps, (list, tuple)) and list(ps) == [2, 2]):
+        raise KLVAEError(f"config.json patch_size is {str(dc['patch_size'])[:20]}: klvae reads Flux.2's 2x2 patches only")
     return out
 
 
@@ -220,15 +236,34 @@ class DiffusersNames:
         return getattr(self, name, default)
 
 
-class Decoded(NamedTuple):
+class Decoded(torch.Tensor):
+    """What decode(z) returns: the pixels, a plain tensor in every use (klvae's API), that also
+    answers `.sample` as diffusers' DecoderOutput does (`vae.decode(z / scale).sample` in scripts
+    written for diffusers). Operations on it give plain tensors."""
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor)
+
+
+class DecoderOutput(NamedTuple):
     """decode(..., return_dict=True): `.sample` and `[0]` both give the pixels, as diffusers' DecoderOutput."""
     sample: torch.Tensor
 
 
 class DiffusersVAE:
-    """Conversions between klvae's AutoencoderKL and diffusers.AutoencoderKL, and the folder format.
-    Relies on the host class's `load(src, device, dtype, config_json=...)`, `state_dict(layout=)`
-    and `save(path, layout=)`."""
+    """Conversions between klvae's AutoencoderKL and diffusers.AutoencoderKL, the folder format, and
+    the hooks diffusers' model offloading attaches. Relies on the host class's `load(src, device,
+    dtype, config_json=...)`, `state_dict(layout=)` and `save(path, layout=)`."""
+
+    def _offload_hook(self) -> None:
+        """What diffusers' @apply_forward_hook does before encode/decode: a pipeline's
+        enable_model_cpu_offload() attaches an accelerate hook (`_hf_hook`) that moves the model to
+        the execution device when it is about to be used."""
+        hook = getattr(self, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(self)
 
     @classmethod
     def from_diffusers(cls, dvae, device=None, dtype=None):
@@ -238,12 +273,14 @@ class DiffusersVAE:
                         config_json=dict(dvae.config), name=f"diffusers {type(dvae).__name__}")
 
     def to_diffusers(self):
-        """A diffusers.AutoencoderKL with the same weights (bit-exact) and config, offline."""
-        from diffusers import AutoencoderKL as DAutoencoderKL  # optional dependency
+        """A diffusers.AutoencoderKL (AutoencoderKLFlux2 for Flux.2) with the same weights (bit-exact)
+        and config, offline."""
+        import diffusers  # optional dependency
 
-        cfg = {k: v for k, v in diffusers_config(self.config).items() if not k.startswith("_")}
+        cfg = diffusers_config(self.config)
+        cls = getattr(diffusers, cfg["_class_name"])
         with torch.device("meta"):
-            d = DAutoencoderKL(**cfg)
+            d = cls(**{k: v for k, v in cfg.items() if not k.startswith("_")})
         sd = {k: v.contiguous() for k, v in self.state_dict(layout="diffusers").items()}
         d.load_state_dict(sd, strict=True, assign=True)
         return d.eval().requires_grad_(False)
@@ -252,3 +289,30 @@ class DiffusersVAE:
         """A diffusers folder (config.json + diffusion_pytorch_model.safetensors); what a
         pipeline's save_pretrained calls on its components."""
         self.save(folder, layout="diffusers")
+
+
+# -- whole pipelines ------------------------------------------------------------------------------
+# diffusers type-checks the components `from_pretrained` is given (only its own ModelMixin
+# subclasses pass: pipeline_loading_utils.maybe_raise_or_warn) and saves only those (anything else
+# is skipped with a warning and recorded as `vae: [null, null]`, losing the VAE). klvae's VAE is
+# not a diffusers class, so these two functions do what a user of diffusers expects instead.
+def load_pipeline(folder, vae, pipeline_class=None, **kwargs):
+    """DiffusionPipeline.from_pretrained(folder, vae=vae) for a klvae VAE: the pipeline is loaded
+    without its own VAE (never read from disk), then given `vae`."""
+    if pipeline_class is None:
+        from diffusers import DiffusionPipeline as pipeline_class  # optional dependency
+    pipe = pipeline_class.from_pretrained(folder, vae=None, **kwargs)
+    pipe.vae = vae
+    return pipe
+
+
+def save_pipeline(pipe, folder, **kwargs) -> None:
+    """pipe.save_pretrained(folder) for a pipeline whose vae is klvae's: the VAE is saved as the
+    diffusers class it converts to (weights shared, not copied), so the folder loads back in plain
+    diffusers, `vae/` included. The pipeline keeps its klvae VAE."""
+    vae = pipe.vae
+    pipe.vae = vae.to_diffusers()
+    try:
+        pipe.save_pretrained(folder, **kwargs)
+    finally:
+        pipe.vae = vae

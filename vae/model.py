@@ -156,7 +156,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        widths, g = cfg.block_out_channels, cfg.norm_groups
+        widths, g = cfg.decoder_block_out_channels, cfg.norm_groups  # Flux.2's small decoder: narrower
         w = widths[-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, w, 3, padding=1)
         self.mid = Mid(w, g)

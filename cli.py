@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .testing import psnr
-from .vae import DEFAULT_MODE, FAMILIES, KLVAEError, Tiling, load_vae, save_vae
+from .vae import DEFAULT_MODE, FAMILIES, KLVAEError, Tiling, load_vae, resolve_device, save_vae
+from .vae.distributed import init_from_env
 from .vae.memory import PeakMeter
 
 HERE = Path(__file__).resolve().parent
@@ -99,7 +100,11 @@ class Bar:
             self.bar.close()
 
 
-def tiling_of(args, desc):
+def tiling_of(args, desc, gather="rank0"):
+    if getattr(args, "group", None) is not None:  # --distributed: exact, sharded
+        bar = Bar(desc) if torch.distributed.get_rank() == 0 else None
+        return Tiling(mode="exact", tile_size=args.tile, store=args.store, spill_dir=args.spill_dir, progress=bar,
+                      process_group=args.group, gather=gather), bar
     if args.tiling == "none":
         return None, None
     bar = Bar(desc)
@@ -107,8 +112,8 @@ def tiling_of(args, desc):
                   spill_dir=args.spill_dir, progress=bar), bar
 
 
-def run_tiled(fn, args, desc):
-    tiling, bar = tiling_of(args, desc)
+def run_tiled(fn, args, desc, gather="rank0"):
+    tiling, bar = tiling_of(args, desc, gather)
     try:
         return fn(tiling)
     finally:
@@ -117,8 +122,14 @@ def run_tiled(fn, args, desc):
 
 
 def encode_image(vae, x, args):
-    post = run_tiled(lambda t: vae.encode(x, tiling=t), args, "encode")
+    # --distributed: the latent on every rank (small), so a round trip's decode has it everywhere
+    post = run_tiled(lambda t: vae.encode(x, tiling=t), args, "encode", gather="all")
     return post.mode() if args.mode == "argmax" else post.sample(seed=args.seed)
+
+
+def not_rank0(args) -> bool:
+    """--distributed: every rank computes, rank 0 writes and prints."""
+    return args.group is not None and torch.distributed.get_rank() != 0
 
 
 # -- commands ----------------------------------------------------------------------------------------
@@ -164,6 +175,8 @@ def cmd_encode(args):
     H, W = img.shape[2:]
     t0 = time.perf_counter()
     z = encode_image(vae, pad_to(img, vae.config.downscale * (2 if vae.config.batch_norm else 1)), args)
+    if not_rank0(args):
+        return
     kind = "scaled" if args.scaled else "raw"
     out = vae.to_scaled(z) if args.scaled else z
     c = vae.config
@@ -209,6 +222,8 @@ def cmd_decode(args):
         print(f"note: latent came from a {fam} VAE, decoding with a {vae.config.family} one", file=sys.stderr)
     t0 = time.perf_counter()
     x = run_tiled(lambda t: vae.decode(z, tiling=t), args, "decode")
+    if not_rank0(args):
+        return
     if "klvae.image_size" in meta:  # undo encode's padding to multiples of 8
         W, H = (int(v) for v in meta["klvae.image_size"].split("x"))
         x = x[:, :, :H, :W]
@@ -222,7 +237,10 @@ def cmd_roundtrip(args):
     H, W = img.shape[2:]
     t0 = time.perf_counter()
     z = encode_image(vae, pad_to(img, vae.config.downscale * (2 if vae.config.batch_norm else 1)), args)
-    x = run_tiled(lambda t: vae.decode(z, tiling=t), args, "decode")[:, :, :H, :W]
+    x = run_tiled(lambda t: vae.decode(z, tiling=t), args, "decode")
+    if not_rank0(args):
+        return
+    x = x[:, :, :H, :W]
     write_image(x, args.output)
     print(f"{args.image} -> {args.output} ({W}x{H}) in {time.perf_counter() - t0:.1f} s, "
           f"PSNR vs input {psnr(x, img):.2f} dB")
@@ -309,6 +327,9 @@ def vae_options(p):
     p.add_argument("--store", default="auto", choices=["auto", "device", "host", "disk"],
                    help="exact mode: where full-size activations live (auto: the plan picks)")
     p.add_argument("--spill-dir", default=None, help="folder for the disk store (default: $KLVAE_SPILL_DIR or the temp folder)")
+    p.add_argument("--distributed", action="store_true",
+                   help="under torchrun: exact tiling sharded over its ranks (gloo on CPUs, NCCL on GPUs); rank 0 "
+                        "writes the output")
 
 
 def encode_options(p):
@@ -374,7 +395,14 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         if args.threads:
             torch.set_num_threads(args.threads)
-        args.fn(args)
+        args.group = None
+        if getattr(args, "distributed", False):
+            args.group = init_from_env(resolve_device(args.device))
+        try:
+            args.fn(args)
+        finally:
+            if args.group is not None:
+                torch.distributed.destroy_process_group()
         return 0
     except (CLIError, KLVAEError) as e:
         print(f"klvae: error: {e}", file=sys.stderr)

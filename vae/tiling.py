@@ -70,6 +70,8 @@ class Tiling:
     spill_dir: str | None = None        # disk store folder; None: $KLVAE_SPILL_DIR or the system temp folder
     progress: Callable[[int, int], None] | None = None   # called with (done, total) tile steps
     interrupt: Callable[[], bool] | None = None          # truthy (or raising) stops between tile steps
+    process_group: object = None        # exact mode over several processes (distributed.py); None: this one
+    gather: str = "all"                 # distributed: the output on every rank, on rank 0 ("rank0"), or each rank's band
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -96,6 +98,10 @@ class Tiling:
                 pass  # a builtin without a signature: trust it
         if self.spill_dir is not None and not isinstance(self.spill_dir, (str, os.PathLike)):
             raise KLVAEError(f"Tiling spill_dir must be a folder path, got {type(self.spill_dir).__name__}")
+        if self.gather not in ("all", "rank0", "band"):
+            raise KLVAEError(f"Tiling gather={self.gather!r}: use 'all', 'rank0' or 'band'")
+        if self.process_group is not None and self.mode != "exact":
+            raise KLVAEError(f"Tiling(process_group=...) shards the exact mode only; got mode {self.mode!r}")
 
     @classmethod
     def of(cls, tiling) -> "Tiling":
@@ -126,6 +132,7 @@ class TilingReport:
     seconds: float = 0.0
     steps: int = 0                   # tile steps run (what progress counts)
     notes: list = field(default_factory=list)
+    bytes_sent: int = 0              # distributed: what this rank sent to the others
 
     @property
     def n_tiles(self):
@@ -231,11 +238,12 @@ def band_count(H: int, W: int, C: int, elems: int) -> int:
     return math.ceil(H / max(1, min(H, elems // max(1, W * C))))
 
 
-def band_rows(H: int, W: int, C: int, elems: int):
+def band_rows(H: int, W: int, C: int, elems: int, lo: int = 0, hi: int | None = None):
     """Near-equal full-width bands of an H x W x C activation with at most `elems` values each
-    (at least one row), partitioning its H rows: [(y0, y1), ...]."""
-    n = band_count(H, W, C, elems)
-    ys = [i * H // n for i in range(n + 1)]
+    (at least one row), partitioning its rows [lo, hi) (all H by default): [(y0, y1), ...]."""
+    hi = H if hi is None else hi
+    n = band_count(hi - lo, W, C, elems)
+    ys = [lo + i * (hi - lo) // n for i in range(n + 1)]
     return [(ys[i], ys[i + 1]) for i in range(n)]
 
 
@@ -355,7 +363,10 @@ def make_plan(net: nn.Module, direction: str, in_channels: int, shape, dtype, de
             p.band_elems = band_elems(steps, t)
             top = max(steps, key=lambda s: s.r_out)  # the bands at the highest resolution, as the grid
             p.grid = (band_count(h * top.r_out, w * top.r_out, max(top.cin, top.cout), p.band_elems), 1)
-            p.predicted, p.store_bytes = exact_peaks(steps, B, h, w, item, p.band_elems, store == "device")
+            # distributed: a rank holds its share of the rows and one halo row each side
+            world = 1 if tiling.process_group is None else torch.distributed.get_world_size(tiling.process_group)
+            hs = min(h, -(-h // world) + 2)
+            p.predicted, p.store_bytes = exact_peaks(steps, B, hs, w, item, p.band_elems, store == "device")
             p.halo = f  # each segment reads one row above and below at its own resolution: <= f image px
         else:
             p.predicted = bounded_peak(p, item)

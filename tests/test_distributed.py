@@ -1,0 +1,133 @@
+"""Exact decode and encode sharded over torch.distributed (gloo, processes on 127.0.0.1): every rank's
+output equals the single-process untiled result; a dead rank or mismatched inputs end the others
+with one line, within the group's timeout."""
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+WORKER = r"""
+import json, os, sys, time
+from datetime import timedelta
+import torch
+import torch.distributed as dist
+torch.set_num_threads(1)
+rank, world, port, scenario = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                        timeout=timedelta(seconds=20))
+from klvae.testing import NARROW, diffusers_vae, klvae_from
+from klvae.vae import KLVAEError, Tiling
+out = {}
+try:
+    if scenario == "exact":
+        for family in ("sd1", "flux"):
+            vae = klvae_from(diffusers_vae(family, seed=3, **NARROW), family=family)
+            g = torch.Generator().manual_seed(5)
+            z = torch.randn(1, vae.config.latent_channels, 13, 10, generator=g)  # odd height: unequal bands
+            x = torch.rand(1, 3, 104, 72, generator=g) * 2 - 1
+            full, full_e = vae.decode(z), vae.encode(x).mean
+            t = Tiling(mode="exact", tile_size=16, process_group=dist.group.WORLD)
+            dec = vae.decode(z, tiling=t)
+            r = vae.last_tiling
+            enc = vae.encode(x, tiling=t).mean
+            band = vae.decode(z, tiling=Tiling(mode="exact", process_group=dist.group.WORLD, gather="band"))
+            rank0 = vae.decode(z, tiling=Tiling(mode="exact", store="disk", process_group=dist.group.WORLD, gather="rank0"))
+            lo = rank * 13 // world * 8
+            out[family] = dict(decode=(dec - full).abs().max().item(), encode=(enc - full_e).abs().max().item(),
+                               band=(band - full[:, :, lo:lo + band.shape[2]]).abs().max().item(),
+                               band_rows=band.shape[2], rank0=None if rank0 is None else (rank0 - full).abs().max().item(),
+                               sent=r.bytes_sent)
+    elif scenario == "mismatch":
+        vae = klvae_from(diffusers_vae("sd1", seed=3, **NARROW), family="sd1")
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(rank))  # a different latent per rank
+        vae.decode(z, tiling=Tiling(mode="exact", process_group=dist.group.WORLD))
+    elif scenario == "die":
+        vae = klvae_from(diffusers_vae("sd1", seed=3, **NARROW), family="sd1")
+        z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        die = lambda done, total: rank == 1 and done == 5 and os._exit(3)  # rank 1 dies mid-run
+        out["t0"] = time.time()
+        vae.decode(z, tiling=Tiling(mode="exact", tile_size=16, process_group=dist.group.WORLD, progress=die))
+except KLVAEError as e:
+    out["error"] = str(e)
+    out["t1"] = time.time()
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, scenario: str, timeout=240) -> list:
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(world), str(port), scenario],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    results = []
+    for p in procs:
+        try:
+            so, se = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"a rank hung past {timeout} s")
+        line = [l for l in so.splitlines() if l.startswith("RESULT ")]
+        results.append((p.returncode, json.loads(line[0][7:]) if line else None, se[-1500:]))
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_exact_decode_and_encode_equal_untiled(world):
+    """2 and 3 ranks, 4- and 16-channel VAEs, 13 latent rows (bands of 6/7 or 4/4/5 rows)."""
+    results = launch(world, "exact")
+    for rank, (rc, res, err) in enumerate(results):
+        assert rc == 0 and res and "error" not in res, (rc, res, err)
+        for family in ("sd1", "flux"):
+            r = res[family]
+            assert r["decode"] <= 1e-4 and r["encode"] <= 1e-4 and r["band"] <= 1e-4, (family, r)
+            assert r["sent"] > 0 and r["band_rows"] == ((rank + 1) * 13 // world - rank * 13 // world) * 8
+            assert (r["rank0"] is None) == (rank != 0) and (rank != 0 or r["rank0"] <= 1e-4)
+
+
+def test_mismatched_inputs_are_refused_on_every_rank():
+    for rc, res, err in launch(2, "mismatch"):
+        assert rc == 0 and "different inputs" in res.get("error", ""), (res, err)
+        assert "\n" not in res["error"]
+
+
+def test_a_dead_rank_ends_the_others_with_one_line():
+    t0 = time.time()
+    results = launch(2, "die")
+    assert results[1][0] == 3  # rank 1 died as planned
+    rc, res, err = results[0]
+    assert rc == 0 and res and "rank 0 of 2" in res.get("error", "") and "\n" not in res["error"], (res, err)
+    assert res["t1"] - res["t0"] < 25 and time.time() - t0 < 120  # within the group's 20 s timeout
+
+
+def test_torchrun_cli_decodes_one_image(tmp_path):
+    """`torchrun --nproc-per-node 2 -m klvae decode ... --distributed`: one image, equal to one process's."""
+    import numpy as np
+    from PIL import Image
+
+    from klvae.testing import NARROW, diffusers_vae, klvae_from
+    from klvae.vae import save_vae
+    save_vae(klvae_from(diffusers_vae("sd1", seed=3, **NARROW), family="sd1"), tmp_path / "vae.safetensors")
+    Image.fromarray((np.random.default_rng(0).random((56, 72, 3)) * 255).astype("uint8")).save(tmp_path / "in.png")
+    run = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True, timeout=240,
+                                    env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    r = run("-m", "klvae", "encode", tmp_path / "in.png", "-o", tmp_path / "z.safetensors", "--vae", tmp_path / "vae.safetensors")
+    assert r.returncode == 0, r.stderr
+    r = run("-m", "klvae", "decode", tmp_path / "z.safetensors", "-o", tmp_path / "one.png", "--vae",
+            tmp_path / "vae.safetensors", "--tiling", "none")
+    assert r.returncode == 0, r.stderr
+    r = run("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "klvae",
+            "--threads", "1", "decode", tmp_path / "z.safetensors", "-o", tmp_path / "two.png", "--vae",
+            tmp_path / "vae.safetensors", "--distributed")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("two.png") == 1  # rank 0 alone writes and reports
+    a, b = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("one.png", "two.png"))
+    assert a.shape == b.shape == (56, 72, 3) and np.abs(a - b).max() <= 1

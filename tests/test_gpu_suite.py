@@ -1,0 +1,28 @@
+"""The GPU benchmark (`python benchmarks/bench.py gpu`) runs end to end on the CPU at a toy size,
+so that a session lent a GPU spends its minutes measuring, not debugging."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_suite_runs_end_to_end_on_the_cpu(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "gpu", "--device", "cpu", "--sizes", "64",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    assert res["versions"]["torch"] and res["versions"]["device"] == "cpu"
+    cases = {(c["system"], c["op"], c["tiling"]): c for c in res["cases"]}
+    failed = [c for c in res["cases"] if "error" in c]
+    assert not failed, failed
+    for key in [("klvae", "decode", "untiled"), ("klvae", "decode", "exact"), ("klvae", "decode", "bounded"),
+                ("klvae", "encode", "exact"), ("klvae-flux", "decode", "exact"), ("diffusers", "decode", "tiled"),
+                ("comfy", "decode", "tiled")]:
+        c = cases[key]
+        assert c["finite"] and c["seconds"] > 0 and c["peak"] is not None and c["host_syncs"] == 0, c
+    exact = cases[("klvae", "decode", "exact")]
+    assert exact["predicted"] > 0 and exact["report"]["mode"] == "exact" and exact["psnr_vs_full"] >= 60
+    assert (tmp_path / "gpu.log").read_text().count("peak") == len(res["cases"])
+    assert not list(tmp_path.glob("*.pt"))  # outputs removed: what comes back from a GPU is the JSON and the log

@@ -12,7 +12,6 @@ models/MODEL_CARD.md). Errors are one line on stderr and a non-zero exit status.
 """
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path

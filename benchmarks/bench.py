@@ -2,12 +2,13 @@
 
     python benchmarks/bench.py core            # untiled decode/encode, 512 and 1024 (issue: core library)
     python benchmarks/bench.py tiling          # tiled decode/encode at 1024 (+ 2048 decode), all systems
-    python benchmarks/bench.py big             # a 4096x4096 bounded decode within the predicted memory
+    python benchmarks/bench.py big             # a 4096x4096 exact bf16 decode; the plan of 8192 with its predicted time
     python benchmarks/bench.py precision       # 1024 decode in fp32 and bf16 (CPU AMX), all systems
     python benchmarks/bench.py dist            # 1024 decode over 1, 2, 4 gloo ranks (1 thread each), and DistVAE
     python benchmarks/bench.py gpu --out DIR   # the GPU suite (CUDA tests, klvae/diffusers/ComfyUI at 1K-8K)
     python benchmarks/bench.py gpu --device cpu --sizes 256 --out DIR   # the same script end to end on the CPU
     python benchmarks/bench.py tiling --sizes 1024 --systems klvae,diffusers
+    python benchmarks/bench.py tiling --sizes 2048 --modes untiled,exact-device,bounded
 
 Every system gets the same calibrated random SD1.x weights (klvae/testing.py) and the same
 synthetic image; decode cases decode the klvae argmax latent of that image. Time is wall time of
@@ -45,6 +46,16 @@ def peak_rss_reset():
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return proc_status("VmRSS")
+
+
+def timed(fn):
+    """fn() under inference_mode: (its result, wall seconds, rise of the peak RSS over the RSS before)."""
+    gc.collect()
+    rss0 = peak_rss_reset()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        y = fn()
+    return y, time.perf_counter() - t0, proc_status("VmHWM") - rss0
 
 
 def comfy_path():
@@ -114,13 +125,7 @@ def run_case(system, op, size, mode, tile):
         else:
             px = ((x + 1) / 2).permute(0, 2, 3, 1)  # ComfyUI IMAGE: [B, H, W, C] in 0..1
             fn = (lambda: vae.encode(px) if tmode == "untiled" else vae.encode_tiled(px, tile_x=t, tile_y=t, overlap=64))
-    gc.collect()
-    rss0 = peak_rss_reset()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        y = fn()
-    seconds = time.perf_counter() - t0
-    peak = proc_status("VmHWM") - rss0
+    y, seconds, peak = timed(fn)
     if system == "comfy" and op == "decode":
         y = y.movedim(-1, 1) * 2 - 1 if y.shape[-1] == 3 else y
         y = y.reshape(-1, *y.shape[-3:])
@@ -189,15 +194,9 @@ def run_rank(system, size, rank, world, port):
         if world > 1:  # one rank: diffusers' own decode, DistVAE's reference
             parallelize_decoder(vae, dist.group.WORLD)
         fn = lambda: vae.decode(z).sample
-    gc.collect()
     dist.barrier()
     COMM["bytes"] = 0
-    rss0 = peak_rss_reset()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        y = fn()
-    seconds = time.perf_counter() - t0
-    peak = proc_status("VmHWM") - rss0
+    y, seconds, peak = timed(fn)
     if rank == 0:
         torch.save(y.float().contiguous(), os.path.join(OUT, "outputs", f"{system}_dist_{size}_{world}.pt"))
     dist.destroy_process_group()
@@ -373,33 +372,37 @@ def gpu_suite(out_dir, device, sizes, timeout_total=480):
             seen.add(key)
             size = sizes[0]
         cases.append((system, op, dtype, tiling, size))
-    for system, op, dtype, tiling, size in cases:
+    # one fresh process per case on a GPU (peaks and timings of their own); the CPU smoke run, which
+    # checks code paths only, runs each system's cases in one process
+    groups = [[c] for c in cases] if not smoke else [[c for c in cases if c[0] == s] for s in dict.fromkeys(c[0] for c in cases)]
+    for group in groups:
         left = timeout_total - (time.time() - t_start)
         if left < 10:
-            say(f"skipped (time): {system} {op} {dtype} {tiling} {size}")
+            say(f"skipped (time): {group}")
             continue
-        cmd = [sys.executable, __file__, "gpu", "--gpu-case", json.dumps([system, op, dtype, tiling, size]),
+        cmd = [sys.executable, __file__, "gpu", "--gpu-case", json.dumps(group),
                "--device", device, "--out", out_dir] + (["--smoke"] if smoke else [])
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=min(left, 240))
-        except subprocess.TimeoutExpired:
-            say(f"timed out: {system} {op} {dtype} {tiling} {size}")
-            continue
-        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-        if p.returncode or not line:
-            say(f"failed: {system} {op} {dtype} {tiling} {size}: {(p.stderr.strip().splitlines() or ['?'])[-1][:200]}")
-            results["cases"].append(dict(system=system, op=op, dtype=dtype, tiling=tiling or "untiled", size=size,
-                                         error=(p.stderr.strip().splitlines() or ["?"])[-1][:300]))
-            continue
-        r = json.loads(line[0][7:])
-        results["cases"].append(r)
-        say(f"{r['name']:40} {r['seconds']:8.3f} s  peak {r['peak'] / 2**30:7.2f} GiB  predicted "
-            f"{(r['predicted'] or 0) / 2**30:7.2f} GiB  syncs {r['host_syncs']}  guard {len(r['guard'] or [])}  "
-            f"finite {r['finite']}")
+            so, why = p.stdout, (p.stderr.strip().splitlines() or ["?"])[-1][:300]
+        except subprocess.TimeoutExpired as e:
+            so, why = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timed out"
+        done = [json.loads(l[7:]) for l in so.splitlines() if l.startswith("RESULT ")]
+        for system, op, dtype, tiling, size in group:
+            r = next((r for r in done if (r["system"], r["op"], r["dtype"], r["tiling"], r["size"])
+                      == (system, op, dtype, tiling or "untiled", size)), None)
+            if r is None:
+                say(f"failed: {system} {op} {dtype} {tiling} {size}: {why}")
+                results["cases"].append(dict(system=system, op=op, dtype=dtype, tiling=tiling or "untiled", size=size, error=why))
+                continue
+            results["cases"].append(r)
+            say(f"{r['name']:40} {r['seconds']:8.3f} s  peak {r['peak'] / 2**30:7.2f} GiB  predicted "
+                f"{(r['predicted'] or 0) / 2**30:7.2f} GiB  syncs {r['host_syncs']}  guard {len(r['guard'] or [])}  "
+                f"finite {r['finite']}")
     for r in results["cases"]:  # psnr_vs_full against the same system's untiled output where it ran
         if "error" in r or r["tiling"] == "untiled":
             continue
-        ref = os.path.join(out_dir, f"{r['system'] if r['system'] != 'klvae-flux' else 'klvae-flux'}_{r['op']}_bf16_untiled_{r['size']}.pt")
+        ref = os.path.join(out_dir, f"{r['system']}_{r['op']}_bf16_untiled_{r['size']}.pt")
         if os.path.exists(ref):
             y, full = torch.load(os.path.join(out_dir, r["name"] + ".pt")), torch.load(ref)
             r["psnr_vs_full"] = testing.psnr_vs_full(y, full) if r["op"] == "decode" else None
@@ -458,7 +461,6 @@ def fidelity(c, ref):
     if c["op"] == "encode":
         rel = ((y - ref).norm() / ref.norm()).item()
         return dict(rel_l2_vs_full=rel, max_abs_vs_full=testing.max_abs_vs_full(y, ref))
-    f = 8
     if c["system"] == "klvae" and c["report"]:
         ys, xs = c["report"]["boundaries"]
     else:  # diffusers: 512 px tiles every 384 px; ComfyUI: 512 px tiles every 448 px (first of its passes)
@@ -493,16 +495,18 @@ def main():
     ap.add_argument("suite", choices=["core", "tiling", "big", "precision", "dist", "gpu"])
     ap.add_argument("--sizes", default="", help="comma-separated image sizes")
     ap.add_argument("--systems", default="klvae,diffusers,comfy")
+    ap.add_argument("--modes", default="", help="only these modes, e.g. untiled,bounded (default: all)")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     ap.add_argument("--rank-case", help=argparse.SUPPRESS)  # internal: one rank of a distributed case
-    ap.add_argument("--gpu-case", help=argparse.SUPPRESS)   # internal: one case of the GPU suite
+    ap.add_argument("--gpu-case", help=argparse.SUPPRESS)   # internal: GPU-suite cases (a JSON list) in this process
     ap.add_argument("--out", default=os.path.join(OUT, "gpu"), help="gpu suite: where the JSON and the log go")
     ap.add_argument("--device", default="cuda", help="gpu suite: cuda, or cpu for the end-to-end smoke run")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.gpu_case:
         torch.set_num_threads(2 if a.device == "cpu" else torch.get_num_threads())
-        print("RESULT " + json.dumps(gpu_case(*json.loads(a.gpu_case), a.device, a.out, a.smoke)))
+        for case in json.loads(a.gpu_case):
+            print("RESULT " + json.dumps(gpu_case(*case, a.device, a.out, a.smoke)), flush=True)
         return
     if a.suite == "gpu":
         gpu_suite(a.out, a.device, [int(s) for s in a.sizes.split(",") if s])
@@ -522,6 +526,8 @@ def main():
     sizes = [int(s) for s in a.sizes.split(",") if s]
     results = []
     for system, op, size, mode, tile in cases(a.suite, sizes, a.systems.split(",")):
+        if a.modes and mode not in a.modes.split(","):
+            continue
         latent_for(size)
         cmd = [sys.executable, __file__, a.suite, "--case", f"{system}:{op}:{size}:{mode}:{tile}"]
         p = subprocess.run(cmd, capture_output=True, text=True)
@@ -531,6 +537,8 @@ def main():
             continue
         r = json.loads(line[0][7:])
         results.append(r)
+        with open(os.path.join(OUT, f"{a.suite}.json"), "w") as f:  # as it goes: a stopped run keeps its cases
+            json.dump(results, f, indent=1)
         print(f"{system:9} {op:6} {size:5} {mode:8} {r['seconds']:7.1f} s  peak {r['peak'] / 2**30:5.2f} GiB", flush=True)
     # fidelity and ratios against klvae untiled of the same op and size
     base = {(r["op"], r["size"]): r for r in results if r["system"] == "klvae" and r["mode"] == "untiled"}

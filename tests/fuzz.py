@@ -296,7 +296,6 @@ def case(seed: int, i: int, base: Path, work: Path):
 
 def values_case(rng, base, work, i):
     """Weights that parse but are not usable: non-finite, or beyond fp16 for an fp16 load."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     from klvae.vae import load_vae

@@ -2,11 +2,9 @@
 band size, store and family; bounded mode is close; plans come before any work, in milliseconds;
 progress, interrupts, spill files and the memory model behave as documented."""
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ import torch
 from klvae.testing import NARROW, calibrate, diffusers_vae, klvae_from, max_abs_vs_full, psnr, seam_ratio, test_image
 from klvae.vae import KLVAEError, Tiling
 from klvae.vae import bounded, engine
-from klvae.vae.tiling import Interrupted, band_rows, tile_grid
+from klvae.vae.tiling import Interrupted, band_rows
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +214,8 @@ def test_disk_store_refuses_unwritable_or_full_folders_before_running(vae4, tmp_
     huge = (1, 4, 8192, 8192)  # a 65536^2 image: terabytes of store, more than this disk has
     with pytest.raises(KLVAEError, match="the disk store needs"):
         vae4.plan_decode(huge, Tiling(mode="exact", store="disk", tile_size=512, spill_dir=str(tmp_path)))
+    with pytest.raises(KLVAEError, match=r"in exact mode needs .* in its disk store, but the spill folder"):
+        vae4.plan_decode(huge, Tiling(mode="exact", store="disk", spill_dir=str(tmp_path), memory_budget=2**50))  # tile size: the planner
     assert not called
 
 

@@ -250,6 +250,15 @@ class Context:
     def free(self, s: Store) -> None:
         self.alive.pop(id(s), None)
 
+    def put(self, out, y0: int, y: torch.Tensor, st) -> None:
+        """One band's result: written to its store (out None: already updated in place), added to the
+        next norm's statistics (st None: no norm reads it), the step counted."""
+        if out is not None:
+            out.write(y0, y)
+        if st is not None:
+            st.add(y, self.scratch)
+        self.step()
+
     def step(self) -> None:
         if self.interrupt is not None and self.interrupt():
             raise Interrupted("tiled VAE run interrupted")
@@ -271,11 +280,8 @@ def segment_conv(ctx, conv: nn.Conv2d, x: Store, r: int, affine=None, stats=True
             h = normed(h, affine, ctx.scratch)
         y = conv_rows(conv, h, a, b, H, y0, y1)
         del h
-        out.write(y0, y)
-        if stats:
-            st.add(y, ctx.scratch)
+        ctx.put(out, y0, y, st if stats else None)
         del y
-        ctx.step()
     return out, (ctx.merge(st) if stats else st)
 
 
@@ -295,11 +301,8 @@ def segment_resnet(ctx, block: ResnetBlock, x: Store, sx: Stats, r: int, stats: 
             y = x.add_(y0, y)
         else:
             y = y.add_(block.nin_shortcut(x.rows(y0, y1)))
-            out.write(y0, y)
-        if stats:
-            st.add(y, ctx.scratch)
+        ctx.put(None if out is x else out, y0, y, st if stats else None)
         del y
-        ctx.step()
     ctx.free(h)
     if out is not x:
         ctx.free(x)
@@ -328,10 +331,8 @@ def segment_attention(ctx, attn: AttnBlock, x: Store, sx: Stats, r: int) -> tupl
     for y0, y1 in ctx.bands(H, W, C):
         o = F.scaled_dot_product_attention(q[:, y0 - lo:y1 - lo].reshape(B, 1, -1, C), kk, vv)
         o = attn.proj_out(o.view(B, y1 - y0, W, C).permute(0, 3, 1, 2))
-        y = x.add_(y0, o)
-        st.add(y, ctx.scratch)
-        del o, y
-        ctx.step()
+        ctx.put(None, y0, x.add_(y0, o), st)
+        del o
     return x, ctx.merge(st)
 
 
@@ -346,10 +347,8 @@ def segment_upsample(ctx, up: Upsample, x: Store, r: int) -> tuple:
         h = F.interpolate(x.rows(la, lb), scale_factor=2.0, mode="nearest")
         y = conv_rows(up.conv, h, 2 * la, 2 * lb, 2 * H, y0, y1)
         del h
-        out.write(y0, y)
-        st.add(y, ctx.scratch)
+        ctx.put(out, y0, y, st)
         del y
-        ctx.step()
     ctx.free(x)
     return out, ctx.merge(st)
 
@@ -366,10 +365,8 @@ def segment_downsample(ctx, down: Downsample, x: Store, r: int) -> tuple:
         h = F.pad(x.rows(a, b), (0, 1, 0, 2 * y1 + 1 - b))
         y = F.conv2d(h, down.conv.weight, down.conv.bias, stride=2)
         del h
-        out.write(y0, y)
-        st.add(y, ctx.scratch)
+        ctx.put(out, y0, y, st)
         del y
-        ctx.step()
     ctx.free(x)
     return out, ctx.merge(st)
 

@@ -404,6 +404,14 @@ def make_plan(net: nn.Module, direction: str, in_channels: int, shape, dtype, de
         # The caller fixed every choice: run it, and say it may not fit.
         smallest.notes.append(f"predicted peak {_gib(smallest.predicted)} exceeds the budget {_gib(budget)}")
         return _with_store(smallest, tiling) if smallest.mode == "exact" else smallest
+    fits = [p for p in tried if p.predicted <= budget]
+    if fits:  # memory was not the problem: the store's room was (exact plans only reach here)
+        p = min(fits, key=lambda p: p.store_bytes)
+        room = _store_room(p.store, device, tiling)
+        place = f"the spill folder {spill_folder(tiling)}" if p.store == "disk" else "host memory"
+        raise KLVAEError(f"{direction} of {w * f}x{h * f} px in exact mode needs {_gib(p.store_bytes)} in its "
+                         f"{p.store} store, but {place} has {_gib(room)} free: point Tiling(spill_dir=...) "
+                         f"(--spill-dir, $KLVAE_SPILL_DIR) at a larger disk, or use mode='bounded'")
     where = f" with the {smallest.store} store" if smallest.store else ""
     raise KLVAEError(f"{direction} of {w * f}x{h * f} px needs {_gib(smallest.predicted)} of device memory even "
                      f"in {smallest.mode} mode{where} with {smallest.tile_size} px tiles, over the budget of "

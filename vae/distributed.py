@@ -5,7 +5,7 @@ initialised torch.distributed process group (gloo on CPUs, NCCL between GPUs). R
 rows [r*h/N, (r+1)*h/N) and the same image region at every resolution. Per segment, what crosses
 between ranks is exactly what the untiled network would read across a band boundary:
 * the one row above and below a rank's band that its 3x3 convolutions read (point-to-point
-  send/recv with the two neighbours: a few hundred KB per segment at 8K, against all_gathering
+  send/recv with the two neighbours: 1-4 MiB per segment at 8192^2 in bf16, against all_gathering
   whole bands);
 * each GroupNorm's per-channel count, mean and squared deviations (all_gather of [3, B, C] float64
   per rank, combined in rank order on every rank: the same exact statistics everywhere, no
@@ -16,6 +16,7 @@ between ranks is exactly what the untiled network would read across a band bound
 Every collective that fails (a rank died, or did not answer within the group's timeout) ends the
 call with one KLVAEError line on every surviving rank.
 """
+import os
 from datetime import timedelta
 
 import torch
@@ -129,7 +130,7 @@ def init_from_env(device, timeout_s: float = 300.0):
     except (RuntimeError, ValueError, KeyError) as e:
         raise KLVAEError(f"--distributed needs a torchrun launch (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): "
                          f"{str(e).strip().splitlines()[0][:120]}") from e
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+    if torch.device(device).type == "cuda":  # this node's GPU: torchrun's LOCAL_RANK (several nodes)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())) % torch.cuda.device_count())
     return dist.group.WORLD
 

@@ -504,7 +504,12 @@ def main():
     ap.add_argument("--out", default=os.path.join(OUT, "gpu"), help="gpu suite: where the JSON and the log go")
     ap.add_argument("--device", default="cuda", help="gpu suite: cuda, or cpu for the end-to-end smoke run")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--plans", action="store_true", help="big suite: print the plans from the last run's big.json")
     a = ap.parse_args()
+    if a.plans:
+        with open(os.path.join(OUT, "big.json")) as f:
+            print(big_plans(json.load(f)[0]))
+        return
     if a.gpu_case:
         torch.set_num_threads(2 if a.device == "cpu" else torch.get_num_threads())
         for case in json.loads(a.gpu_case):
@@ -586,21 +591,34 @@ def big_dtype() -> str:
 
 def big_plans(measured) -> str:
     """The plans of larger decodes on this machine (nothing run), with times predicted from the
-    measured run's rate (seconds per FLOP of its convolutions and attention)."""
-    from klvae.vae import load_vae
-    vae = load_vae(shared_vae().state_dict(), family="sd1", dtype=big_dtype())
+    measured run's rate (seconds per FLOP of its convolutions and attention). A plan this machine
+    refuses (a store beyond its disk) is shown with the refusal and as it would run with room."""
+    from unittest import mock
+    from klvae.vae import KLVAEError, load_vae
+    from klvae.vae import tiling as tiling_module
+    dtype = measured["mode"].split("-")[0]
+    vae = load_vae(shared_vae().state_dict(), family="sd1", dtype=dtype)
     size = measured["size"]
     rate = measured["seconds"] / vae.plan_decode((1, 4, size // 8, size // 8), Tiling(mode="exact")).flops
     rows = ["| decode | store | tile px | bands | predicted peak GiB | store GiB | TFLOP | predicted time |",
             "|---|---|---|---|---|---|---|---|"]
     for side in (size, 2 * size):
+        shape, tiling = (1, 4, side // 8, side // 8), Tiling(mode="exact", spill_dir=os.path.join(OUT, "spill"))
+        label = f"{side}^2 {dtype}" + (f" (measured: {measured['seconds']:.0f} s)" if side == size else "")
         try:
-            p = vae.plan_decode((1, 4, side // 8, side // 8), Tiling(mode="exact", spill_dir=os.path.join(OUT, "spill")))
-        except Exception as e:  # a plan that cannot fit says what it needs
-            rows.append(f"| {side}^2 bf16 | {e} |")
-            continue
-        rows.append(f"| {side}^2 {big_dtype()}{' (measured: ' + format(measured['seconds'], '.0f') + ' s)' if side == size else ''} | "
-                    f"{p.store} | {p.tile_size} | {p.grid[0]} | {p.predicted / 2**30:.2f} | {p.store_bytes / 2**30:.1f} | "
+            p = vae.plan_decode(shape, tiling)
+        except KLVAEError as e:  # refused here: say so, then the plan on a disk with room
+            rows.append(f"| {label}: refused here | {e} |")
+            with mock.patch.object(tiling_module, "_store_room", lambda *a: 2**62), \
+                    mock.patch.object(tiling_module, "check_spill_folder", lambda *a: None):
+                p = vae.plan_decode(shape, tiling)
+            label += ", with room for the store"
+        if side == size:  # what ran (the plan depends on the memory free at the time)
+            r = measured["report"]
+            store, tile, bands, peak, store_bytes = r["store"], r["tile"], r["grid"][0], r["predicted"], r["store_bytes"]
+        else:
+            store, tile, bands, peak, store_bytes = p.store, p.tile_size, p.grid[0], p.predicted, p.store_bytes
+        rows.append(f"| {label} | {store} | {tile} | {bands} | {peak / 2**30:.2f} | {store_bytes / 2**30:.1f} | "
                     f"{p.flops / 1e12:.0f} | {p.flops * rate / 60:.0f} min |")
     return "\n".join(rows)
 

@@ -1,20 +1,23 @@
 """Bounded mode: tiled decode/encode whose memory does not grow with the image.
 
-No full-size activation exists anywhere: each tile runs alone through the high-resolution part of
-the network, carrying a halo equal to that part's receptive field (13 latent px for the SD
-decoder, 68 px for the encoder), and its convolutions shrink the tile's valid region instead of
-zero-padding it, so every pixel it returns is exact given the statistics. The statistics are the
-one thing a lone tile cannot know: they come from a *mosaic*, a small image stitched from 4x4
-latent-px crops taken on a lattice over the whole input (a quarter of the area at most, at most
-128x128 latent px whatever the image size), run with exact statistics shared by the mosaic's
-tiles and recorded at every GroupNorm. Then every tile streams with those statistics frozen.
-Why a mosaic: GroupNorm statistics depend on content, so a few whole tiles miss regions (22-36 dB
-measured), a downsampled proxy is biased by the change of scale (25-30 dB); many small full-scale
-crops from everywhere stratify the sample (40 dB at 1024x1024). When the mosaic would cover the
-image itself (small images) the image is its own mosaic: the statistics are exact.
+No full-size activation at the high resolutions: each tile runs alone through them, carrying a
+halo equal to their receptive field (7 latent px for the SD decoder's levels after the latent
+resolution, 36 px for the encoder's levels before it), and its convolutions shrink the tile's valid
+region instead of zero-padding it, so every pixel it returns is exact given the statistics. The
+statistics are the one thing a lone tile cannot know: they come from a *mosaic*, a small image
+stitched from 4x4 latent-px crops taken on a lattice over the whole input (a quarter of the area
+at most, at most 128x128 latent px whatever the image size), run with exact statistics shared by
+the mosaic's tiles and recorded at every GroupNorm. Then every tile streams with those statistics
+frozen. Why a mosaic: GroupNorm statistics depend on content, so a few whole tiles miss regions
+(22-36 dB measured), a downsampled proxy is biased by the change of scale (25-30 dB; 1x1 crops,
+the nearest-neighbour proxy: 22 dB); many small full-scale crops from everywhere stratify the
+sample. When the mosaic would cover the image itself (small images) the image is its own mosaic:
+the statistics are exact.
 
-The latent-resolution part (the decoder's conv_in and mid block, the encoder's mid block and
-output) runs whole: exact attention, memory of one latent-resolution activation.
+Everything at the latent resolution runs whole: the decoder's conv_in, mid block and first
+level's resnets, the encoder's last level, mid block and output. Exact attention, exact statistics
+for those norms, and no tile recomputes the part where the receptive field is widest; its memory
+is a few latent-resolution activations (1/64 of the image's pixels, 512 channels for SD).
 """
 import math
 import time
@@ -24,11 +27,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .engine import Scratch, Stats, normed
 from .memory import PeakMeter
-from .model import AttnBlock, Downsample, ResnetBlock, Tail, Upsample, silu_
+from .model import AttnBlock, Downsample, ResnetBlock, Tail, Upsample
 from .tiling import Interrupted, Plan, TilingReport, step_need, steps_of, tile_grid, untiled_peak
 
-MOSAIC_CROP = 4  # latent px: small crops, many strata (4: 40.3 dB, 8: 39.7, 16: 38.7 at 1024x1024)
+# Latent px. Measured (64-channel calibrated SD decoder, 768x768, one tile, the default quarter-area
+# mosaic; test image / retina / hubble / four-photo canvas, dB): 4: 38.4 / 31.7 / 33.7 / 37.7;
+# 2: 41.3 / 32.4 / 34.8 / 37.6 but 33.3 against 4's 44.6 with a 64 latent px mosaic of the test
+# image (the lattice's period against the content's: no size wins everywhere); 1 (the
+# nearest-neighbour proxy): 22.5, 3: 34.1, 8: 34.4 on the test image. Jittered positions: 0.3-4.8 dB worse.
+MOSAIC_CROP = 4
 MOSAIC_CAP = 128  # latent px per side: the mosaic's decode is at most a 1024x1024 one
 
 
@@ -82,57 +91,38 @@ def downsample(down: Downsample, t: Tile) -> Tile:
 
 
 # ----------------------------------------------------------------------------------------------
-# GroupNorm with statistics from outside the tile (count, sum, sum of squares per group).
+# GroupNorm with statistics from outside the tile: the segment engine's exactly additive Stats.
 # ----------------------------------------------------------------------------------------------
-class Sums(NamedTuple):
-    n: float
-    s1: torch.Tensor  # [B, G] float64
-    s2: torch.Tensor  # [B, G] float64
-
-
-def core_sums(t: Tile, core, groups: int) -> Sums:
-    """Sums over the tile's core region, per channel in fp32 then per group in float64."""
+def core_stats(t: Tile, core, scratch: Scratch) -> Stats:
+    """Statistics of the tile's core region (the cores partition the image, so they add up)."""
     cy0, cy1, cx0, cx1 = (c * t.s for c in core)
-    x = t.crop(cy0, cy1, cx0, cx1).data
-    B, C = x.shape[:2]
-    n_c = x[0, 0].numel()
-    mean = x.mean(dim=(2, 3), keepdim=True, dtype=torch.float32)
-    m2 = (x - mean).square_().sum(dim=(2, 3), dtype=torch.float32).double()  # centred: no cancellation
-    mean = mean.flatten(1).double()
-    s1, s2 = mean * n_c, m2 + n_c * mean * mean
-    G = groups
-    return Sums(n_c * (C // G), s1.view(B, G, -1).sum(-1), s2.view(B, G, -1).sum(-1))
+    st = Stats()
+    st.add(t.crop(cy0, cy1, cx0, cx1).data, scratch)
+    return st
 
 
-def combine(parts) -> Sums:
-    return Sums(sum(p.n for p in parts), sum(p.s1 for p in parts), sum(p.s2 for p in parts))
+def combine(parts) -> Stats:
+    st = Stats()
+    for p in parts:
+        st.merge(p.n, p.mean, p.m2)
+    return st
 
 
-def group_norm(norm, x: torch.Tensor, st: Sums) -> torch.Tensor:
-    B, C = x.shape[:2]
-    G = norm.num_groups
-    mean = st.s1 / st.n
-    rstd = torch.rsqrt((st.s2 / st.n - mean * mean).clamp_min(0) + norm.eps)       # [B, G]
-    w = norm.weight.to(rstd.device, torch.float64).view(1, G, C // G)
-    scale = (rstd[:, :, None] * w).reshape(B, C)
-    shift = norm.bias.to(rstd.device, torch.float64).view(1, C) - (mean[:, :, None] * rstd[:, :, None] * w).reshape(B, C)
-    return torch.addcmul(shift.to(x.device, x.dtype)[:, :, None, None], x, scale.to(x.device, x.dtype)[:, :, None, None])
+def norm_act_conv(norm, conv, t: Tile, core, scratch: Scratch):
+    """GroupNorm (statistics from outside) -> SiLU -> 3x3 conv, as a generator pausing at the norm.
+    Normalised into the shared scratch buffer: safe, the conv consumes it before the next yield."""
+    st = yield core_stats(t, core, scratch)
+    return conv3x3(conv, t._replace(data=normed(t.data, st.affine(norm, t.data.dtype), scratch)))
 
 
-def norm_act_conv(norm, conv, t: Tile, core):
-    """GroupNorm (statistics from outside) -> SiLU -> 3x3 conv, as a generator pausing at the norm."""
-    st = yield core_sums(t, core, norm.num_groups)
-    return conv3x3(conv, t._replace(data=silu_(group_norm(norm, t.data, st))))
-
-
-def tile_layers(layers, t: Tile, core):
+def tile_layers(layers, t: Tile, core, scratch: Scratch):
     """Run layers on one tile, pausing at every GroupNorm for the statistics."""
     for layer in layers:
         if isinstance(layer, nn.Conv2d):
             t = conv3x3(layer, t)
         elif isinstance(layer, ResnetBlock):
-            h = yield from norm_act_conv(layer.norm1, layer.conv1, t, core)
-            h = yield from norm_act_conv(layer.norm2, layer.conv2, h, core)
+            h = yield from norm_act_conv(layer.norm1, layer.conv1, t, core, scratch)
+            h = yield from norm_act_conv(layer.norm2, layer.conv2, h, core, scratch)
             x = t.crop(h.y0, h.y1, h.x0, h.x1).data
             t = h._replace(data=h.data.add_(layer.shortcut(x)))
         elif isinstance(layer, Upsample):
@@ -140,15 +130,15 @@ def tile_layers(layers, t: Tile, core):
         elif isinstance(layer, Downsample):
             t = downsample(layer, t)
         elif isinstance(layer, Tail):
-            t = yield from norm_act_conv(layer.norm, layer.conv, t, core)
+            t = yield from norm_act_conv(layer.norm, layer.conv, t, core, scratch)
         else:
             raise TypeError(f"bounded tiles cannot run a {type(layer).__name__}")
     return t
 
 
 def halo_of(layers) -> int:
-    """Receptive field of layers, in px of their input (13 latent px for the SD decoder's up
-    levels and output, 68 px for the encoder's conv_in and down levels)."""
+    """Receptive field of layers, in px of their input (SD: 7 latent px for the decoder's levels
+    above the latent resolution, 36 px for the encoder's levels down to it)."""
     need = 0
     for layer in reversed(layers):
         if isinstance(layer, ResnetBlock):
@@ -163,12 +153,20 @@ def halo_of(layers) -> int:
 
 
 def split(net):
-    """(whole-before, tiled, whole-after): the high-resolution side of the mid block is tiled."""
+    """(whole-before, tiled, whole-after): everything at latent resolution runs whole (the decoder's
+    conv_in, mid block and first level's resnets; the encoder's last level, mid block and tail),
+    the higher resolutions in tiles. The latent-resolution part is where the receptive field is
+    widest (half the decoder's halo) and its activations are the smallest: whole, its statistics
+    are exact and no tile recomputes it."""
     layers = net.layers()
-    a = next(i for i, l in enumerate(layers) if isinstance(l, AttnBlock))
-    if any(isinstance(l, Upsample) for l in layers[a:]):       # a decoder: the levels after the mid block
-        return layers[:a + 2], layers[a + 2:], []
-    return [], layers[:a - 1], layers[a - 1:]                  # an encoder: the levels before it
+    ups = [i for i, l in enumerate(layers) if isinstance(l, Upsample)]
+    downs = [i for i, l in enumerate(layers) if isinstance(l, Downsample)]
+    if ups:                                                    # a decoder
+        return layers[:ups[0]], layers[ups[0]:], []
+    if downs:                                                  # an encoder
+        return [], layers[:downs[-1] + 1], layers[downs[-1] + 1:]
+    a = next(i for i, l in enumerate(layers) if isinstance(l, AttnBlock))  # one level: no resolution change
+    return (layers[:a + 2], layers[a + 2:], []) if a < len(layers) // 2 else ([], layers[:a - 1], layers[a - 1:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,12 +295,13 @@ def run(net, x: torch.Tensor, p: Plan) -> tuple:
     n_norms = sum(2 if isinstance(l, ResnetBlock) else isinstance(l, Tail) for l in tiled)
     tiles = len(p.cores) + (len(p.mosaic_cores) if p.mosaic_lattice is not None else 0)
     runner = Runner(tiles * n_norms, p.tiling.progress, p.tiling.interrupt)
+    scratch = Scratch()
 
     def start(src, core):
         Hs, Ws = src.shape[2:]
         y0, y1 = max(0, core[0] * r0 - halo), min(Hs, core[1] * r0 + halo)
         x0, x1 = max(0, core[2] * r0 - halo), min(Ws, core[3] * r0 + halo)
-        return tile_layers(tiled, Tile(src[:, :, y0:y1, x0:x1], y0, y1, x0, x1, Hs, Ws, r0), core)
+        return tile_layers(tiled, Tile(src[:, :, y0:y1, x0:x1], y0, y1, x0, x1, Hs, Ws, r0), core, scratch)
 
     stats, out = [], None
 

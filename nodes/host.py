@@ -72,8 +72,8 @@ def _tiling_inputs():
                        tooltip="exact: the same image as an untiled pass, at about its compute; full-size "
                                "activations live on the device, in RAM or in a spill file (KLVAE_SPILL_DIR), "
                                "whichever the memory plan allows. bounded: GroupNorm statistics from a small "
-                               "mosaic, no full-size activation anywhere, ~40 dB from untiled. auto: untiled if "
-                               "the plan fits, else exact, else bounded."),
+                               "mosaic, no full-size activation above the latent resolution, 38-49 dB from "
+                               "untiled. auto: untiled if the plan fits, else exact, else bounded."),
     ]
 
 

@@ -37,6 +37,11 @@ try:
             band = vae.decode(z, tiling=Tiling(mode="exact", process_group=dist.group.WORLD, gather="band"))
             rank0 = vae.decode(z, tiling=Tiling(mode="exact", store="disk", process_group=dist.group.WORLD, gather="rank0"))
             lo = rank * 13 // world * 8
+            vae.enable_slicing()  # one item at a time, each gathered on rank 0 only
+            zz = torch.cat([z, z.flip(3)])
+            sliced = vae.decode(zz, tiling=Tiling(mode="exact", process_group=dist.group.WORLD, gather="rank0"))
+            vae.disable_slicing()
+            out[family + "_sliced"] = None if sliced is None else (sliced - vae.decode(zz)).abs().max().item()
             out[family] = dict(decode=(dec - full).abs().max().item(), encode=(enc - full_e).abs().max().item(),
                                band=(band - full[:, :, lo:lo + band.shape[2]]).abs().max().item(),
                                band_rows=band.shape[2], rank0=None if rank0 is None else (rank0 - full).abs().max().item(),
@@ -54,7 +59,11 @@ try:
 except KLVAEError as e:
     out["error"] = str(e)
     out["t1"] = time.time()
+dist.destroy_process_group()
 print("RESULT " + json.dumps(out), flush=True)
+# Past here only interpreter teardown runs, where gloo's threads once aborted a rank that had already
+# reported ("terminate called without an active exception", rc -6; 1 run in ~10): not what is tested.
+os._exit(0)
 """
 
 
@@ -92,6 +101,7 @@ def test_sharded_exact_decode_and_encode_equal_untiled(world):
             assert r["decode"] <= 1e-4 and r["encode"] <= 1e-4 and r["band"] <= 1e-4, (family, r)
             assert r["sent"] > 0 and r["band_rows"] == ((rank + 1) * 13 // world - rank * 13 // world) * 8
             assert (r["rank0"] is None) == (rank != 0) and (rank != 0 or r["rank0"] <= 1e-4)
+            assert (res[family + "_sliced"] is None) == (rank != 0) and (rank != 0 or res[family + "_sliced"] <= 1e-4)
 
 
 def test_mismatched_inputs_are_refused_on_every_rank():

@@ -212,14 +212,19 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         self._offload_hook()
         tiling = tiling if tiling is not None else self.tiling
         self.check_pixels(pixels)
-        if self.use_slicing and pixels.shape[0] > 1:
-            moments = torch.cat([self._encode(p, tiling) for p in pixels.split(1)])
-        else:
-            moments = self._encode(pixels, tiling)
+        moments = self._sliced(self._encode, pixels, tiling)
         if moments is None:
             return None
         post = DiagonalGaussian(moments)
         return post if return_dict else (post,)
+
+    def _sliced(self, run, x, tiling):
+        """run(x, tiling), one batch item at a time when slicing is on (diffusers' enable_slicing).
+        None where every item is None: distributed, gather="rank0", on another rank."""
+        if not (self.use_slicing and x.shape[0] > 1):
+            return run(x, tiling)
+        parts = [run(item, tiling) for item in x.split(1)]
+        return None if parts[0] is None else torch.cat(parts)
 
     def _encode(self, pixels, tiling) -> torch.Tensor:
         plan = self.plan_encode(pixels.shape, tiling)
@@ -241,10 +246,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         self._offload_hook()
         tiling = tiling if tiling is not None else self.tiling
         self.check_latents(latents)
-        if self.use_slicing and latents.shape[0] > 1:
-            x = torch.cat([self._decode(z, tiling) for z in latents.split(1)])
-        else:
-            x = self._decode(latents, tiling)
+        x = self._sliced(self._decode, latents, tiling)
         if x is None:
             return None
         return x.as_subclass(Decoded) if return_dict is None else DecoderOutput(x) if return_dict else (x,)

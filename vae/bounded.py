@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .engine import Scratch, Stats, normed
 from .memory import PeakMeter
-from .model import AttnBlock, Downsample, ResnetBlock, Tail, Upsample
+from .model import AttnBlock, Decoder, Downsample, ResnetBlock, Tail, Upsample
 from .tiling import Interrupted, Plan, TilingReport, step_need, steps_of, tile_grid, untiled_peak
 
 # Latent px. Measured (64-channel calibrated SD decoder, 768x768, one tile, the default quarter-area
@@ -162,14 +162,12 @@ def split(net):
     widest (half the decoder's halo) and its activations are the smallest: whole, its statistics
     are exact and no tile recomputes it."""
     layers = net.layers()
-    ups = [i for i, l in enumerate(layers) if isinstance(l, Upsample)]
-    downs = [i for i, l in enumerate(layers) if isinstance(l, Downsample)]
-    if ups:                                                    # a decoder
-        return layers[:ups[0]], layers[ups[0]:], []
-    if downs:                                                  # an encoder
-        return [], layers[:downs[-1] + 1], layers[downs[-1] + 1:]
-    a = next(i for i, l in enumerate(layers) if isinstance(l, AttnBlock))  # one level: no resolution change
-    return (layers[:a + 2], layers[a + 2:], []) if a < len(layers) // 2 else ([], layers[:a - 1], layers[a - 1:])
+    a = next(i for i, l in enumerate(layers) if isinstance(l, AttnBlock))
+    if isinstance(net, Decoder):  # tiles from the first upsample (after the mid block if there is none)
+        i = next((i for i, l in enumerate(layers) if isinstance(l, Upsample)), a + 2)
+        return layers[:i], layers[i:], []
+    i = max((i for i, l in enumerate(layers) if isinstance(l, Downsample)), default=a - 2)  # tiles to the last downsample
+    return [], layers[:i + 1], layers[i + 1:]
 
 
 # ----------------------------------------------------------------------------------------------

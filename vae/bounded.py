@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .engine import Scratch, Stats, normed
 from .memory import PeakMeter
 from .model import AttnBlock, Decoder, Downsample, ResnetBlock, Tail, Upsample
-from .tiling import Interrupted, Plan, TilingReport, step_need, steps_of, tile_grid, untiled_peak
+from .tiling import Interrupted, Plan, TilingReport, step_need, steps_of, untiled_peak
 
 # Latent px. Measured (64-channel calibrated SD decoder, 768x768, one tile, the default quarter-area
 # mosaic; test image / retina / hubble / four-photo canvas, dB): 4: 38.4 / 31.7 / 33.7 / 37.7;
@@ -91,52 +91,94 @@ def downsample(down: Downsample, t: Tile) -> Tile:
 
 
 # ----------------------------------------------------------------------------------------------
-# GroupNorm with statistics from outside the tile: the segment engine's exactly additive Stats.
+# Streaming: a strip of the image runs band by band. Every op keeps the few rows of its input that
+# its next output rows need (two for a 3x3 conv), so no row is computed twice: the only halo left
+# is across the strips' side edges, and a strip as wide as the image has none.
 # ----------------------------------------------------------------------------------------------
-def core_stats(t: Tile, core) -> Stats:
-    """Statistics of the tile's core region (the cores partition the image, so they add up). Its
-    fp32 deviations buffer is freed at once, not kept warm: a tile's widest activation (256
-    channels at full resolution in SD's decoder) would otherwise stay allocated beside the
-    normalised copy and the conv output (measured: 1.36 -> 1.11 GiB peak, 1024x1024 decode, 512 px tiles)."""
-    cy0, cy1, cx0, cx1 = (c * t.s for c in core)
-    st = Stats()
-    st.add(t.crop(cy0, cy1, cx0, cx1).data, Scratch())
-    return st
+def cat_rows(a, b: Tile) -> Tile:
+    """Rows of a followed by the rows of b below them (the same columns)."""
+    if a is None:
+        return b
+    return b._replace(data=torch.cat([a.data, b.data], dim=2), y0=a.y0)
 
 
-def combine(parts) -> Stats:
-    st = Stats()
-    for p in parts:
-        st.merge(p.n, p.mean, p.m2)
-    return st
+class Rows:
+    """One op fed consecutive rows of its input; push returns the output rows they complete.
+    fn maps a Tile to the Tile of its valid outputs (conv3x3, upsample, downsample); need(o) is the
+    first input row output row o reads. A norm op counts one step per push (progress, interrupt)."""
+
+    def __init__(self, fn, need, runner=None):
+        self.fn, self.need, self.runner, self.buf = fn, need, runner, None
+
+    def push(self, t):
+        if self.runner is not None:
+            self.runner.step()
+        if t is None:
+            return None
+        x = cat_rows(self.buf, t)
+        if x.y1 < x.H and x.y1 - x.y0 < 4:  # too few rows for any output yet (tiny bands)
+            self.buf = x
+            return None
+        out = self.fn(x)
+        k = self.need(out.y1)
+        # A copy of the kept rows: a view would hold the whole band's input alive until the next push.
+        self.buf = None if out.y1 == out.H else x.crop(k, x.y1, x.x0, x.x1)._replace(data=x.data[:, :, k - x.y0:].clone())
+        return out
 
 
-def norm_act_conv(norm, conv, t: Tile, core, scratch: Scratch):
-    """GroupNorm (statistics from outside) -> SiLU -> 3x3 conv, as a generator pausing at the norm.
-    Normalised into the shared scratch buffer: safe, the conv consumes it before the next yield."""
-    st = yield core_stats(t, core)
-    return conv3x3(conv, t._replace(data=normed(t.data, st.affine(norm, t.data.dtype), scratch)))
+class ResRows:
+    """A resnet block streamed: norm1/conv1 and norm2/conv2 as Rows, and its input rows kept until
+    the residual branch has produced their outputs (two rows later)."""
+
+    def __init__(self, block: ResnetBlock, a: Rows, b: Rows):
+        self.block, self.a, self.b, self.skip = block, a, b, None
+
+    def push(self, t):
+        if t is not None:
+            self.skip = cat_rows(self.skip, t)
+        h = self.b.push(self.a.push(t))
+        if h is None:
+            return None
+        s = self.skip
+        out = h._replace(data=h.data.add_(self.block.shortcut(s.crop(h.y0, h.y1, h.x0, h.x1).data)))
+        self.skip = None if h.y1 == s.y1 else s._replace(data=s.data[:, :, h.y1 - s.y0:].clone(), y0=h.y1)
+        return out
 
 
-def tile_layers(layers, t: Tile, core, scratch: Scratch):
-    """Run layers on one tile, pausing at every GroupNorm for the statistics."""
+def streamed(layers, stats: list, record: bool, runner, scratch: Scratch) -> list:
+    """The layers as streaming ops. Frozen statistics: the k-th GroupNorm uses stats[k]. record:
+    the input is pushed whole, once, and each GroupNorm measures its own input (exact statistics
+    of that input) and appends them to stats."""
+    ops, k = [], 0
+
+    def norm_conv(norm, conv):
+        nonlocal k
+        i, k = k, k + 1
+
+        def fn(x: Tile) -> Tile:
+            if record:
+                assert x.y0 == 0 and x.y1 == x.H, "recording statistics needs the whole input in one push"
+                st = Stats()
+                st.add(x.data, Scratch())  # its fp32 deviations buffer freed at once: the widest activation
+                stats.append(st)
+            return conv3x3(conv, x._replace(data=normed(x.data, stats[i].affine(norm, x.data.dtype), scratch)))
+        return Rows(fn, lambda o: max(0, o - 1), runner)
+
     for layer in layers:
         if isinstance(layer, nn.Conv2d):
-            t = conv3x3(layer, t)
+            ops.append(Rows(lambda x, c=layer: conv3x3(c, x), lambda o: max(0, o - 1)))
         elif isinstance(layer, ResnetBlock):
-            h = yield from norm_act_conv(layer.norm1, layer.conv1, t, core, scratch)
-            h = yield from norm_act_conv(layer.norm2, layer.conv2, h, core, scratch)
-            x = t.crop(h.y0, h.y1, h.x0, h.x1).data
-            t = h._replace(data=h.data.add_(layer.shortcut(x)))
+            a = norm_conv(layer.norm1, layer.conv1)
+            ops.append(ResRows(layer, a, norm_conv(layer.norm2, layer.conv2)))
         elif isinstance(layer, Upsample):
-            t = upsample(layer, t)
+            ops.append(Rows(lambda x, u=layer: upsample(u, x), lambda o: max(0, (o - 1) // 2)))
         elif isinstance(layer, Downsample):
-            t = downsample(layer, t)
+            ops.append(Rows(lambda x, d=layer: downsample(d, x), lambda o: 2 * o))
         elif isinstance(layer, Tail):
-            t = yield from norm_act_conv(layer.norm, layer.conv, t, core, scratch)
+            ops.append(norm_conv(layer.norm, layer.conv))
         else:
             raise TypeError(f"bounded tiles cannot run a {type(layer).__name__}")
-    return t
+    return ops
 
 
 def halo_of(layers) -> int:
@@ -171,7 +213,7 @@ def split(net):
 
 
 # ----------------------------------------------------------------------------------------------
-# Running tiles: together (mosaic, shared statistics) or streamed (frozen statistics).
+# Running: the statistics (one whole pass over the mosaic), then every strip streamed band by band.
 # ----------------------------------------------------------------------------------------------
 class Runner:
     def __init__(self, total, progress=None, interrupt=None):
@@ -184,32 +226,36 @@ class Runner:
         if self.progress is not None:
             self.progress(self.done, self.total)
 
-    def joint(self, gens, record):
-        """Advance all generators together; at each GroupNorm combine their core sums (recorded)."""
-        needs = [next(g) for g in gens]
-        while True:
-            st = combine(needs)
-            record.append(st)
-            results, nxt = [], []
-            for g in gens:
-                self.step()
-                try:
-                    nxt.append(g.send(st))
-                except StopIteration as stop:
-                    results.append(stop.value)
-            if results:
-                return results
-            needs = nxt
 
-    def stream(self, gen, stats):
-        next(gen)
-        for st in stats:
-            self.step()
-            try:
-                gen.send(st)
-            except StopIteration as stop:
-                return stop.value
-        raise AssertionError("tile has more GroupNorms than the recorded statistics")
+MIN_BAND = 8  # latent rows: thinner bands would make strips wider than they need to be
+
+
+def layout(h: int, w: int, t: int, halo: int) -> tuple:
+    """(bands, strips) for tiles of t latent px with `halo` latent px of context: the memory of one
+    such tile, (t + 2 halo)^2 latent px, reshaped into the widest strip whose bands keep MIN_BAND
+    rows. Bands cost nothing (the rows stream), a strip's side edges recompute the halo: so as few
+    strips as that area allows (one, as wide as the image, up to ~6000 px wide with 512 px tiles)."""
+    area = (t + 2 * halo) ** 2
+    nx = 1 if w * MIN_BAND <= area else math.ceil(w / max(1, area // MIN_BAND - 2 * halo))
+    cols = -(-w // nx) + (2 * halo if nx > 1 else 0)
+    return math.ceil(h / max(1, min(h, area // cols))), nx
+
+
+def strip_rows(steps, tiled, band: int, cols: int, full: bool, W: int):
+    """(rows, cols) of each op's input in one push, in its own px: the band's rows, the two rows a
+    conv keeps, and on the last band the rows the ops above still owe (their lag); the strip's
+    columns with the halo its remaining layers need (or the image's width)."""
+    out, lag = [], 0
+    for k, s in enumerate(steps):
+        rows = band * s.r_in + lag + 2
+        out.append((rows, W * s.r_in if full else min(W * s.r_in, cols * s.r_in + 2 * halo_of(tiled[k:]))))
+        if isinstance(s.layer, Upsample):
+            lag = 2 * lag + 1
+        elif isinstance(s.layer, Downsample):
+            lag = lag // 2 + 1
+        else:
+            lag += 2 if isinstance(s.layer, ResnetBlock) else 1
+    return out
 
 
 def mosaic_lattice(h: int, w: int, size: int | None):
@@ -234,18 +280,18 @@ def mosaic(x: torch.Tensor, lattice, unit: int) -> torch.Tensor:
 
 def plan_mosaic(p: Plan, h: int, w: int) -> None:
     """The statistics mosaic of a bounded plan. An image no larger than a 512x512 one (a quarter of
-    the largest mosaic) is its own mosaic (lattice None): its tiles run together with exact
-    statistics, in less memory than a large image's mosaic takes, and their outputs are the
-    result (no second pass). Larger images get the estimate, from a quarter of their area."""
+    the largest mosaic) is its own mosaic (lattice None): it runs whole with exact statistics, in
+    less memory than a large image's mosaic takes, and that pass is the result (no second pass).
+    Larger images get the estimate, from a quarter of their area."""
     if p.tiling.mosaic_size is None and h * w <= (MOSAIC_CAP // 2) ** 2:
-        p.mosaic_lattice, p.mosaic_cores = None, p.cores
+        p.mosaic_lattice = None
+        p.grid = (1, 1)
         return
-    ys, xs = p.mosaic_lattice = mosaic_lattice(h, w, p.tiling.mosaic_size)
-    p.mosaic_cores, _ = tile_grid(len(ys) * MOSAIC_CROP, len(xs) * MOSAIC_CROP, max(1, p.tile_size // p.downscale))
+    p.mosaic_lattice = mosaic_lattice(h, w, p.tiling.mosaic_size)
 
 
 def prepare(net, p: Plan, shape, in_channels: int, item: int) -> int:
-    """Complete a bounded plan (its halo and statistics mosaic) and return its predicted peak."""
+    """Complete a bounded plan (halo, strips and bands, statistics mosaic); return its predicted peak."""
     B, _, h, w = shape
     before, tiled, _ = split(net)
     unit = p.downscale if before else 1       # image px per px of the tiled part's input
@@ -256,32 +302,33 @@ def prepare(net, p: Plan, shape, in_channels: int, item: int) -> int:
                            f"not be exact")
         px = max(px, -(-p.tiling.overlap // unit) * unit)
     p.halo = px
+    p.grid = layout(h, w, max(1, p.tile_size // p.downscale), -(-px // p.downscale))
     plan_mosaic(p, h, w)
     return peak(net, p, B, h, w, in_channels, item)
 
 
 def peak(net, p: Plan, B: int, h: int, w: int, in_channels: int, item: int) -> int:
     """Predicted peak of a bounded plan: the latent-resolution part whole, what stays alive while
-    tiles run (its output, the result), and the larger of one tile streaming (its valid region
-    shrinking layer by layer) and the mosaic's tiles running together."""
+    strips stream (its output, the result, every op's kept rows), and the larger of one band
+    passing through the ops and the mosaic's whole pass."""
     before, tiled, after = split(net)
     r0 = 1 if before else p.downscale
     lat = B * net.mid.block_1.conv1.out_channels * h * w * item
     cin = before[-1].conv2.out_channels if before else in_channels
     steps = steps_of(tiled, cin, r0)
-    t = max(1, p.tile_size // p.downscale)
-    one = 0
-    for k, s in enumerate(steps):
-        side_in = min(max(h, w) * s.r_in, t * s.r_in + 2 * halo_of(tiled[k:]))
-        side_out = min(max(h, w) * s.r_out, t * s.r_out + 2 * halo_of(tiled[k + 1:]))
-        one = max(one, step_need(s, B * side_in ** 2, B * side_out ** 2, item))
-    if p.mosaic_lattice is None:
-        mh, mw = h, w
-    else:
+    mos = untiled_peak(steps, B, h, w, item)
+    one = kept = 0
+    if p.mosaic_lattice is not None:
         mh, mw = (len(v) * MOSAIC_CROP for v in p.mosaic_lattice)
-    mos = untiled_peak(steps, B, mh, mw, item)
+        mos = untiled_peak(steps, B, mh, mw, item)
+        band = math.ceil(h / p.grid[0])
+        cols = -(-w // p.grid[1])
+        for s, (rows, c) in zip(steps, strip_rows(steps, tiled, band, cols, p.grid[1] == 1, w)):
+            px_in = B * min(rows, h * s.r_in) * c
+            one = max(one, step_need(s, px_in, px_in * s.r_out ** 2 // s.r_in ** 2, item))
+            kept += B * c * s.cin * item * (6 if isinstance(s.layer, ResnetBlock) else 2)
     out = B * steps[-1].cout * h * w * steps[-1].r_out ** 2 * item
-    return int(max(6 * lat, lat + out + max(one, mos)))
+    return int(max(6 * lat, lat + out + max(one + kept, mos)))
 
 
 def run(net, x: torch.Tensor, p: Plan) -> tuple:
@@ -294,37 +341,37 @@ def run(net, x: torch.Tensor, p: Plan) -> tuple:
     r0 = 1 if before else p.downscale                  # px per latent px of the tiled part's input
     halo = p.halo // (p.downscale if before else 1)
     n_norms = sum(2 if isinstance(l, ResnetBlock) else isinstance(l, Tail) for l in tiled)
-    tiles = len(p.cores) + (len(p.mosaic_cores) if p.mosaic_lattice is not None else 0)
-    runner = Runner(tiles * n_norms, p.tiling.progress, p.tiling.interrupt)
-    scratch = Scratch()
+    strips = p.grid[0] * p.grid[1] if p.mosaic_lattice is not None else 0
+    runner = Runner((1 + strips) * n_norms, p.tiling.progress, p.tiling.interrupt)
+    scratch, stats = Scratch(), []
 
-    def start(src, core):
-        Hs, Ws = src.shape[2:]
-        y0, y1 = max(0, core[0] * r0 - halo), min(Hs, core[1] * r0 + halo)
-        x0, x1 = max(0, core[2] * r0 - halo), min(Ws, core[3] * r0 + halo)
-        return tile_layers(tiled, Tile(src[:, :, y0:y1, x0:x1], y0, y1, x0, x1, Hs, Ws, r0), core, scratch)
-
-    stats, out = [], None
-
-    def write(core, t):
-        nonlocal out
-        s = t.s
-        if out is None:
-            out = torch.empty(B, t.data.shape[1], H // r0 * s, W // r0 * s, dtype=x.dtype, device=x.device,
-                              memory_format=torch.channels_last)
-        y0, y1, x0, x1 = (c * s for c in core)
-        out[:, :, y0:y1, x0:x1] = t.crop(y0, y1, x0, x1).data
+    def whole(src):  # one push of the whole input, recording exact statistics of it
+        t = Tile(src, 0, src.shape[2], 0, src.shape[3], src.shape[2], src.shape[3], r0)
+        for op in streamed(tiled, stats, True, runner, scratch):
+            t = op.push(t)
+        return t.data
 
     if p.mosaic_lattice is None:  # the image is its own mosaic: exact statistics, one pass
-        for core, t in zip(p.cores, runner.joint([start(x, c) for c in p.cores], stats)):
-            write(core, t)
-        stats_note = f"exact: the whole image is the mosaic ({len(p.cores)} tiles run together)"
+        out = whole(x)
+        stats_note = "exact: the whole image is the mosaic (one pass)"
     else:
-        m = mosaic(x, p.mosaic_lattice, r0)
-        runner.joint([start(m, c) for c in p.mosaic_cores], stats)
-        del m
-        for core in p.cores:
-            write(core, runner.stream(start(x, core), stats))
+        whole(mosaic(x, p.mosaic_lattice, r0))
+        out = None
+        ys = [i * p.h // p.grid[0] for i in range(p.grid[0] + 1)]
+        xs = [j * p.w // p.grid[1] for j in range(p.grid[1] + 1)]
+        for cx0, cx1 in zip(xs, xs[1:]):
+            x0, x1 = max(0, cx0 * r0 - halo), min(W, cx1 * r0 + halo)
+            ops = streamed(tiled, stats, False, runner, scratch)
+            for y0, y1 in zip(ys, ys[1:]):
+                t = Tile(x[:, :, y0 * r0:y1 * r0, x0:x1], y0 * r0, y1 * r0, x0, x1, H, W, r0)
+                for op in ops:
+                    t = op.push(t)
+                if t is None:
+                    continue
+                if out is None:
+                    out = torch.empty(B, t.data.shape[1], H // r0 * t.s, W // r0 * t.s, dtype=x.dtype,
+                                      device=x.device, memory_format=torch.channels_last)
+                out[:, :, t.y0:t.y1, cx0 * t.s:cx1 * t.s] = t.crop(t.y0, t.y1, cx0 * t.s, cx1 * t.s).data
         ys, xs = p.mosaic_lattice
         area = 100 * len(ys) * len(xs) * MOSAIC_CROP ** 2 / (p.h * p.w)
         stats_note = (f"estimated: mosaic of {len(ys)}x{len(xs)} crops of {MOSAIC_CROP}x{MOSAIC_CROP} latent px "

@@ -122,7 +122,7 @@ class TilingReport:
     direction: str                   # "decode" | "encode"
     mode: str                        # "untiled" | "exact" | "bounded"
     tile_size: int
-    grid: tuple                      # (rows, cols) of tiles
+    grid: tuple                      # (rows, cols) of tiles; bounded: (bands, strips)
     halo: int                        # image px each tile reads beyond its core (exact: per segment)
     statistics: str                  # where the GroupNorm statistics came from
     predicted_peak: int              # device bytes above the weights and the input
@@ -171,14 +171,6 @@ def steps_of(layers, cin: int, r: int) -> list:
         out.append(s)
         cin, r = s.cout, s.r_out
     return out
-
-
-def tile_grid(h: int, w: int, t: int):
-    """Near-equal cores of at most t latent px that partition h x w (no sliver at the end)."""
-    ny, nx = max(1, math.ceil(h / t)), max(1, math.ceil(w / t))
-    ys = [i * h // ny for i in range(ny + 1)]
-    xs = [j * w // nx for j in range(nx + 1)]
-    return [(ys[i], ys[i + 1], xs[j], xs[j + 1]) for i in range(ny) for j in range(nx)], (ny, nx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +272,7 @@ class Plan:
     tile_size: int                   # image px
     h: int                           # the latent's height and width
     w: int
-    grid: tuple                      # (rows, cols) of tiles; exact: (bands at the top resolution, 1)
+    grid: tuple                      # exact: (bands at the top resolution, 1); bounded: (bands, strips)
     predicted: int                   # device bytes above weights and input
     store: str | None = None         # exact: "device" | "host" | "disk"
     store_bytes: int = 0
@@ -292,19 +284,10 @@ class Plan:
     tiling: Tiling = field(default_factory=Tiling)
     notes: list = field(default_factory=list)
     mosaic_lattice: tuple = None     # bounded: crop origins (ys, xs) of the statistics mosaic
-    mosaic_cores: list = field(default_factory=list)
 
     @property
     def n_tiles(self):
         return self.grid[0] * self.grid[1]
-
-    @property
-    def cores(self) -> list:
-        """Bounded mode's tiles, (y0, y1, x0, x1) in latent px (made when first asked: a 65536 px
-        image has 262144 tiles of 128 px, which no plan that is only compared should build)."""
-        if getattr(self, "_cores", None) is None:
-            self._cores = tile_grid(self.h, self.w, max(1, self.tile_size // self.downscale))[0]
-        return self._cores
 
 
 def _gib(b):

@@ -30,7 +30,7 @@ import torch
 from klvae import testing
 from klvae.vae import Tiling
 from klvae.vae.memory import proc_status
-from klvae.vae.tiling import band_rows, tile_grid
+from klvae.vae.tiling import band_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "out")
@@ -140,14 +140,15 @@ def run_case(system, op, size, mode, tile):
 
 
 def tile_boundaries(vae, latent_shape, r):
-    """Image rows/cols where klvae's tiles meet: bounded tiles, or exact mode's bands at full resolution."""
+    """Image rows/cols where klvae's tiles meet: bounded mode's bands and strips, or exact mode's bands
+    at full resolution."""
     h, w = latent_shape[2], latent_shape[3]
     f = vae.config.downscale
     if r.mode == "exact":
         plan = vae.plan_decode(latent_shape, Tiling(mode="exact", tile_size=r.tile_size, store=r.store))
         return [y0 for y0, _ in band_rows(h * f, w * f, vae.config.block_out_channels[0], plan.band_elems)][1:], []
-    cores, _ = tile_grid(h, w, r.tile_size // f)
-    return sorted({c[0] * f for c in cores} - {0}), sorted({c[2] * f for c in cores} - {0})
+    ny, nx = r.grid  # bounded: bands (rows streamed) of strips (side by side)
+    return [i * h // ny * f for i in range(1, ny)], [j * w // nx * f for j in range(1, nx)]
 
 
 # ---- distributed: one decode over several processes (gloo on this CPU) ------------------------------

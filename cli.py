@@ -322,7 +322,7 @@ def vae_options(p):
                    help="auto (default): untiled when the memory plan fits, else tiled; none: untiled always; "
                         "exact: tiles equal to untiled; bounded: flat memory, estimated statistics")
     p.add_argument("--tile", type=int, default=0, help="tile side in px, multiple of 8 (0: largest that fits)")
-    p.add_argument("--overlap", type=int, default=0, help="bounded mode's context per tile in px (0: the receptive field)")
+    p.add_argument("--overlap", type=int, default=0, help="bounded mode's context at a strip's side edges in px (0: the receptive field)")
     p.add_argument("--store", default="auto", choices=["auto", "device", "host", "disk"],
                    help="exact mode: where full-size activations live (auto: the plan picks)")
     p.add_argument("--spill-dir", default=None, help="folder for the disk store (default: $KLVAE_SPILL_DIR or the temp folder)")

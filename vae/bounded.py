@@ -1,22 +1,28 @@
 """Bounded mode: tiled decode/encode whose memory does not grow with the image.
 
-No full-size activation at the high resolutions: each tile runs alone through them, carrying a
-halo equal to their receptive field (7 latent px for the SD decoder's levels after the latent
-resolution, 36 px for the encoder's levels before it), and its convolutions shrink the tile's valid
-region instead of zero-padding it, so every pixel it returns is exact given the statistics. The
-statistics are the one thing a lone tile cannot know: they come from a *mosaic*, a small image
+No full-size activation at the high resolutions. They run in vertical *strips*, each streamed
+band by band from top to bottom: every op (a 3x3 conv, a GroupNorm -> SiLU -> conv, an upsample or
+downsample, a resnet block's residual) keeps the two or so rows of its input that its next output
+rows need, so no row is computed twice and a band boundary is no boundary at all. Only a strip's
+side edges carry a halo, the receptive field (7 latent px for the SD decoder's levels after the
+latent resolution, 36 px for the encoder's levels before it); its convolutions shrink the strip's
+valid columns instead of zero-padding them. A strip is as wide as one tile's memory allows with
+bands of at least MIN_BAND rows: as wide as the image up to ~6000 px with 512 px tiles, so there is
+usually no halo at all and the tiles cost one pass. Every pixel is exact given the statistics.
+
+The statistics are the one thing a band cannot know: they come from a *mosaic*, a small image
 stitched from 4x4 latent-px crops taken on a lattice over the whole input (a quarter of the area
-at most, at most 128x128 latent px whatever the image size), run with exact statistics shared by
-the mosaic's tiles and recorded at every GroupNorm. Then every tile streams with those statistics
-frozen. Why a mosaic: GroupNorm statistics depend on content, so a few whole tiles miss regions
-(22-36 dB measured), a downsampled proxy is biased by the change of scale (25-30 dB; 1x1 crops,
-the nearest-neighbour proxy: 22 dB); many small full-scale crops from everywhere stratify the
-sample. When the mosaic would cover the image itself (small images) the image is its own mosaic:
-the statistics are exact.
+at most, at most 128x128 latent px whatever the image size), run whole with exact statistics
+recorded at every GroupNorm. Then every strip streams with those statistics frozen. Why a mosaic:
+GroupNorm statistics depend on content, so a few whole tiles miss regions (22-36 dB measured), a
+downsampled proxy is biased by the change of scale (25-30 dB; 1x1 crops, the nearest-neighbour
+proxy: 22 dB); many small full-scale crops from everywhere stratify the sample. When one band
+covers the image, or the mosaic would (small images), the image is its own mosaic: one pass with
+exact statistics.
 
 Everything at the latent resolution runs whole: the decoder's conv_in, mid block and first
 level's resnets, the encoder's last level, mid block and output. Exact attention, exact statistics
-for those norms, and no tile recomputes the part where the receptive field is widest; its memory
+for those norms, and no strip recomputes the part where the receptive field is widest; its memory
 is a few latent-resolution activations (1/64 of the image's pixels, 512 channels for SD).
 """
 import math
@@ -27,9 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .engine import Scratch, Stats, normed
+from .engine import Scratch, Stats
 from .memory import PeakMeter
-from .model import AttnBlock, Decoder, Downsample, ResnetBlock, Tail, Upsample
+from .model import AttnBlock, Decoder, Downsample, ResnetBlock, Tail, Upsample, silu_
 from .tiling import Interrupted, Plan, TilingReport, step_need, steps_of, untiled_peak
 
 # Latent px. Measured (64-channel calibrated SD decoder, 768x768, one tile, the default quarter-area
@@ -95,54 +101,60 @@ def downsample(down: Downsample, t: Tile) -> Tile:
 # its next output rows need (two for a 3x3 conv), so no row is computed twice: the only halo left
 # is across the strips' side edges, and a strip as wide as the image has none.
 # ----------------------------------------------------------------------------------------------
-def cat_rows(a, b: Tile) -> Tile:
-    """Rows of a followed by the rows of b below them (the same columns)."""
-    if a is None:
-        return b
-    return b._replace(data=torch.cat([a.data, b.data], dim=2), y0=a.y0)
+def kept(parts, y0: int) -> Tile:
+    """Rows from y0 on of consecutive row tiles, as one copy: a view would hold the whole band alive."""
+    ps = [p.crop(max(y0, p.y0), p.y1, p.x0, p.x1) for p in parts if p.y1 > y0]
+    return ps[-1]._replace(data=torch.cat([p.data for p in ps], dim=2), y0=ps[0].y0)
+
+
+def joined(parts) -> Tile:
+    return parts[0] if len(parts) == 1 else kept(parts, parts[0].y0)
 
 
 class Rows:
     """One op fed consecutive rows of its input; push returns the output rows they complete.
     fn maps a Tile to the Tile of its valid outputs (conv3x3, upsample, downsample); need(o) is the
-    first input row output row o reads. A norm op counts one step per push (progress, interrupt)."""
+    first input row output row o reads; prep(parts) makes fn's input from the rows kept from the
+    last push and the new ones (by default their concatenation). A norm op counts one step per push
+    (progress, interrupt)."""
 
-    def __init__(self, fn, need, runner=None):
-        self.fn, self.need, self.runner, self.buf = fn, need, runner, None
+    def __init__(self, fn, need, runner=None, prep=joined):
+        self.fn, self.need, self.runner, self.prep, self.buf = fn, need, runner, prep, None
 
     def push(self, t):
         if self.runner is not None:
             self.runner.step()
         if t is None:
             return None
-        x = cat_rows(self.buf, t)
-        if x.y1 < x.H and x.y1 - x.y0 < 4:  # too few rows for any output yet (tiny bands)
-            self.buf = x
+        parts = [t] if self.buf is None else [self.buf, t]
+        if t.y1 < t.H and t.y1 - parts[0].y0 < 4:  # too few rows for any output yet (tiny bands)
+            self.buf = kept(parts, parts[0].y0)
             return None
-        out = self.fn(x)
-        k = self.need(out.y1)
-        # A copy of the kept rows: a view would hold the whole band's input alive until the next push.
-        self.buf = None if out.y1 == out.H else x.crop(k, x.y1, x.x0, x.x1)._replace(data=x.data[:, :, k - x.y0:].clone())
+        out = self.fn(self.prep(parts))
+        self.buf = None if out.y1 == out.H else kept(parts, self.need(out.y1))
         return out
 
 
 class ResRows:
     """A resnet block streamed: norm1/conv1 and norm2/conv2 as Rows, and its input rows kept until
-    the residual branch has produced their outputs (two rows later)."""
+    the residual branch has produced their outputs (two rows later). The shortcut is added part by
+    part, so the block's input is never concatenated."""
 
     def __init__(self, block: ResnetBlock, a: Rows, b: Rows):
         self.block, self.a, self.b, self.skip = block, a, b, None
 
     def push(self, t):
-        if t is not None:
-            self.skip = cat_rows(self.skip, t)
         h = self.b.push(self.a.push(t))
+        parts = [p for p in (self.skip, t) if p is not None]
         if h is None:
+            self.skip = kept(parts, parts[0].y0) if parts else None
             return None
-        s = self.skip
-        out = h._replace(data=h.data.add_(self.block.shortcut(s.crop(h.y0, h.y1, h.x0, h.x1).data)))
-        self.skip = None if h.y1 == s.y1 else s._replace(data=s.data[:, :, h.y1 - s.y0:].clone(), y0=h.y1)
-        return out
+        for p in parts:
+            a0, a1 = max(h.y0, p.y0), min(h.y1, p.y1)
+            if a0 < a1:
+                h.data[:, :, a0 - h.y0:a1 - h.y0].add_(self.block.shortcut(p.crop(a0, a1, h.x0, h.x1).data))
+        self.skip = None if h.y1 == h.H else kept(parts, h.y1)
+        return h
 
 
 def streamed(layers, stats: list, record: bool, runner, scratch: Scratch) -> list:
@@ -155,14 +167,23 @@ def streamed(layers, stats: list, record: bool, runner, scratch: Scratch) -> lis
         nonlocal k
         i, k = k, k + 1
 
-        def fn(x: Tile) -> Tile:
+        def prep(parts) -> Tile:
+            """GroupNorm -> SiLU of the kept rows and the new ones into one warm buffer (the raw rows
+            are never concatenated)."""
             if record:
-                assert x.y0 == 0 and x.y1 == x.H, "recording statistics needs the whole input in one push"
+                assert len(parts) == 1 and parts[0].y0 == 0 and parts[0].y1 == parts[0].H, \
+                    "recording statistics needs the whole input in one push"
                 st = Stats()
-                st.add(x.data, Scratch())  # its fp32 deviations buffer freed at once: the widest activation
+                st.add(parts[0].data, Scratch())  # its fp32 deviations buffer freed at once: the widest activation
                 stats.append(st)
-            return conv3x3(conv, x._replace(data=normed(x.data, stats[i].affine(norm, x.data.dtype), scratch)))
-        return Rows(fn, lambda o: max(0, o - 1), runner)
+            scale, shift = (v.to(parts[0].data.device) for v in stats[i].affine(norm, parts[0].data.dtype))
+            n = sum(p.y1 - p.y0 for p in parts)
+            out, r = scratch.like("act", parts[-1].data, rows=n), 0
+            for p in parts:
+                torch.addcmul(shift, p.data, scale, out=out[:, :, r:r + p.y1 - p.y0])
+                r += p.y1 - p.y0
+            return parts[-1]._replace(data=silu_(out), y0=parts[0].y0)
+        return Rows(lambda x: conv3x3(conv, x), lambda o: max(0, o - 1), runner, prep)
 
     for layer in layers:
         if isinstance(layer, nn.Conv2d):
@@ -279,11 +300,12 @@ def mosaic(x: torch.Tensor, lattice, unit: int) -> torch.Tensor:
 
 
 def plan_mosaic(p: Plan, h: int, w: int) -> None:
-    """The statistics mosaic of a bounded plan. An image no larger than a 512x512 one (a quarter of
-    the largest mosaic) is its own mosaic (lattice None): it runs whole with exact statistics, in
-    less memory than a large image's mosaic takes, and that pass is the result (no second pass).
-    Larger images get the estimate, from a quarter of their area."""
-    if p.tiling.mosaic_size is None and h * w <= (MOSAIC_CAP // 2) ** 2:
+    """The statistics mosaic of a bounded plan. An image that one band covers, or no larger than a
+    512x512 one (a quarter of the largest mosaic), is its own mosaic (lattice None): it runs whole
+    with exact statistics, in no more memory than that band or a large image's mosaic takes, and
+    that pass is the result (one pass). Larger images get the estimate, from a quarter of their area.
+    An explicit Tiling(mosaic_size=...) always gets its mosaic."""
+    if p.tiling.mosaic_size is None and (p.grid == (1, 1) or h * w <= (MOSAIC_CAP // 2) ** 2):
         p.mosaic_lattice = None
         p.grid = (1, 1)
         return
@@ -345,9 +367,9 @@ def run(net, x: torch.Tensor, p: Plan) -> tuple:
     runner = Runner((1 + strips) * n_norms, p.tiling.progress, p.tiling.interrupt)
     scratch, stats = Scratch(), []
 
-    def whole(src):  # one push of the whole input, recording exact statistics of it
+    def whole(src):  # one push of the whole input, recording exact statistics of it (own buffers: freed after)
         t = Tile(src, 0, src.shape[2], 0, src.shape[3], src.shape[2], src.shape[3], r0)
-        for op in streamed(tiled, stats, True, runner, scratch):
+        for op in streamed(tiled, stats, True, runner, Scratch()):
             t = op.push(t)
         return t.data
 

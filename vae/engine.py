@@ -106,10 +106,12 @@ class Scratch:
     def __init__(self):
         self.flat = {}
 
-    def like(self, name: str, x: torch.Tensor, dtype=None) -> torch.Tensor:
-        """A channels-last buffer shaped as x (contents undefined), reused across bands."""
+    def like(self, name: str, x: torch.Tensor, dtype=None, rows=None) -> torch.Tensor:
+        """A channels-last buffer shaped as x, or as x with `rows` rows (contents undefined), reused
+        across bands."""
         dtype = dtype or x.dtype
         B, C, H, W = x.shape
+        H = H if rows is None else rows
         n = B * C * H * W
         f = self.flat.get(name)
         if f is None or f.numel() < n or f.dtype != dtype or f.device != x.device:

@@ -63,7 +63,7 @@ class Tiling:
     """How to tile. Sizes in image pixels. Checked once, here; 0 means "choose" for every size."""
     mode: str = DEFAULT_MODE            # "exact" | "bounded" | "auto" (untiled if the plan fits, else tiled)
     tile_size: int | None = None        # a tile's core side (multiple of the VAE's downscale); None: largest that fits
-    overlap: int | None = None          # bounded mode's halo; None: the receptive field (exact mode needs none)
+    overlap: int | None = None          # bounded mode's halo (a strip's sides); None: the receptive field (exact needs none)
     memory_budget: int | None = None    # bytes of device memory; None: what is free
     mosaic_size: int | None = None      # bounded mode: side, in latent px, of the statistics mosaic
     store: str = "auto"                 # exact mode: where full activations live: device, host, disk, auto

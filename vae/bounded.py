@@ -368,8 +368,8 @@ def run(net, x: torch.Tensor, p: Plan) -> tuple:
     r0 = 1 if before else p.downscale                  # px per latent px of the tiled part's input
     halo = p.halo // (p.downscale if before else 1)
     n_norms = sum(2 if isinstance(l, ResnetBlock) else isinstance(l, Tail) for l in tiled)
-    strips = p.grid[0] * p.grid[1] if p.mosaic_lattice is not None else 0
-    runner = Runner((1 + strips) * n_norms, p.tiling.progress, p.tiling.interrupt)
+    pushes = p.grid[0] * p.grid[1] if p.mosaic_lattice is not None else 0  # bands x strips
+    runner = Runner((1 + pushes) * n_norms, p.tiling.progress, p.tiling.interrupt)
     scratch, stats = Scratch(), []
 
     def whole(src):  # one push of the whole input, recording exact statistics of it (own buffers: freed after)
@@ -399,9 +399,9 @@ def run(net, x: torch.Tensor, p: Plan) -> tuple:
                     out = torch.empty(B, t.data.shape[1], H // r0 * t.s, W // r0 * t.s, dtype=x.dtype,
                                       device=x.device, memory_format=torch.channels_last)
                 out[:, :, t.y0:t.y1, cx0 * t.s:cx1 * t.s] = t.crop(t.y0, t.y1, cx0 * t.s, cx1 * t.s).data
-        ys, xs = p.mosaic_lattice
-        area = 100 * len(ys) * len(xs) * MOSAIC_CROP ** 2 / (p.h * p.w)
-        stats_note = (f"estimated: mosaic of {len(ys)}x{len(xs)} crops of {MOSAIC_CROP}x{MOSAIC_CROP} latent px "
+        my, mx = p.mosaic_lattice
+        area = 100 * len(my) * len(mx) * MOSAIC_CROP ** 2 / (p.h * p.w)
+        stats_note = (f"estimated: mosaic of {len(my)}x{len(mx)} crops of {MOSAIC_CROP}x{MOSAIC_CROP} latent px "
                       f"({area:.0f}% of the area)")
     for layer in after:
         out = layer(out)

@@ -66,7 +66,7 @@ def _tiling_inputs():
         io.Int.Input("tile_size", default=512, min=0, max=8192, step=64,
                      tooltip="Tile side in image pixels (multiple of 8). 0: the largest tile that fits in memory."),
         io.Int.Input("overlap", default=0, min=0, max=1024, step=8,
-                     tooltip="Context around each tile in image pixels. 0: the network's receptive field, "
+                     tooltip="Bounded mode: context at each strip's sides in image pixels. 0: the network's receptive field, "
                              "the minimum for an exact result; less is raised to it, never blended."),
         io.Combo.Input("tiling", options=list(MODES), default=DEFAULT_MODE,
                        tooltip="exact: the same image as an untiled pass, at about its compute; full-size "

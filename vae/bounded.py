@@ -68,10 +68,6 @@ class Tile(NamedTuple):
         d = self.data[:, :, y0 - self.y0: y1 - self.y0, x0 - self.x0: x1 - self.x0]
         return Tile(d, y0, y1, x0, x1, self.H, self.W, self.s)
 
-    @property
-    def nbytes(self):
-        return self.data.numel() * self.data.element_size()
-
 
 def conv3x3(conv, t: Tile) -> Tile:
     """3x3 conv, stride 1. Zero padding is right only where the tile meets the image border; on
@@ -194,7 +190,7 @@ def streamed(layers, stats: list, record: bool, runner, scratch: Scratch) -> lis
         if isinstance(layer, nn.Conv2d):
             ops.append(Rows(lambda x, c=layer: conv3x3(c, x), lambda o: max(0, o - 1)))
         elif isinstance(layer, ResnetBlock):
-            a = norm_conv(layer.norm1, layer.conv1)
+            a = norm_conv(layer.norm1, layer.conv1)  # first: the statistics are indexed in order
             ops.append(ResRows(layer, a, norm_conv(layer.norm2, layer.conv2)))
         elif isinstance(layer, Upsample):
             ops.append(Rows(lambda x, u=layer: upsample(u, x), lambda o: max(0, (o - 1) // 2)))
@@ -343,11 +339,11 @@ def peak(net, p: Plan, B: int, h: int, w: int, in_channels: int, item: int) -> i
     lat = B * net.mid.block_1.conv1.out_channels * h * w * item
     cin = before[-1].conv2.out_channels if before else in_channels
     steps = steps_of(tiled, cin, r0)
-    mos = untiled_peak(steps, B, h, w, item)
     one = kept = 0
-    if p.mosaic_lattice is not None:
-        mh, mw = (len(v) * MOSAIC_CROP for v in p.mosaic_lattice)
-        mos = untiled_peak(steps, B, mh, mw, item)
+    if p.mosaic_lattice is None:  # one whole pass
+        mos = untiled_peak(steps, B, h, w, item)
+    else:
+        mos = untiled_peak(steps, B, *(len(v) * MOSAIC_CROP for v in p.mosaic_lattice), item)
         band = math.ceil(h / p.grid[0])
         cols = -(-w // p.grid[1])
         for s, (rows, c) in zip(steps, strip_rows(steps, tiled, band, cols, p.grid[1] == 1, w)):

@@ -16,7 +16,9 @@ CUDA's allocator in tests/test_tiling.py):
            stream where the width changes) where the store is the device, plus one tile's
            temporaries (window, normalised copy, conv output, workspace, statistics scratch)
            and, around the attention, its q/k/v on the device.
-  bounded  the latent-resolution part whole, plus one tile with its receptive-field halo.
+  bounded  the latent-resolution part whole, plus one band of a strip passing through the layers
+           (its rows, the rows each layer keeps, the side halo) or the statistics mosaic's whole
+           pass, whichever is larger.
 """
 import inspect
 import math

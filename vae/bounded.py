@@ -184,7 +184,7 @@ def streamed(layers, stats: list, record: bool, runner, scratch: Scratch) -> lis
                 assert len(parts) == 1 and parts[0].y0 == 0 and parts[0].y1 == parts[0].H, \
                     "recording statistics needs the whole input in one push"
                 st = Stats()
-                st.add(parts[0].data, Scratch())  # its fp32 deviations buffer freed at once: the widest activation
+                st.add(parts[0].data, Scratch())  # its fp32 deviations buffer freed at once
                 stats.append(st)
             scale, shift = (v.to(parts[0].data.device) for v in stats[i].affine(norm, parts[0].data.dtype))
             n = sum(p.y1 - p.y0 for p in parts)

@@ -178,6 +178,9 @@ def steps_of(layers, cin: int, r: int) -> list:
 # ----------------------------------------------------------------------------------------------
 # Memory model: closed form over the steps.
 # ----------------------------------------------------------------------------------------------
+STATS_CHUNK = 32 * 2**20  # bytes of fp32 deviations that engine.Stats.add works on at a time
+
+
 def step_need(s: Step, px_in: int, px_out: int, item: int) -> int:
     """Peak bytes of one layer of the plain forward pass on px_in input pixels (batch included)."""
     i, o = s.cin * px_in * item, s.cout * px_out * item
@@ -215,7 +218,7 @@ def exact_peaks(steps, B, h, w, item, elems, device_store: bool):
         rows = math.ceil(H / band_count(H, W, max(s.cin, s.cout), elems))
         band_in = B * s.cin * (rows * s.r_in // s.r_out + 2) * w * s.r_in * item
         band_out = B * s.cout * rows * W * item
-        temp = band_in * (1 if device_store else 2) + band_out * (1 + WORKSPACE) + band_out * 4 // item
+        temp = band_in * (1 if device_store else 2) + band_out * (1 + WORKSPACE) + min(band_out * 4 // item, STATS_CHUNK)
         if isinstance(s.layer, Upsample):
             temp += 4 * band_in                                     # the nearest-2x copy
         elif isinstance(s.layer, ResnetBlock) and s.cin != s.cout:

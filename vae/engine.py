@@ -56,8 +56,8 @@ from .tiling import STATS_CHUNK, Interrupted, Plan, TilingReport, band_rows, ste
 # ----------------------------------------------------------------------------------------------
 class Stats:
     """Exactly additive over any partition of the pixels (Chan et al.'s pairwise update), in float64.
-    Each band contributes its own mean and squared deviations about it (two passes over a band that
-    is in memory anyway), so no precision is lost when a channel's mean dwarfs its spread."""
+    Each chunk of a band contributes its own mean and squared deviations about it (two passes over
+    rows that are in cache), so no precision is lost when a channel's mean dwarfs its spread."""
 
     def __init__(self):
         self.n, self.mean, self.m2 = 0, None, None

@@ -15,6 +15,8 @@ limit, records that case and starts a new worker after it. Outcomes:
   memory     past the memory limit
   crash      the worker died (signal, abort)
   payload    a pickle's code ran (its marker file exists)
+  interrupted  the call was cancelled (Interrupted, or the host's own exception passed through)
+  leak       a spill file or its memory mapping was left behind
 """
 import io
 import json
@@ -30,7 +32,7 @@ import zipfile
 from pathlib import Path
 
 CATEGORIES = ("safetensors", "pickle", "folder", "metadata", "arguments", "inputs", "tiling")
-BAD = ("foreign", "multiline", "hang", "memory", "crash", "payload")
+BAD = ("foreign", "multiline", "hang", "memory", "crash", "payload", "leak")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -63,6 +65,14 @@ def read_safetensors(path: Path):
 def write_safetensors(path: Path, header: dict, data: bytes, raw_header: bytes | None = None):
     h = raw_header if raw_header is not None else json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+
+
+class HostCancel(Exception):
+    """What a host's cancel check raises (ComfyUI: InterruptProcessingException): passed through as is."""
+
+
+def host_cancel():
+    raise HostCancel("cancelled by the user")
 
 
 class Evil:
@@ -258,13 +268,13 @@ def case(seed: int, i: int, base: Path, work: Path):
         if kind == "dtype":
             dt = rng.choice([torch.int8, "fp8", torch.complex64, 5, torch.bool, "float64", torch.float64])
             return cat, kind, lambda: load_vae(base / "ok.safetensors", dtype=dt)
-        fam = rng.choice(["banana", 3, "", "SD1", "custom"])
+        fam = rng.choice(["banana", 3, "", "SD1", "custom", ["sd1"], {"sd1": 1}, b"sd1"])
         return cat, kind, lambda: load_vae(base / "ok.safetensors", family=fam)
 
     vae = load_vae(base / "ok.safetensors")
     if cat == "inputs":
         kind = rng.choice(["h0", "b0", "int", "3d", "5d", "nan", "channels", "huge_side", "huge_area", "pixels_odd",
-                           "pixels_nan", "not_tensor", "scaled_wrong"])
+                           "pixels_nan", "not_tensor", "scaled_wrong", "huge_values", "pixels_255", "seed"])
         z = {"h0": lambda: torch.zeros(1, 4, 0, 4), "b0": lambda: torch.zeros(0, 4, 4, 4),
              "int": lambda: torch.zeros(1, 4, 4, 4, dtype=torch.int64), "3d": lambda: torch.zeros(4, 4, 4),
              "5d": lambda: torch.zeros(1, 4, 1, 4, 4), "nan": lambda: torch.full((1, 4, 4, 4), float("nan")),
@@ -273,6 +283,13 @@ def case(seed: int, i: int, base: Path, work: Path):
              "scaled_wrong": lambda: torch.zeros(1, 3, 4, 4)}
         if kind == "pixels_odd":
             return cat, kind, lambda: vae.encode(torch.zeros(1, 3, rng.choice([0, 7, 9, 100]), 16))
+        if kind == "huge_values":  # finite, but past fp32's range inside the decoder: never NaN pixels
+            return cat, kind, lambda: vae.decode(torch.full((1, 4, 4, 4), rng.choice([3e37, -1e30, 1e20])))
+        if kind == "pixels_255":
+            return cat, kind, lambda: vae.encode(torch.full((1, 3, 16, 16), rng.choice([255.0, 1e30, -7.0])))
+        if kind == "seed":
+            return cat, kind, lambda: vae.encode(torch.zeros(1, 3, 16, 16)).sample(
+                seed=rng.choice(["1", -1, 2**64, 1.5, [1]]))
         if kind == "pixels_nan":
             return cat, kind, lambda: vae.encode(torch.full((1, 3, 16, 16), float("inf")))
         if kind == "scaled_wrong":
@@ -282,8 +299,26 @@ def case(seed: int, i: int, base: Path, work: Path):
         return cat, kind, lambda: vae.decode(z[kind](), tiling="exact" if tiled else None)
     # tiling options
     kind = rng.choice(["tile_size", "overlap", "memory_budget", "mosaic_size", "progress", "interrupt", "mode", "store",
-                       "spill_dir", "auto_huge", "bounded_tiny"])
+                       "spill_dir", "auto_huge", "bounded_tiny", "spill_gone", "interrupt_first", "plan_shape"])
     z = torch.zeros(1, 4, 4, 4)
+    if kind == "spill_gone":  # the spill folder is removed (or replaced by a file) one band in
+        folder = work / f"spill{i}"
+        folder.mkdir()
+
+        def gone(done, total):
+            if done == 1:
+                folder.rmdir()
+                if rng.random() < 0.5:
+                    folder.write_text("not a folder")
+        return cat, kind, lambda: vae.decode(torch.zeros(1, 4, 8, 8), tiling=Tiling(
+            mode="exact", store="disk", tile_size=8, spill_dir=str(folder), progress=gone))
+    if kind == "interrupt_first":
+        return cat, kind, lambda: vae.decode(torch.zeros(1, 4, 8, 8), tiling=Tiling(
+            mode=rng.choice(["exact", "bounded"]), store=rng.choice(["device", "disk"]) if rng.random() < 0.7 else "auto",
+            tile_size=8, spill_dir=str(work), interrupt=rng.choice([lambda: True, host_cancel])))
+    if kind == "plan_shape":
+        shape = rng.choice([(1, 4, 64, 64, 1), (1, 16, 8, 8), (0, 4, 8, 8), (1, 4, -8, 8), (1.5, 4, 8, 8), "1x4x8x8", None])
+        return cat, kind, lambda: vae.plan_decode(shape, rng.choice([None, "exact", "auto"]))
     if kind == "auto_huge":
         side = rng.choice([4096, 8192, 6000])
         return cat, kind, lambda: vae.plan_decode((1, 4, side, side), Tiling(mode="auto"))
@@ -315,7 +350,7 @@ def values_case(rng, base, work, i):
 def worker(seed: int, base: str, first: int, stride: int, count: int):
     import torch
     torch.set_num_threads(1)
-    from klvae.vae import KLVAEError
+    from klvae.vae import Interrupted, KLVAEError
     base = Path(base)
     base_files(base)
     work = Path(tempfile.mkdtemp(prefix="klvae-fuzz-"))
@@ -329,8 +364,14 @@ def worker(seed: int, base: str, first: int, stride: int, count: int):
         except KLVAEError as e:
             msg = str(e)
             outcome, detail = ("klvae" if "\n" not in msg.strip() and msg.strip() else "multiline"), msg[:200]
+        except (Interrupted, HostCancel) as e:  # a cancel: the documented exception, or the host's own
+            outcome, detail = "interrupted", str(e)[:200]
         except Exception as e:  # the broken promise we are looking for
             outcome, detail = "foreign", f"{type(e).__module__}.{type(e).__name__}: {str(e)[:200]}"
+        with open("/proc/self/maps") as f:  # whatever happened, no spill file or mapping is left
+            left = [ln.split()[-2] for ln in f if "klvae-store-" in ln] + [p.name for p in work.rglob("klvae-store-*")]
+        if left:
+            outcome, detail = "leak", f"left behind: {left[:3]}"
         if any(work.glob(f"PAYLOAD_RAN_{i}")):
             outcome = "payload"
         print(json.dumps({"case": i, "category": cat, "kind": kind, "outcome": outcome, "detail": detail}), flush=True)
@@ -412,7 +453,7 @@ def _rss(pid) -> int | None:
 
 
 def table(results) -> str:
-    outcomes = ("ok", "klvae") + BAD
+    outcomes = ("ok", "klvae", "interrupted") + BAD
     rows = ["| category | cases | " + " | ".join(outcomes) + " |", "|---" * (len(outcomes) + 2) + "|"]
     for cat in CATEGORIES + ("all",):
         rs = [r for r in results if cat == "all" or r["category"] == cat]

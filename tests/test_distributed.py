@@ -56,6 +56,20 @@ try:
         die = lambda done, total: rank == 1 and done == 5 and os._exit(3)  # rank 1 dies mid-run
         out["t0"] = time.time()
         vae.decode(z, tiling=Tiling(mode="exact", tile_size=16, process_group=dist.group.WORLD, progress=die))
+    elif scenario == "full":  # rank 1's spill disk fills up mid-run (its third disk store)
+        import errno
+        from klvae.vae import engine
+        calls, real = [], os.posix_fallocate
+        def fallocate(*a):
+            calls.append(1)
+            if rank == 1 and len(calls) == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(*a)
+        engine.os.posix_fallocate = fallocate
+        vae = own_vae()
+        z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        out["t0"] = time.time()
+        vae.decode(z, tiling=Tiling(mode="exact", tile_size=16, store="disk", process_group=dist.group.WORLD))
 except KLVAEError as e:
     out["error"] = str(e)
     out["t1"] = time.time()
@@ -117,6 +131,16 @@ def test_a_dead_rank_ends_the_others_with_one_line():
     rc, res, err = results[0]
     assert rc == 0 and res and "rank 0 of 2" in res.get("error", "") and "\n" not in res["error"], (res, err)
     assert res["t1"] - res["t0"] < 25 and time.time() - t0 < 120  # within the group's 20 s timeout
+
+
+def test_a_rank_whose_spill_disk_fills_ends_every_rank_with_one_line():
+    t0 = time.time()
+    results = launch(2, "full")
+    for rank, (rc, res, err) in enumerate(results):
+        assert rc == 0 and res and "\n" not in res.get("error", "\n"), (rank, res, err)
+    assert "is full" in results[1][1]["error"]  # the rank whose disk filled says so
+    assert "rank 0 of 2" in results[0][1]["error"]  # the other: as for a dead rank
+    assert results[0][1]["t1"] - results[0][1]["t0"] < 25 and time.time() - t0 < 120
 
 
 def test_torchrun_cli_decodes_one_image(tmp_path):

@@ -35,9 +35,12 @@ every resolution, its stores hold those rows and the one halo row on each side, 
 neighbouring ranks send before each segment; statistics, attention keys/values and the result
 are gathered. Nothing else changes.
 """
+import errno
 import os
+import shutil
 import tempfile
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -139,6 +142,45 @@ def normed(x: torch.Tensor, affine, scratch: Scratch, act: bool = True) -> torch
 # ----------------------------------------------------------------------------------------------
 # Stores: a full-size activation [B, C, H, W] (channels last), read and written in row bands.
 # ----------------------------------------------------------------------------------------------
+def spill_file(folder: str, nbytes: int) -> np.memmap:
+    """nbytes of a new file in `folder`, every block reserved, memory-mapped. The file is unlinked
+    as soon as it is mapped: nothing is left behind however the process ends, and the page cache,
+    not this process's heap, holds the data.
+
+    Why reserve: a file made sparse (ftruncate) gets its blocks on first write, through the mapping;
+    when the disk has filled up meanwhile (another job, another decode sharing the folder) that
+    write is a SIGBUS that kills the process, a ComfyUI server with it. posix_fallocate takes the
+    blocks now (the C library writes them where the filesystem cannot reserve), so a full disk is
+    ENOSPC here, between bands, and one KLVAEError."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="klvae-store-", suffix=".bin", dir=folder)
+    except OSError as e:
+        raise KLVAEError(f"cannot create the disk store in the spill folder {folder} ({e.strerror or e}; removed or "
+                         f"made read-only during the run?): pass Tiling(spill_dir=...) (--spill-dir, $KLVAE_SPILL_DIR) "
+                         f"for a writable folder, or use mode='bounded'") from e
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+        return np.memmap(path, dtype=np.uint8, mode="r+", shape=(nbytes,))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise KLVAEError(f"spill folder {folder} is full: the disk store needs {nbytes / 2**20:.1f} MiB more for its next "
+                             f"activation, {_free_mib(folder)} MiB are free (it filled up during the run): free space there, "
+                             f"pass Tiling(spill_dir=...) (--spill-dir, $KLVAE_SPILL_DIR) on a larger disk, or use "
+                             f"mode='bounded'") from e
+        raise KLVAEError(f"disk store in the spill folder {folder} failed ({e.strerror or e}): pass "
+                         f"Tiling(spill_dir=...) for another folder, or use mode='bounded'") from e
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def _free_mib(folder) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f}"
+    except OSError:
+        return "?"
+
+
 class Store:
     """A full-size activation on the compute device, in host memory, or in a memory-mapped file.
 
@@ -154,18 +196,7 @@ class Store:
         H = bottom - self.top
         self.nbytes = B * C * H * W * torch.empty((), dtype=dtype).element_size()
         if kind == "disk":
-            # The file is unlinked as soon as it is mapped: nothing is left behind however the
-            # process ends, and the page cache, not this process's heap, holds the data.
-            fd, path = tempfile.mkstemp(prefix="klvae-store-", suffix=".bin", dir=spill_dir)
-            try:
-                os.ftruncate(fd, self.nbytes)
-                raw = np.memmap(path, dtype=np.uint8, mode="r+", shape=(self.nbytes,))
-            except OSError as e:
-                raise KLVAEError(f"disk store in {spill_dir} failed ({e.strerror or e}): free space there or pass "
-                                 f"Tiling(spill_dir=...)") from e
-            finally:
-                os.close(fd)
-                os.unlink(path)
+            raw = spill_file(spill_dir, self.nbytes)
             self.t = torch.from_numpy(raw).view(dtype).view(B, H, W, C).permute(0, 3, 1, 2)
         elif kind == "host":
             pin = torch.device(device).type == "cuda"
@@ -398,8 +429,32 @@ def segment_downsample(ctx, down: Downsample, x: Store, r: int) -> tuple:
 def run_segments(net: nn.Module, x: torch.Tensor, plan: Plan, shard: Shard | None = None) -> tuple:
     """The whole network on x, segment by segment. Returns (output on the device, report);
     with a shard, this rank's rows of the output (non-finite values in an item on any rank make
-    that item non-finite on every rank, so that the precision guard decides the same everywhere)."""
-    t0, meter = time.perf_counter(), PeakMeter(x.device, anon=plan.store == "disk")
+    that item non-finite on every rank, so that the precision guard decides the same everywhere).
+
+    A run that fails (a full spill disk, an interrupt, a dead rank) gives its memory back before
+    the error leaves: its stores live in the frames of the traceback, which would keep them (and a
+    spill file's mapping) until the cyclic garbage collector runs; those frames are cleared."""
+    meter = PeakMeter(x.device, anon=plan.store == "disk")
+    try:
+        return _run_segments(net, x, plan, shard, meter)
+    except BaseException as e:
+        release_frames(e)
+        raise
+    finally:
+        meter.stop()
+
+
+def release_frames(e: BaseException) -> None:
+    """Drop the locals of the finished frames in e's traceback and in those of its causes."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__
+
+
+def _run_segments(net, x, plan, shard, meter) -> tuple:
+    t0 = time.perf_counter()
     steps = steps_of(net.layers(), x.shape[1], 1 if plan.direction == "decode" else plan.downscale)
     B, _, H, W = x.shape
     h, w = H // steps[0].r_in, W // steps[0].r_in

@@ -94,6 +94,12 @@ class PeakMeter:
         except OSError:
             return False
 
+    def stop(self) -> None:
+        """End the sampling thread (peak() does too); safe to call twice."""
+        if self.anon and getattr(self, "_thread", None):
+            self._stop.set()
+            self._thread.join()
+
     def peak(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -101,8 +107,6 @@ class PeakMeter:
         if self.base is None:
             return None
         if self.anon:
-            if self._thread:
-                self._stop.set()
-                self._thread.join()
+            self.stop()
             return max(self.high, proc_status("RssAnon") or 0) - self.base
         return proc_status("VmHWM") - self.base

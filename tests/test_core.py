@@ -242,6 +242,34 @@ def test_non_finite_inputs(tiny_vae, bad):
         tiny_vae.encode(x)
 
 
+def test_finite_inputs_beyond_fp32s_range_are_an_error_not_nan_pixels(tiny_vae):
+    """An fp32 decode of latents of 3e37 overflows inside the decoder: one line naming the largest
+    magnitude and the family's range, never a NaN image (the fuzz run's second escape)."""
+    with pytest.raises(KLVAEError, match=r"NaN/Inf in fp32 .* largest magnitude is 3e\+37, .* about \+-27") as e:
+        tiny_vae.decode(torch.full((1, 4, 4, 4), 3e37))
+    _one_line(e)
+    assert torch.isfinite(tiny_vae.decode(torch.full((1, 4, 4, 4), 20.0))).all()  # large but sane: decoded
+    with pytest.raises(KLVAEError, match=r"pixels range from 255 to 255; klvae encodes \[-1, 1\]: divide 0..255"):
+        tiny_vae.encode(torch.full((1, 3, 16, 16), 255.0))
+    tiny_vae.encode(torch.full((1, 3, 16, 16), 1.2))  # resampling overshoot is not refused
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda v: load_vae(v.state_dict(), family=["sd1"]), "unknown family \"\\['sd1'\\]\""),  # the fuzz run's first escape
+    (lambda v: load_vae(v.state_dict(), family={"sd1": 1}), "unknown family"),
+    (lambda v: v.encode(torch.zeros(1, 3, 8, 8)).sample(seed="1"), "seed must be a whole number"),
+    (lambda v: v.encode(torch.zeros(1, 3, 8, 8)).sample(generator=5), "generator must be a torch.Generator"),
+    (lambda v: v.enable_tiling(tile=512), "unknown option 'tile'"),
+    (lambda v: v.plan_decode((1, 4, 64, 64, 1)), "not the shape of latents"),
+    (lambda v: v.plan_decode((1, 16, 64, 64)), "have 16 channels, this VAE's have 4"),
+    (lambda v: v.plan_encode((1, 3, 60, 64)), "not a positive multiple of 8"),
+])
+def test_public_arguments_get_the_strict_reading_of_file_values(tiny_vae, call, words):
+    with pytest.raises(KLVAEError, match=words) as e:
+        call(tiny_vae)
+    _one_line(e)
+
+
 def test_pixels_with_wrong_layout(tiny_vae):
     with pytest.raises(KLVAEError, match="pixels have 64 channels"):
         tiny_vae.encode(torch.zeros(1, 64, 64, 3))  # NHWC by mistake

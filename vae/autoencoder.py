@@ -25,6 +25,9 @@ from .precision import Guard, resolve_device, resolve_dtype
 from .tiling import UNLIMITED, Plan, Tiling, TilingReport, make_plan
 
 
+PIXEL_SLACK = 1.5  # pixels beyond +-1.5 are a wrong range (0..255), not resampling overshoot (~1.1)
+
+
 class DiagonalGaussian:
     """The encoder's posterior N(mean, exp(logvar)) per latent element."""
 
@@ -54,8 +57,13 @@ class DiagonalGaussian:
         The noise is drawn on the generator's device in the moments' dtype, as diffusers'
         randn_tensor does, so the same generator gives the same latent in both libraries.
         """
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise KLVAEError(f"generator must be a torch.Generator, got {type(generator).__name__}: pass "
+                             f"torch.Generator().manual_seed(n), or seed=n")
         if generator is None and seed is not None:
-            generator = torch.Generator("cpu").manual_seed(int(seed))
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+                raise KLVAEError(f"seed must be a whole number from 0 to 2^64 - 1, got {str(seed)[:40]!r}")
+            generator = torch.Generator("cpu").manual_seed(seed)
         device = generator.device if generator is not None else self.mean.device
         eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
         return self.mean + self.std * eps.to(self.mean.device)
@@ -118,6 +126,10 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         Tiling fields (tile_size=512, memory_budget=...). Unlike diffusers' enable_tiling, exact
         tiles give the untiled result."""
         t = Tiling.of(tiling)
+        unknown = sorted(set(options) - set(Tiling.__dataclass_fields__))
+        if unknown:
+            raise KLVAEError(f"enable_tiling got unknown option {unknown[0]!r}: use Tiling's fields "
+                             f"({', '.join(Tiling.__dataclass_fields__)})")
         self.tiling = replace(t, **options) if options else t
         return self
 
@@ -156,6 +168,11 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
                              f"before encoding")
         if finite:
             _check_finite(x, "pixels", "check the image source (a NaN from an earlier node?)")
+            lo, hi = x.aminmax()
+            if lo.item() < -PIXEL_SLACK or hi.item() > PIXEL_SLACK:
+                fix = ("divide 0..255 images by 127.5 and subtract 1" if hi.item() > 2 else
+                       "map [0, 1] images with x * 2 - 1; clamp resampling overshoot")
+                raise KLVAEError(f"pixels range from {lo.item():.3g} to {hi.item():.3g}; klvae encodes [-1, 1]: {fix}")
 
     def check_latents(self, z, finite: bool = True, scaled: bool = False) -> None:
         _check_tensor(z, "latents", "[B, C, h, w]")
@@ -178,13 +195,15 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     def plan_decode(self, shape, tiling=None) -> Plan:
         """The plan vae.decode(latents, tiling) runs for latents of `shape` (nothing is computed).
         tiling None: the plain pass, refused up front if it cannot fit in memory."""
-        B, C, h, w = shape
+        B, C, h, w = _shape(shape, "latents", self.config.latent_channels)
         return self._plan(self.decoder, "decode", C, (B, C, h, w), tiling)
 
     def plan_encode(self, shape, tiling=None) -> Plan:
         """The plan vae.encode(pixels, tiling) runs for pixels of `shape`."""
-        B, C, H, W = shape
+        B, C, H, W = _shape(shape, "pixels", self.config.in_channels)
         f = self.config.downscale
+        if H % f or W % f:
+            raise KLVAEError(f"image size {W}x{H} is not a positive multiple of {f}: plan the size you will encode")
         return self._plan(self.encoder, "encode", C, (B, self.config.latent_channels, H // f, W // f), tiling)
 
     def _plan(self, net, direction, in_channels, shape, tiling) -> Plan:
@@ -235,6 +254,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
             return None
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
+        self._check_output(moments, pixels, "encode")
         return moments.contiguous()
 
     @torch.inference_mode()
@@ -257,7 +277,10 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         out = self._run(self.decoder, z, plan, tiling is not None)
-        return None if out is None else out.contiguous()  # None: distributed, gather="rank0", another rank
+        if out is None:
+            return None
+        self._check_output(out, latents, "decode")
+        return out.contiguous()  # None: distributed, gather="rank0", another rank
 
     def _run(self, net, x, plan: Plan, tiled_call: bool) -> torch.Tensor:
         """net on x as planned, through the precision guard; records what was done. Distributed:
@@ -298,6 +321,26 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
             reports[0].notes.append(f"sent {shard.bytes_sent / 2**20:.1f} MiB to the other ranks")
         self._last_tiling = reports[0] if tiled_call else None
         return out
+
+    def _check_output(self, out, x, direction) -> None:
+        """A finite input that drives fp32 past its range (latents of 1e37, say) gives NaN/Inf
+        pixels: one error that says where the input is out of range, never a NaN image. (In fp16 and
+        bf16 the guard has already re-run what overflowed, in fp32 at last.)"""
+        if out.dtype != torch.float32:
+            return
+        bad = ~torch.isfinite(out).flatten(1).all(1)
+        if not bad.any():
+            return
+        c, big = self.config, x.abs().max().item()
+        if direction == "decode":
+            typical = 5 / c.scaling_factor + abs(c.shift_factor)  # scaled latents are ~N(0, 1): |z| < 5
+            where = (f"the latent's largest magnitude is {big:.3g}, while a sampler's raw latents for this {c.family} "
+                     f"VAE stay within about +-{typical:.3g} (5 / scaling_factor): check the latent (scaled twice? "
+                     f"a diverged sampler?)")
+        else:
+            where = f"the pixels reach {big:.3g}: check the image (klvae encodes pixels in [-1, 1])"
+        raise KLVAEError(f"{direction} output is NaN/Inf in fp32 for batch items {bad.nonzero().flatten().tolist()[:8]}: "
+                         + where)
 
     def forward(self, pixels, generator=None):
         """Round trip through the posterior mode (or a sample when a generator is given)."""
@@ -376,6 +419,19 @@ def load_vae(src, device="cpu", dtype="auto", family: str | None = None) -> Auto
     when the file cannot say. On glibc, the first CPU model fixes malloc's mmap threshold so that
     freed activations go back to the OS (memory.py; KLVAE_KEEP_MALLOC=1 opts out)."""
     return AutoencoderKL.load(src, device, dtype, family)
+
+
+def _shape(shape, what, channels) -> tuple:
+    """A plan's shape argument: four positive whole numbers, with this VAE's channel count."""
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or len(shape) != 4 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
+        raise KLVAEError(f"shape {str(shape)[:60]} is not the shape of {what}: pass (B, C, H, W), four positive whole "
+                         f"numbers (e.g. tensor.shape)")
+    if shape[1] != channels:
+        raise KLVAEError(f"{what} of shape {tuple(shape)} have {shape[1]} channels, this VAE's have {channels}")
+    return tuple(shape)
 
 
 def _check_tensor(t, what, expected) -> None:

@@ -296,7 +296,7 @@ def family_hints(src: Source, explicit=None):
     """(family, where-from) pairs, strongest first, plus the config fields the file states."""
     hints, stated = [], {}
     if explicit is not None:
-        if explicit not in FAMILIES:
+        if not isinstance(explicit, str) or explicit not in FAMILIES:
             raise KLVAEError(f"unknown family {str(explicit)[:40]!r}: use one of {', '.join(FAMILIES)}")
         hints.append((explicit, "the family argument"))
     md = {k: v for k, v in src.metadata.items() if isinstance(k, str) and isinstance(v, str)}

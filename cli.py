@@ -23,8 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .testing import psnr
-from .vae import DEFAULT_MODE, FAMILIES, KLVAEError, Tiling, load_vae, resolve_device, save_vae
+from .vae import DEFAULT_MODE, FAMILIES, KLVAEError, Tiling, load_vae, psnr_vs_full as psnr, resolve_device, save_vae
 from .vae.distributed import init_from_env
 from .vae.memory import PeakMeter
 

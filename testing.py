@@ -10,8 +10,8 @@ hide), optionally *calibrated* (`calibrate`: every conv rescaled on a real forwa
 LSUV-style, to unit-std outputs with residual branches at 0.3), which gives activations and
 GroupNorm statistics of a realistic scale and spatial variation that plain random weights lack.
 """
-import math
 import os
+import socket
 import warnings
 
 import numpy as np
@@ -19,42 +19,22 @@ import torch
 import torch.nn as nn
 
 from .vae import load_vae, preset
+from .vae.metrics import max_abs_vs_full, psnr_vs_full, seam_ratio  # noqa: F401 (re-exported for the tests)
 from .vae.diffusers_compat import diffusers_config
 
 NARROW = dict(ch=32, ch_mult=(1, 2, 2, 2))  # same structure as the families, 1/4 width: fast tests
 
 
-# -- metrics ------------------------------------------------------------------------------------------
-def psnr_vs_full(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of a against b, pixels in [-1, 1] mapped to [0, 1] and clamped."""
-    x = ((a.float() + 1) / 2).clamp(0, 1)
-    y = ((b.float() + 1) / 2).clamp(0, 1)
-    mse = (x - y).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
+# -- metrics: the product's own (klvae.vae.metrics) ------------------------------------------------
 psnr = psnr_vs_full  # the same measure against any reference (an input image, an fp32 run)
 
 
-def max_abs_vs_full(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-def seam_ratio(tiled, full, boundaries_y, boundaries_x, width=2) -> float:
-    """Mean |tiled - full| on pixels within `width` of a tile boundary over the mean elsewhere
-    (1.0: no seam). It cannot see per-tile tone offsets, which shift whole tiles: read it next
-    to the PSNR."""
-    d = (tiled.float() - full.float()).abs().mean(dim=(0, 1))  # [H, W]
-    H, W = d.shape
-    mask = torch.zeros(H, W, dtype=torch.bool)
-    for y in boundaries_y:
-        mask[max(0, y - width): y + width, :] = True
-    for x in boundaries_x:
-        mask[:, max(0, x - width): x + width] = True
-    if not mask.any() or mask.all():
-        return 1.0
-    inside, outside = d[mask].mean().item(), d[~mask].mean().item()
-    return inside / outside if outside > 0 else (1.0 if inside == 0 else float("inf"))
+# -- processes ----------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the only address tests and benchmarks use)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # -- a test picture -------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 from klvae import testing
 from klvae.vae import Tiling
 from klvae.vae.memory import proc_status
-from klvae.vae.tiling import band_rows
+from klvae.vae.engine import band_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "out")
@@ -206,10 +206,7 @@ def run_rank(system, size, rank, world, port):
 
 def run_distributed(system, size, world):
     """Launch `world` rank processes of one case; return the slowest rank's time, each rank's peak."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = testing.free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "dist", "--rank-case", f"{system}:{size}:{r}:{world}:{port}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=dict(os.environ, OMP_NUM_THREADS="1")) for r in range(world)]

@@ -111,7 +111,9 @@ class KLVAE:
         x = self.vae_encode_crop_pixels(image)[..., :3]
         # To [-1, 1] in fp32 before any cast to a low-precision compute dtype (less banding).
         x = x.movedim(-1, 1).to(torch.float32) * 2.0 - 1.0
-        post = self._run("encode", x, tiling)
+        self.model.check_pixels(x, finite=False)  # clear shape errors before the host moves models
+        post = self.model.encode(x, tiling=self._plan(self.model.plan_encode, x.shape, tiling))
+        log.info("klvae %s", self.model.last_tiling)
         z = post.mode() if posterior == "argmax" else post.sample(seed=seed)
         if self.model.bn is not None:
             z = self.model.to_scaled(z)
@@ -123,29 +125,23 @@ class KLVAE:
             raise KLVAEError(f"latent of shape {tuple(latent.shape)} is a video latent; this image VAE takes [B, C, h, w]")
         if self.model.bn is not None:
             latent = self.model.from_scaled(latent)
-        x = self._run("decode", latent, tiling)
+        self.model.check_latents(latent, finite=False)  # NaNs are checked once, in the call
+        x = self.model.decode(latent, tiling=self._plan(self.model.plan_decode, latent.shape, tiling))
+        log.info("klvae %s", self.model.last_tiling)
         img = ((x.to(self.output_device, torch.float32) + 1.0) / 2.0).clamp_(0.0, 1.0)
         return img.movedim(1, -1).contiguous()
 
-    def _run(self, kind: str, x: torch.Tensor, tiling: Tiling | None):
-        """Plan once, ask the host for that much room, run the plan (re-planned only if the host
-        could not make room). Untiled requests run "auto": untiled when the plan fits, else tiled."""
-        model = self.model
-        check, plan, call = ((model.check_latents, model.plan_decode, model.decode) if kind == "decode"
-                             else (model.check_pixels, model.plan_encode, model.encode))
-        check(x, finite=False)  # clear shape errors before the host moves models; NaNs are checked once, in the call
+    def _plan(self, plan, shape, tiling: Tiling | None):
+        """Plan once (`plan`: the model's plan_decode or plan_encode), ask the host for that much room,
+        re-plan only if the host could not make it. Untiled requests run "auto": untiled when the
+        plan fits, else tiled."""
         t = tiling or Tiling(mode="auto")
         t = dataclasses.replace(t, progress=t.progress or self.host.progress(), interrupt=t.interrupt or self.host.interrupt())
-        p = plan(x.shape, t if t.memory_budget else dataclasses.replace(t, memory_budget=UNLIMITED))
+        p = plan(shape, t if t.memory_budget else dataclasses.replace(t, memory_budget=UNLIMITED))
         budget = self.host.load(self, p.predicted)
         if not t.memory_budget and budget is not None and p.predicted > budget:
-            p = plan(x.shape, dataclasses.replace(t, memory_budget=budget))
-        out = call(x, tiling=p)
-        r = model.last_tiling
-        log.info("klvae %s: %s, %dx%d tiles of %d px, store %s, predicted %.2f GiB, %.1f s%s", kind, r.mode,
-                 r.grid[0], r.grid[1], r.tile_size, r.store, r.predicted_peak / 2**30, r.seconds,
-                 "".join(f"; {n}" for n in r.notes))
-        return out
+            p = plan(shape, dataclasses.replace(t, memory_budget=budget))
+        return p
 
     # -- the methods ComfyUI's core nodes call on a VAE -----------------------------------------
     def encode(self, pixel_samples):

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from klvae.testing import test_image
+from klvae.testing import free_port, test_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,12 +35,6 @@ def comfy_tree() -> Path:
     tree = Path(spec.origin).parent / "_comfyui"
     assert (tree / "main.py").exists(), f"no ComfyUI tree at {tree}"
     return tree
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -29,7 +29,15 @@ import sys
 import tempfile
 import time
 import zipfile
+import shutil
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from klvae.testing import diffusers_vae, klvae_from
+from klvae.vae import Interrupted, KLVAEError, Tiling, load_vae
+from klvae.vae.memory import proc_status
 
 CATEGORIES = ("safetensors", "pickle", "folder", "metadata", "arguments", "inputs", "tiling")
 BAD = ("foreign", "multiline", "hang", "memory", "crash", "payload", "leak")
@@ -41,10 +49,6 @@ BAD = ("foreign", "multiline", "hang", "memory", "crash", "payload", "leak")
 def base_files(base: Path):
     if (base / "ok.safetensors").exists():
         return
-    import torch
-    from safetensors.torch import save_file
-
-    from klvae.testing import diffusers_vae, klvae_from
     base.mkdir(parents=True, exist_ok=True)
     d = diffusers_vae("sd1", seed=0, ch=32, ch_mult=(1, 2), norm_groups=8)  # 2 levels: small and fast
     vae = klvae_from(d, family="sd1")
@@ -93,211 +97,214 @@ HOSTILE_VALUES = ["0", "-1", "banana", "", "32.0", "1e9", "nan", "inf", "-inf", 
 DTYPES = ["I8", "U8", "BOOL", "C64", "F8_E4M3", "F8_E5M2", "I64", "F64", "BF16", "F16", "I32", "U64", "XX"]
 
 
-def case(seed: int, i: int, base: Path, work: Path):
-    """Case i of a seeded run: (category, description, callable)."""
-    import torch
-
-    from klvae.vae import Tiling, load_vae
-    rng = random.Random(seed * 1_000_003 + i)
-    cat = CATEGORIES[i % len(CATEGORIES)]
-    f = work / f"case{i}.safetensors"
-    header, data = read_safetensors(base / "ok.safetensors")
-    names = [k for k in header if k != "__metadata__"]
-
-    if cat == "safetensors":
-        kind = rng.choice(["truncate", "flip", "length", "dtype", "shape", "offsets", "indices", "drop", "values",
-                           "junk_json"])
-        h = json.loads(json.dumps(header))
-        raw_header = None
-        k = rng.choice(names)
-        if kind == "truncate":
-            blob = (base / "ok.safetensors").read_bytes()
-            f.write_bytes(blob[:rng.randrange(0, len(blob))])
-            return cat, kind, lambda: load_vae(f)
-        if kind == "flip":
-            blob = bytearray((base / "ok.safetensors").read_bytes())
-            n = struct.unpack("<Q", bytes(blob[:8]))[0]
-            for _ in range(rng.randint(1, 8)):
-                pos = rng.randrange(0, 8 + n) if rng.random() < 0.7 else rng.randrange(0, len(blob))
-                blob[pos] ^= 1 << rng.randrange(8)
-            f.write_bytes(bytes(blob))
-            return cat, kind, lambda: load_vae(f)
-        if kind == "length":
-            blob = (base / "ok.safetensors").read_bytes()
-            n = rng.choice([0, 1, 7, 2**63 - 1, 2**40, len(blob), len(blob) * 3, 100_000_001])
-            f.write_bytes(struct.pack("<Q", n) + blob[8:])
-            return cat, kind, lambda: load_vae(f)
-        if kind == "dtype":
-            h[k]["dtype"] = rng.choice(DTYPES)
-        elif kind == "shape":
-            h[k]["shape"] = rng.choice([[0] + h[k]["shape"][1:], [], [1], [2**31, 2**31], [-1, 3], h[k]["shape"][::-1],
-                                        [1] * 5, [3, 3]])
-        elif kind == "offsets":
-            a, b = h[k]["data_offsets"]
-            h[k]["data_offsets"] = rng.choice([[b, a], [a, a], [a, b + 10**12], [-1, b], [a, "x"], None])
-        elif kind == "indices":  # the 40-byte DoS and friends
-            a, b = h[names[0]]["data_offsets"]
-            extra = rng.choice(["encoder.down.0.block.99999999.conv1.weight", "decoder.up.0.block.100000000.conv1.weight",
-                                "encoder.down.7.block.0.conv2.weight", "encoder.down.1000.block.0.conv2.weight",
-                                "decoder.up.3.block.63.conv1.weight", "encoder.mid.block_99999.norm1.weight",
-                                "encoder.down.00000000000000000001.block.0.conv1.weight"])
-            h[extra] = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
-            if rng.random() < 0.5:
-                h["decoder.up.0.block.100000000.conv1.weight"] = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
-            del a, b
-        elif kind == "drop":
-            for key in rng.sample(names, rng.randint(1, 5)):
-                del h[key]
-        elif kind == "values":
-            return cat, kind, values_case(rng, base, work, i)
-        elif kind == "junk_json":
-            raw_header = rng.choice([b"{", b"[]", b"null", b'{"a": 1}', b"\xff\xfe", b'{"__metadata__": 5}',
-                                     json.dumps({**h, "__metadata__": {"a": 1}}).encode(), b" " * 10,
-                                     json.dumps({k: {"dtype": "F32"}}).encode()])
-        write_safetensors(f, h, data, raw_header)
+def safetensors_case(rng, i, base, work, f, header, data, names, cat="safetensors"):
+    """Malformed safetensors files: truncated, bit flips, header lengths, dtypes, shapes, offsets, key indices, dropped keys, values, junk JSON."""
+    kind = rng.choice(["truncate", "flip", "length", "dtype", "shape", "offsets", "indices", "drop", "values",
+                       "junk_json"])
+    h = json.loads(json.dumps(header))
+    raw_header = None
+    k = rng.choice(names)
+    if kind == "truncate":
+        blob = (base / "ok.safetensors").read_bytes()
+        f.write_bytes(blob[:rng.randrange(0, len(blob))])
         return cat, kind, lambda: load_vae(f)
+    if kind == "flip":
+        blob = bytearray((base / "ok.safetensors").read_bytes())
+        n = struct.unpack("<Q", bytes(blob[:8]))[0]
+        for _ in range(rng.randint(1, 8)):
+            pos = rng.randrange(0, 8 + n) if rng.random() < 0.7 else rng.randrange(0, len(blob))
+            blob[pos] ^= 1 << rng.randrange(8)
+        f.write_bytes(bytes(blob))
+        return cat, kind, lambda: load_vae(f)
+    if kind == "length":
+        blob = (base / "ok.safetensors").read_bytes()
+        n = rng.choice([0, 1, 7, 2**63 - 1, 2**40, len(blob), len(blob) * 3, 100_000_001])
+        f.write_bytes(struct.pack("<Q", n) + blob[8:])
+        return cat, kind, lambda: load_vae(f)
+    if kind == "dtype":
+        h[k]["dtype"] = rng.choice(DTYPES)
+    elif kind == "shape":
+        h[k]["shape"] = rng.choice([[0] + h[k]["shape"][1:], [], [1], [2**31, 2**31], [-1, 3], h[k]["shape"][::-1],
+                                    [1] * 5, [3, 3]])
+    elif kind == "offsets":
+        a, b = h[k]["data_offsets"]
+        h[k]["data_offsets"] = rng.choice([[b, a], [a, a], [a, b + 10**12], [-1, b], [a, "x"], None])
+    elif kind == "indices":  # the 40-byte DoS and friends
+        a, b = h[names[0]]["data_offsets"]
+        extra = rng.choice(["encoder.down.0.block.99999999.conv1.weight", "decoder.up.0.block.100000000.conv1.weight",
+                            "encoder.down.7.block.0.conv2.weight", "encoder.down.1000.block.0.conv2.weight",
+                            "decoder.up.3.block.63.conv1.weight", "encoder.mid.block_99999.norm1.weight",
+                            "encoder.down.00000000000000000001.block.0.conv1.weight"])
+        h[extra] = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+        if rng.random() < 0.5:
+            h["decoder.up.0.block.100000000.conv1.weight"] = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+        del a, b
+    elif kind == "drop":
+        for key in rng.sample(names, rng.randint(1, 5)):
+            del h[key]
+    elif kind == "values":
+        return cat, kind, values_case(rng, base, work, i)
+    elif kind == "junk_json":
+        raw_header = rng.choice([b"{", b"[]", b"null", b'{"a": 1}', b"\xff\xfe", b'{"__metadata__": 5}',
+                                 json.dumps({**h, "__metadata__": {"a": 1}}).encode(), b" " * 10,
+                                 json.dumps({k: {"dtype": "F32"}}).encode()])
+    write_safetensors(f, h, data, raw_header)
+    return cat, kind, lambda: load_vae(f)
 
-    if cat == "metadata":
-        h = json.loads(json.dumps(header))
-        key = rng.choice(["klvae.norm_groups", "klvae.scaling_factor", "klvae.shift_factor", "klvae.latents_mean",
-                          "klvae.latents_std", "klvae.family", "klvae.force_upcast", "modelspec.architecture"])
-        h["__metadata__"] = dict(h.get("__metadata__", {}))
-        h["__metadata__"][key] = rng.choice(HOSTILE_VALUES)
-        if key == "klvae.latents_mean" and rng.random() < 0.5:
-            h["__metadata__"]["klvae.latents_std"] = rng.choice(HOSTILE_VALUES + ["[1, 1, 1, 1]"])
-        write_safetensors(f, h, data)
-        fam = rng.choice([None, None, "sd1", "sdxl"])
-        dtype = rng.choice(["auto", "fp16", "bf16"])
-        return cat, key, lambda: load_vae(f, family=fam, dtype=dtype).decode(torch.zeros(1, 4, 2, 2))
 
-    if cat == "pickle":
-        kind = rng.choice(["one_byte", "truncate_zip", "truncate_legacy", "flip_zip", "payload", "payload_zip",
-                           "nonstring_keys", "odd_tensors", "not_a_dict", "byteorder"])
-        p = work / f"case{i}.ckpt"
-        marker = work / f"PAYLOAD_RAN_{i}"
-        if kind == "one_byte":
-            p.write_bytes(bytes([rng.randrange(256)]))
-        elif kind in ("truncate_zip", "truncate_legacy"):
-            blob = (base / ("ok.ckpt" if kind == "truncate_zip" else "legacy.ckpt")).read_bytes()
-            p.write_bytes(blob[:rng.choice([20, rng.randrange(1, len(blob))])])
-        elif kind == "flip_zip":
-            blob = bytearray((base / rng.choice(["ok.ckpt", "legacy.ckpt"])).read_bytes())
-            for _ in range(rng.randint(1, 16)):
-                blob[rng.randrange(len(blob))] ^= 1 << rng.randrange(8)
-            p.write_bytes(bytes(blob))
-        elif kind == "payload":
-            p.write_bytes(pickle.dumps({"x": Evil(marker)}, protocol=rng.choice([2, 4])))
-        elif kind == "payload_zip":
-            torch.save({"encoder.conv_in.weight": torch.zeros(1), "x": Evil(marker)}, p)
-        elif kind == "nonstring_keys":
-            torch.save({rng.choice([1, 2.5, (1, 2), None, b"k"]): torch.zeros(2)}, p)
-        elif kind == "odd_tensors":
-            sd = torch.load(base / "ok.ckpt", weights_only=True)
-            k = rng.choice(sorted(sd))
-            t = sd[k]
-            sd[k] = rng.choice([lambda: t.to_sparse(), lambda: torch.quantize_per_tensor(t.float(), 0.1, 0, torch.qint8),
-                                lambda: t.to(torch.int8), lambda: t.to(torch.bool), lambda: t.to(torch.complex64),
-                                lambda: torch.nested.nested_tensor([t.flatten(), t.flatten()[:2]]),
-                                lambda: t.to(torch.float8_e4m3fn)])()
-            torch.save(sd, p)
-        elif kind == "not_a_dict":
-            torch.save(rng.choice([[torch.zeros(1)], torch.zeros(3), 5, "text", None]), p)
-        else:  # a zip whose byteorder record is odd
-            buf = io.BytesIO()
-            with zipfile.ZipFile(base / "ok.ckpt") as zin, zipfile.ZipFile(buf, "w") as zout:
-                for item in zin.infolist():
-                    payload = zin.read(item)
-                    if item.filename.endswith("byteorder"):
-                        payload = rng.choice([b"middle", b"", b"\x00" * 100])
-                    zout.writestr(item, payload)
-            p.write_bytes(buf.getvalue())
-        return cat, kind, lambda: load_vae(p)
+def metadata_case(rng, i, base, work, f, header, data, names, cat="metadata"):
+    """Hostile values in klvae's and modelspec's metadata."""
+    h = json.loads(json.dumps(header))
+    key = rng.choice(["klvae.norm_groups", "klvae.scaling_factor", "klvae.shift_factor", "klvae.latents_mean",
+                      "klvae.latents_std", "klvae.family", "klvae.force_upcast", "modelspec.architecture"])
+    h["__metadata__"] = dict(h.get("__metadata__", {}))
+    h["__metadata__"][key] = rng.choice(HOSTILE_VALUES)
+    if key == "klvae.latents_mean" and rng.random() < 0.5:
+        h["__metadata__"]["klvae.latents_std"] = rng.choice(HOSTILE_VALUES + ["[1, 1, 1, 1]"])
+    write_safetensors(f, h, data)
+    fam = rng.choice([None, None, "sd1", "sdxl"])
+    dtype = rng.choice(["auto", "fp16", "bf16"])
+    return cat, key, lambda: load_vae(f, family=fam, dtype=dtype).decode(torch.zeros(1, 4, 2, 2))
 
-    if cat == "folder":
-        folder = work / f"folder{i}"
-        import shutil
-        shutil.copytree(base / "folder", folder)
-        cfg_file = folder / "config.json"
-        cfg = json.loads(cfg_file.read_text())
-        kind = rng.choice(["not_json", "empty", "not_utf8", "list", "string", "null", "dir", "value", "class", "no_weights",
-                           "pipeline"])
-        if kind == "not_json":
-            cfg_file.write_text("{'scaling_factor': 0.18,")
-        elif kind == "empty":
-            cfg_file.write_text("")
-        elif kind == "not_utf8":
-            cfg_file.write_bytes(b"\xff\xfe{\x00}")
-        elif kind in ("list", "string", "null"):
-            cfg_file.write_text({"list": "[1, 2]", "string": '"AutoencoderKL"', "null": "null"}[kind])
-        elif kind == "dir":
-            cfg_file.unlink()
-            cfg_file.mkdir()
-        elif kind == "value":
-            key = rng.choice(["scaling_factor", "shift_factor", "norm_num_groups", "latents_mean", "latents_std",
-                              "force_upcast"])
-            cfg[key] = rng.choice([None, [32], -1, 1.5, 0, "x", "no", float("nan"), 1e300, [0.1] * 3, [None] * 4,
-                                   {"a": 1}, True, 32])
-            cfg_file.write_text(json.dumps(cfg))
-        elif kind == "class":
-            cfg["_class_name"] = rng.choice([5, None, "AutoencoderTiny", ["AutoencoderKL"], ""])
-            cfg_file.write_text(json.dumps(cfg))
-        elif kind == "no_weights":
-            for w in folder.glob("*.safetensors"):
-                w.unlink()
-        else:  # a pipeline folder around it, with a broken model_index
-            pipe = work / f"pipe{i}"
-            (pipe / "vae").mkdir(parents=True)
-            for x in folder.iterdir():
-                x.rename(pipe / "vae" / x.name)
-            (pipe / "model_index.json").write_text("{")
-            folder = pipe
-        return cat, kind, lambda: load_vae(folder)
 
-    if cat == "arguments":
-        kind = rng.choice(["long_path", "none", "int", "bytes", "device", "dtype", "family", "list", "missing_dir"])
-        if kind == "long_path":
-            return cat, kind, lambda: load_vae(work / ("x" * rng.choice([300, 5000]) + ".safetensors"))
-        if kind == "missing_dir":
-            return cat, kind, lambda: load_vae(work / "nope" / "vae")
-        if kind in ("none", "int", "bytes", "list"):
-            arg = {"none": None, "int": 5, "bytes": b"/tmp/x", "list": [1, 2]}[kind]
-            return cat, kind, lambda: load_vae(arg)
-        if kind == "device":
-            dev = rng.choice(["banana", "meta", "cuda:7", "cpu:0:1", 7, "mps", "", None.__class__])
-            return cat, kind, lambda: load_vae(base / "ok.safetensors", device=dev)
-        if kind == "dtype":
-            dt = rng.choice([torch.int8, "fp8", torch.complex64, 5, torch.bool, "float64", torch.float64])
-            return cat, kind, lambda: load_vae(base / "ok.safetensors", dtype=dt)
-        fam = rng.choice(["banana", 3, "", "SD1", "custom", ["sd1"], {"sd1": 1}, b"sd1"])
-        return cat, kind, lambda: load_vae(base / "ok.safetensors", family=fam)
+def pickle_case(rng, i, base, work, f, header, data, names, cat="pickle"):
+    """Pickles: truncated, flipped, payloads (which must never run), odd contents."""
+    kind = rng.choice(["one_byte", "truncate_zip", "truncate_legacy", "flip_zip", "payload", "payload_zip",
+                       "nonstring_keys", "odd_tensors", "not_a_dict", "byteorder"])
+    p = work / f"case{i}.ckpt"
+    marker = work / f"PAYLOAD_RAN_{i}"
+    if kind == "one_byte":
+        p.write_bytes(bytes([rng.randrange(256)]))
+    elif kind in ("truncate_zip", "truncate_legacy"):
+        blob = (base / ("ok.ckpt" if kind == "truncate_zip" else "legacy.ckpt")).read_bytes()
+        p.write_bytes(blob[:rng.choice([20, rng.randrange(1, len(blob))])])
+    elif kind == "flip_zip":
+        blob = bytearray((base / rng.choice(["ok.ckpt", "legacy.ckpt"])).read_bytes())
+        for _ in range(rng.randint(1, 16)):
+            blob[rng.randrange(len(blob))] ^= 1 << rng.randrange(8)
+        p.write_bytes(bytes(blob))
+    elif kind == "payload":
+        p.write_bytes(pickle.dumps({"x": Evil(marker)}, protocol=rng.choice([2, 4])))
+    elif kind == "payload_zip":
+        torch.save({"encoder.conv_in.weight": torch.zeros(1), "x": Evil(marker)}, p)
+    elif kind == "nonstring_keys":
+        torch.save({rng.choice([1, 2.5, (1, 2), None, b"k"]): torch.zeros(2)}, p)
+    elif kind == "odd_tensors":
+        sd = torch.load(base / "ok.ckpt", weights_only=True)
+        k = rng.choice(sorted(sd))
+        t = sd[k]
+        sd[k] = rng.choice([lambda: t.to_sparse(), lambda: torch.quantize_per_tensor(t.float(), 0.1, 0, torch.qint8),
+                            lambda: t.to(torch.int8), lambda: t.to(torch.bool), lambda: t.to(torch.complex64),
+                            lambda: torch.nested.nested_tensor([t.flatten(), t.flatten()[:2]]),
+                            lambda: t.to(torch.float8_e4m3fn)])()
+        torch.save(sd, p)
+    elif kind == "not_a_dict":
+        torch.save(rng.choice([[torch.zeros(1)], torch.zeros(3), 5, "text", None]), p)
+    else:  # a zip whose byteorder record is odd
+        buf = io.BytesIO()
+        with zipfile.ZipFile(base / "ok.ckpt") as zin, zipfile.ZipFile(buf, "w") as zout:
+            for item in zin.infolist():
+                payload = zin.read(item)
+                if item.filename.endswith("byteorder"):
+                    payload = rng.choice([b"middle", b"", b"\x00" * 100])
+                zout.writestr(item, payload)
+        p.write_bytes(buf.getvalue())
+    return cat, kind, lambda: load_vae(p)
 
+
+def folder_case(rng, i, base, work, f, header, data, names, cat="folder"):
+    """Diffusers folders: broken config.json values, classes, missing weights, pipeline folders."""
+    folder = work / f"folder{i}"
+    shutil.copytree(base / "folder", folder)
+    cfg_file = folder / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    kind = rng.choice(["not_json", "empty", "not_utf8", "list", "string", "null", "dir", "value", "class", "no_weights",
+                       "pipeline"])
+    if kind == "not_json":
+        cfg_file.write_text("{'scaling_factor': 0.18,")
+    elif kind == "empty":
+        cfg_file.write_text("")
+    elif kind == "not_utf8":
+        cfg_file.write_bytes(b"\xff\xfe{\x00}")
+    elif kind in ("list", "string", "null"):
+        cfg_file.write_text({"list": "[1, 2]", "string": '"AutoencoderKL"', "null": "null"}[kind])
+    elif kind == "dir":
+        cfg_file.unlink()
+        cfg_file.mkdir()
+    elif kind == "value":
+        key = rng.choice(["scaling_factor", "shift_factor", "norm_num_groups", "latents_mean", "latents_std",
+                          "force_upcast"])
+        cfg[key] = rng.choice([None, [32], -1, 1.5, 0, "x", "no", float("nan"), 1e300, [0.1] * 3, [None] * 4,
+                               {"a": 1}, True, 32])
+        cfg_file.write_text(json.dumps(cfg))
+    elif kind == "class":
+        cfg["_class_name"] = rng.choice([5, None, "AutoencoderTiny", ["AutoencoderKL"], ""])
+        cfg_file.write_text(json.dumps(cfg))
+    elif kind == "no_weights":
+        for w in folder.glob("*.safetensors"):
+            w.unlink()
+    else:  # a pipeline folder around it, with a broken model_index
+        pipe = work / f"pipe{i}"
+        (pipe / "vae").mkdir(parents=True)
+        for x in folder.iterdir():
+            x.rename(pipe / "vae" / x.name)
+        (pipe / "model_index.json").write_text("{")
+        folder = pipe
+    return cat, kind, lambda: load_vae(folder)
+
+
+def arguments_case(rng, i, base, work, f, header, data, names, cat="arguments"):
+    """The public API's arguments: paths, devices, dtypes, families of the wrong type or value."""
+    kind = rng.choice(["long_path", "none", "int", "bytes", "device", "dtype", "family", "list", "missing_dir"])
+    if kind == "long_path":
+        return cat, kind, lambda: load_vae(work / ("x" * rng.choice([300, 5000]) + ".safetensors"))
+    if kind == "missing_dir":
+        return cat, kind, lambda: load_vae(work / "nope" / "vae")
+    if kind in ("none", "int", "bytes", "list"):
+        arg = {"none": None, "int": 5, "bytes": b"/tmp/x", "list": [1, 2]}[kind]
+        return cat, kind, lambda: load_vae(arg)
+    if kind == "device":
+        dev = rng.choice(["banana", "meta", "cuda:7", "cpu:0:1", 7, "mps", "", None.__class__])
+        return cat, kind, lambda: load_vae(base / "ok.safetensors", device=dev)
+    if kind == "dtype":
+        dt = rng.choice([torch.int8, "fp8", torch.complex64, 5, torch.bool, "float64", torch.float64])
+        return cat, kind, lambda: load_vae(base / "ok.safetensors", dtype=dt)
+    fam = rng.choice(["banana", 3, "", "SD1", "custom", ["sd1"], {"sd1": 1}, b"sd1"])
+    return cat, kind, lambda: load_vae(base / "ok.safetensors", family=fam)
+
+
+def inputs_case(rng, i, base, work, f, header, data, names, cat="inputs"):
+    """Decode and encode inputs: empty, wrong rank, dtype, channels, NaN, huge, out of range."""
     vae = load_vae(base / "ok.safetensors")
-    if cat == "inputs":
-        kind = rng.choice(["h0", "b0", "int", "3d", "5d", "nan", "channels", "huge_side", "huge_area", "pixels_odd",
-                           "pixels_nan", "not_tensor", "scaled_wrong", "huge_values", "pixels_255", "seed"])
-        z = {"h0": lambda: torch.zeros(1, 4, 0, 4), "b0": lambda: torch.zeros(0, 4, 4, 4),
-             "int": lambda: torch.zeros(1, 4, 4, 4, dtype=torch.int64), "3d": lambda: torch.zeros(4, 4, 4),
-             "5d": lambda: torch.zeros(1, 4, 1, 4, 4), "nan": lambda: torch.full((1, 4, 4, 4), float("nan")),
-             "channels": lambda: torch.zeros(1, 16, 4, 4), "huge_side": lambda: torch.zeros(1, 4, 100000, 1),
-             "huge_area": lambda: torch.zeros(1, 4, 3000, 3000), "not_tensor": lambda: [[1.0]],
-             "scaled_wrong": lambda: torch.zeros(1, 3, 4, 4)}
-        if kind == "pixels_odd":
-            return cat, kind, lambda: vae.encode(torch.zeros(1, 3, rng.choice([0, 7, 9, 100]), 16))
-        if kind == "huge_values":  # finite, but past fp32's range inside the decoder: never NaN pixels
-            return cat, kind, lambda: vae.decode(torch.full((1, 4, 4, 4), rng.choice([3e37, -1e30, 1e20])))
-        if kind == "pixels_255":
-            return cat, kind, lambda: vae.encode(torch.full((1, 3, 16, 16), rng.choice([255.0, 1e30, -7.0])))
-        if kind == "seed":
-            return cat, kind, lambda: vae.encode(torch.zeros(1, 3, 16, 16)).sample(
-                seed=rng.choice(["1", -1, 2**64, 1.5, [1]]))
-        if kind == "pixels_nan":
-            return cat, kind, lambda: vae.encode(torch.full((1, 3, 16, 16), float("inf")))
-        if kind == "scaled_wrong":
-            return cat, kind, lambda: vae.to_scaled(z[kind]())
-        # (a huge latent *with* tiling is a legitimate long job, planned and run: not a fuzz case)
-        tiled = rng.random() < 0.5 and not kind.startswith("huge")
-        return cat, kind, lambda: vae.decode(z[kind](), tiling="exact" if tiled else None)
-    # tiling options
+    kind = rng.choice(["h0", "b0", "int", "3d", "5d", "nan", "channels", "huge_side", "huge_area", "pixels_odd",
+                       "pixels_nan", "not_tensor", "scaled_wrong", "huge_values", "pixels_255", "seed"])
+    z = {"h0": lambda: torch.zeros(1, 4, 0, 4), "b0": lambda: torch.zeros(0, 4, 4, 4),
+         "int": lambda: torch.zeros(1, 4, 4, 4, dtype=torch.int64), "3d": lambda: torch.zeros(4, 4, 4),
+         "5d": lambda: torch.zeros(1, 4, 1, 4, 4), "nan": lambda: torch.full((1, 4, 4, 4), float("nan")),
+         "channels": lambda: torch.zeros(1, 16, 4, 4), "huge_side": lambda: torch.zeros(1, 4, 100000, 1),
+         "huge_area": lambda: torch.zeros(1, 4, 3000, 3000), "not_tensor": lambda: [[1.0]],
+         "scaled_wrong": lambda: torch.zeros(1, 3, 4, 4)}
+    if kind == "pixels_odd":
+        return cat, kind, lambda: vae.encode(torch.zeros(1, 3, rng.choice([0, 7, 9, 100]), 16))
+    if kind == "huge_values":  # finite, but past fp32's range inside the decoder: never NaN pixels
+        return cat, kind, lambda: vae.decode(torch.full((1, 4, 4, 4), rng.choice([3e37, -1e30, 1e20])))
+    if kind == "pixels_255":
+        return cat, kind, lambda: vae.encode(torch.full((1, 3, 16, 16), rng.choice([255.0, 1e30, -7.0])))
+    if kind == "seed":
+        return cat, kind, lambda: vae.encode(torch.zeros(1, 3, 16, 16)).sample(
+            seed=rng.choice(["1", -1, 2**64, 1.5, [1]]))
+    if kind == "pixels_nan":
+        return cat, kind, lambda: vae.encode(torch.full((1, 3, 16, 16), float("inf")))
+    if kind == "scaled_wrong":
+        return cat, kind, lambda: vae.to_scaled(z[kind]())
+    # (a huge latent *with* tiling is a legitimate long job, planned and run: not a fuzz case)
+    tiled = rng.random() < 0.5 and not kind.startswith("huge")
+    return cat, kind, lambda: vae.decode(z[kind](), tiling="exact" if tiled else None)
+
+
+def tiling_case(rng, i, base, work, f, header, data, names, cat="tiling"):
+    """Tiling options, and faults during a tiled run (spill folder removed, interrupts, plan shapes)."""
+    vae = load_vae(base / "ok.safetensors")
     kind = rng.choice(["tile_size", "overlap", "memory_budget", "mosaic_size", "progress", "interrupt", "mode", "store",
                        "spill_dir", "auto_huge", "bounded_tiny", "spill_gone", "interrupt_first", "plan_shape"])
     z = torch.zeros(1, 4, 4, 4)
@@ -329,11 +336,21 @@ def case(seed: int, i: int, base: Path, work: Path):
     return cat, kind, lambda: vae.decode(z, tiling=Tiling(**{kind: value}))
 
 
+GENERATORS = {"safetensors": safetensors_case, "pickle": pickle_case, "folder": folder_case, "metadata": metadata_case,
+              "arguments": arguments_case, "inputs": inputs_case, "tiling": tiling_case}
+
+
+def case(seed: int, i: int, base: Path, work: Path):
+    """Case i of a seeded run: (category, description, callable), from its category's generator."""
+    rng = random.Random(seed * 1_000_003 + i)
+    cat = CATEGORIES[i % len(CATEGORIES)]
+    header, data = read_safetensors(base / "ok.safetensors")
+    names = [k for k in header if k != "__metadata__"]
+    return GENERATORS[cat](rng, i, base, work, work / f"case{i}.safetensors", header, data, names)
+
+
 def values_case(rng, base, work, i):
     """Weights that parse but are not usable: non-finite, or beyond fp16 for an fp16 load."""
-    from safetensors.torch import load_file, save_file
-
-    from klvae.vae import load_vae
     sd = load_file(str(base / "ok.safetensors"))
     k = rng.choice(sorted(sd))
     t = sd[k].clone()
@@ -348,9 +365,7 @@ def values_case(rng, base, work, i):
 # The worker: runs cases in order, one JSON line per case.
 # -------------------------------------------------------------------------------------------------
 def worker(seed: int, base: str, first: int, stride: int, count: int):
-    import torch
     torch.set_num_threads(1)
-    from klvae.vae import Interrupted, KLVAEError
     base = Path(base)
     base_files(base)
     work = Path(tempfile.mkdtemp(prefix="klvae-fuzz-"))
@@ -421,7 +436,7 @@ def run(seed: int, count: int, workers: int = 2, case_timeout: float = 20.0, mem
                     results[msg["case"]] = msg
                     todo[w].remove(msg["case"])
                     st["current"] = None
-            rss = _rss(p.pid)
+            rss = proc_status("VmRSS", p.pid)
             over_time = st["current"] is not None and time.time() - st["since"] > case_timeout
             over_mem = rss is not None and rss > mem_limit
             if p.poll() is not None or over_time or over_mem:
@@ -439,17 +454,6 @@ def run(seed: int, count: int, workers: int = 2, case_timeout: float = 20.0, mem
                 del procs[w]
                 start(w)
     return [results[i] for i in sorted(results)]
-
-
-def _rss(pid) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def table(results) -> str:

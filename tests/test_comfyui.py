@@ -8,6 +8,7 @@ import pytest
 
 from comfy_host import error_of, to_png_bytes
 from klvae.vae import load_vae
+from klvae.vae.memory import proc_status
 
 NODES = ["KLVAELoader", "KLVAEFromVAE", "KLVAEEncodeArgMax", "KLVAEEncodeSample", "KLVAEEncodeTiled",
          "KLVAEDecode", "KLVAEDecodeTiled"]
@@ -247,17 +248,12 @@ def test_cancel_button_stops_between_tiles(comfy):
     assert ok["status"]["status_str"] == "success"
 
 
-def _rss(pid) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
 def test_hostile_vae_file_is_a_node_error_and_the_server_survives(comfy):
     """A file whose key indices ask for 10^8 resnet blocks, picked in the loader: the loader node
     fails with one line, the server's memory is where it was, and the next prompt runs."""
     warm = comfy.run(graph("KLVAELoader", ARGMAX, ("KLVAEDecode", {}), "before_hostile"))
     assert warm["status"]["status_str"] == "success", error_of(warm)
-    rss0 = _rss(comfy.proc.pid)
+    rss0 = proc_status("VmRSS", comfy.proc.pid)
     g = graph("KLVAELoader", ARGMAX, ("KLVAEDecode", {}), "hostile")
     g["2"]["inputs"]["vae_name"] = "hostile.safetensors"
     t0 = __import__("time").time()
@@ -266,7 +262,7 @@ def test_hostile_vae_file_is_a_node_error_and_the_server_survives(comfy):
     assert entry["status"]["status_str"] == "error" and err["node_id"] == "2", entry["status"]
     assert "beyond any KL VAE" in err["exception_message"] and "\n" not in err["exception_message"].strip()
     assert __import__("time").time() - t0 < 30
-    assert _rss(comfy.proc.pid) <= rss0 + 64 * 2**20, (rss0, _rss(comfy.proc.pid))
+    assert proc_status("VmRSS", comfy.proc.pid) <= rss0 + 64 * 2**20, (rss0, proc_status("VmRSS", comfy.proc.pid))
     ok = comfy.run(graph("KLVAELoader", ARGMAX, ("KLVAEDecodeTiled", {"tile_size": 192, "overlap": 0,
                                                                         "tiling": "exact"}), "after_hostile"))
     assert ok["status"]["status_str"] == "success", error_of(ok)

@@ -11,7 +11,7 @@ from klvae.vae.diffusers_compat import ldm_to_diffusers
 
 
 # ---- parity with diffusers at full width ------------------------------------------------------
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux", "flux2"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux"])  # flux2: tests/test_flux2.py
 def test_parity_with_diffusers_full_width(family):
     d = diffusers_vae(family, seed=3)
     k = klvae_from(d, family=family)

@@ -71,26 +71,49 @@ def test_lone_files_get_their_family_config_not_sd15_defaults(tmp_path, name, fa
 
 
 # -- raw <-> scaled --------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux"])
-def test_scaled_latents_follow_diffusers_pipelines(family):
-    k = AutoencoderKL(preset(family, **NARROW))
-    raw = torch.randn(1, k.config.latent_channels, 4, 4)
-    scaled = k.to_scaled(raw)
-    # what the pipelines do before decoding (SD/SDXL: / scale; SD3/Flux: / scale + shift)
-    c = k.config
-    assert torch.allclose(raw, scaled / c.scaling_factor + (c.shift_factor or 0.0), atol=1e-6)
-    assert torch.allclose(k.from_scaled(scaled), raw, atol=1e-6)
+class _KeepLatents:
+    """A scheduler whose noising returns the latents unchanged: what is left of prepare_latents is
+    the pipeline's own encode and scaling."""
+    def add_noise(self, latents, noise, t):
+        return latents
+
+    def scale_noise(self, latents, t, noise):
+        return latents
 
 
-def test_latents_mean_std_scaling_matches_sdxl_pipeline():
-    k = AutoencoderKL(preset("sdxl", **NARROW))
+def pipeline_scaled(family, vae, x, seed):
+    """What a diffusers img2img pipeline makes of image x with this VAE, by the pipeline's own code."""
+    from types import SimpleNamespace
+
+    from diffusers import (FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, StableDiffusionImg2ImgPipeline,
+                           StableDiffusionXLImg2ImgPipeline)
+    me = SimpleNamespace(vae=vae, scheduler=_KeepLatents())
+    g = torch.Generator().manual_seed(seed)
+    args = (x, torch.tensor([1]), 1, 1, torch.float32, torch.device("cpu"), g)
+    if family == "sd1":
+        return StableDiffusionImg2ImgPipeline.prepare_latents(me, *args)
+    if family == "sdxl":
+        return StableDiffusionXLImg2ImgPipeline.prepare_latents(me, *args, add_noise=False)
+    if family == "sd3":
+        return StableDiffusion3Img2ImgPipeline.prepare_latents(me, *args)
+    return FluxImg2ImgPipeline._encode_vae_image(me, x, g)
+
+
+@pytest.mark.parametrize("family,stats", [("sd1", False), ("sdxl", False), ("sdxl", True), ("sd3", False),
+                                          ("flux", False)])
+def test_scaled_latents_follow_diffusers_pipelines(family, stats):
+    """to_scaled equals what each family's img2img pipeline does to an encoded image (its own code
+    runs: prepare_latents or _encode_vae_image, with klvae's VAE and the same generator); SDXL also
+    with per-channel latents_mean/std (Playground v2.5's convention); from_scaled inverts it."""
     import dataclasses
-    k.config = dataclasses.replace(k.config, latents_mean=(0.1, 0.2, 0.3, 0.4), latents_std=(2.0, 1.0, 0.5, 4.0))
-    raw = torch.randn(1, 4, 4, 4)
-    mean, std = torch.tensor(k.config.latents_mean).view(1, 4, 1, 1), torch.tensor(k.config.latents_std).view(1, 4, 1, 1)
-    pipeline_scaled = (raw - mean) * k.config.scaling_factor / std  # StableDiffusionXLImg2ImgPipeline.prepare_latents
-    assert torch.allclose(k.to_scaled(raw), pipeline_scaled, atol=1e-6)
-    assert torch.allclose(k.from_scaled(pipeline_scaled), pipeline_scaled * std / k.config.scaling_factor + mean, atol=1e-6)
+    k = AutoencoderKL(preset(family, **NARROW)).eval()
+    if stats:
+        k.config = dataclasses.replace(k.config, latents_mean=(0.1, 0.2, 0.3, 0.4), latents_std=(2.0, 1.0, 0.5, 4.0))
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ref = pipeline_scaled(family, k, x, seed=5)
+    raw = k.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(k.to_scaled(raw), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(k.from_scaled(ref), raw, atol=1e-5, rtol=0)
 
 
 # -- call shapes -----------------------------------------------------------------------------------
@@ -119,7 +142,7 @@ def test_diffusers_call_shapes():
     k.disable_slicing().enable_tiling(tile_size=16)
     assert k.use_tiling and torch.allclose(k.decode(z), full, atol=1e-4) and k.last_tiling.n_tiles > 1
     k.disable_tiling()
-    assert not k.use_tiling and torch.equal(k.decode(z), full) and k.last_tiling is None
+    assert not k.use_tiling and torch.equal(k.decode(z), full) and k.last_tiling.mode == "untiled"
 
 
 # -- pipelines ----------------------------------------------------------------------------------------

@@ -2,12 +2,13 @@
 output equals the single-process untiled result; a dead rank or mismatched inputs end the others
 with one line, within the group's timeout."""
 import json
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+from klvae.testing import free_port
 
 WORKER = r"""
 import json, os, sys, time
@@ -79,12 +80,6 @@ print("RESULT " + json.dumps(out), flush=True)
 # reported ("terminate called without an active exception", rc -6; 1 run in ~10): not what is tested.
 os._exit(0)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(world: int, scenario: str, timeout=240) -> list:

@@ -8,18 +8,17 @@ The class holds the model (encoder, decoder, quant convs), its posterior and the
 precision.py, the tile plan in tiling.py, exact tiles in engine.py, bounded tiles in bounded.py,
 diffusers' call shapes in diffusers_compat.py.
 """
-import time
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
-from . import bounded, checkpoint, engine
+from . import checkpoint
 from .distributed import Shard
 from .config import FAMILIES_BY_CHANNELS, VAEConfig
 from .diffusers_compat import Decoded, DecoderOutput, DiffusersVAE, ldm_to_diffusers
 from .errors import KLVAEError
-from .memory import PeakMeter, free_memory, return_freed_memory_to_os
+from .memory import free_memory, return_freed_memory_to_os
 from .model import Decoder, Encoder
 from .precision import Guard, resolve_device, resolve_dtype
 from .tiling import UNLIMITED, Plan, Tiling, TilingReport, make_plan
@@ -109,7 +108,8 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     # -- what the last tiled call did ----------------------------------------------------------
     @property
     def last_tiling(self) -> TilingReport | None:
-        """The report of the last encode/decode that was given a tiling (None after an untiled call)."""
+        """What the last encode or decode did, tiled or not: its plan plus what was measured
+        (`print(vae.last_tiling)` reads as a sentence). None before the first call."""
         return self._last_tiling
 
     @property
@@ -211,8 +211,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
             return tiling
         t = Tiling(mode="auto", memory_budget=UNLIMITED) if tiling is None else Tiling.of(tiling)
         p = make_plan(net, direction, in_channels, shape, self.dtype, self.device, t, self.config.downscale,
-                      allow_untiled=t.mode == "auto",
-                      bounded_peak=lambda p, item: bounded.prepare(net, p, shape, in_channels, item))
+                      allow_untiled=t.mode == "auto")
         if tiling is None:  # the plain pass: refuse up front what cannot fit, rather than fail in the allocator
             free = free_memory(self.device)
             if p.predicted > 1.25 * free:
@@ -249,7 +248,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         plan = self.plan_encode(pixels.shape, tiling)
         # [-1, 1] pixels are cast once, here; callers map from [0, 1] in fp32 first (no banding).
         x = pixels.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        moments = self._run(self.encoder, x, plan, tiling is not None)
+        moments = self._run(self.encoder, x, plan)
         if moments is None:  # distributed, gather="rank0", on another rank
             return None
         if self.quant_conv is not None:
@@ -276,50 +275,31 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         z = latents.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        out = self._run(self.decoder, z, plan, tiling is not None)
+        out = self._run(self.decoder, z, plan)
         if out is None:
             return None
         self._check_output(out, latents, "decode")
         return out.contiguous()  # None: distributed, gather="rank0", another rank
 
-    def _run(self, net, x, plan: Plan, tiled_call: bool) -> torch.Tensor:
-        """net on x as planned, through the precision guard; records what was done. Distributed:
-        every rank runs its band (the guard's decisions are the same on every rank), then the
-        output is gathered as Tiling(gather=...) asks (None off rank 0 for "rank0")."""
-        reports = []
+    def _run(self, net, x, plan: Plan) -> torch.Tensor:
+        """net on x as planned (tiling.execute), through the precision guard; the report goes to
+        last_tiling. Distributed: every rank runs its band (the guard's decisions are the same on
+        every rank), then the output is gathered as Tiling(gather=...) asks (None off rank 0 for
+        "rank0")."""
         shard = None
         if plan.tiling.process_group is not None:
             shard = Shard(plan.tiling.process_group, x.shape[2] // (1 if plan.direction == "decode" else plan.downscale),
                           plan.tiling.gather)
             shard.check_same_input(x)
-
-        def run(n, xs):
-            if plan.mode == "exact" and (plan.n_tiles > 1 or plan.store != "device" or shard):
-                out, rep = engine.run_segments(n, xs, plan, shard)
-            elif plan.mode == "bounded":
-                out, rep = bounded.run(n, xs, plan)
-            else:  # untiled, or one exact band: the plain pass is that band
-                progress, meter, t0 = plan.tiling.progress, PeakMeter(xs.device), time.perf_counter()
-                if progress:
-                    progress(0, 1)
-                out = n(xs)
-                if progress:
-                    progress(1, 1)
-                rep = TilingReport(plan.direction, plan.mode if plan.mode == "exact" else "untiled",
-                                   plan.tile_size, plan.grid, 0, "exact: the whole image at once", plan.predicted,
-                                   plan.store, 0, meter.peak(), time.perf_counter() - t0, 1, list(plan.notes))
-            reports.append(rep)
-            return out
-
-        out = self.guard.run(net, x, run, "decoder" if net is self.decoder else "encoder")
+        out, report = self.guard.run(net, x, plan, shard)
         if shard:
             f = plan.downscale
             H = x.shape[2] * f if plan.direction == "decode" else x.shape[2] // f  # the whole output's rows
             if shard.gather != "band":
                 out = shard.gather_rows(out, H, to_all=shard.gather == "all")
-            reports[0].bytes_sent = shard.bytes_sent
-            reports[0].notes.append(f"sent {shard.bytes_sent / 2**20:.1f} MiB to the other ranks")
-        self._last_tiling = reports[0] if tiled_call else None
+            report.bytes_sent = shard.bytes_sent
+            report.notes.append(f"sent {shard.bytes_sent / 2**20:.1f} MiB to the other ranks")
+        self._last_tiling = report
         return out
 
     def _check_output(self, out, x, direction) -> None:

@@ -21,7 +21,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -260,19 +260,15 @@ def infer_config(name, shape, keys, hints=(), stated=None) -> VAEConfig:
     cfg["norm_groups"] = stated.pop("norm_groups", 32)
     candidates = [f for f, spec in FAMILIES.items() if spec.latent_channels == z and
                   spec.quant_conv == cfg["use_quant_conv"] and spec.batch_norm == batch_norm]
-    notes = []
+    notes, family = [], None
     for fam, where in hints:
         if fam in candidates or (fam in FAMILIES and "scaling_factor" in stated):
-            f = FAMILIES[fam]
-            cfg.update(family=fam, scaling_factor=f.scaling_factor, shift_factor=f.shift_factor,
-                       force_upcast=f.force_upcast)
+            family = fam
             notes.append(f"family {fam} from {where}")
             break
     else:
         if candidates:
-            f = FAMILIES[candidates[0]]
-            cfg.update(family=f.name, scaling_factor=f.scaling_factor, shift_factor=f.shift_factor,
-                       force_upcast=f.force_upcast)
+            family = candidates[0]
             if len(candidates) > 1:
                 msg = (f"shapes fit {' and '.join(candidates)} equally; assumed {candidates[0]} "
                        f"(pass family='{candidates[1]}' if that is what it is)")
@@ -285,9 +281,11 @@ def infer_config(name, shape, keys, hints=(), stated=None) -> VAEConfig:
             notes.append(f"no released family has {z} latent channels with quant_conv={cfg['use_quant_conv']}"
                          f"{' and a latent BatchNorm' if batch_norm else ''}; scale 1.0, shift 0.0 unless the file "
                          f"says otherwise")
-    cfg.update(stated)  # what the file states wins over the family's numbers
     try:
-        return VAEConfig(**cfg, notes=tuple(notes))
+        config = VAEConfig(**cfg, notes=tuple(notes))
+        if family is not None:
+            config = config.with_family(family)
+        return replace(config, **stated)  # what the file states wins over the family's numbers
     except KLVAEError as e:
         raise KLVAEError(f"{name}: {e}") from e
 

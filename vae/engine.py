@@ -30,12 +30,16 @@ So the engine runs the network layer by layer instead of tile by tile from the i
 Exactness: the results equal the untiled pass up to float summation order (the tests hold
 max |tiled - untiled| <= 1e-4 on every shape and family).
 
+What each layer type does in a segment is its own (`Step.segment` in layers.py); this module is
+the machinery they share: stores, the bands of an activation, statistics passed along, progress.
+
 Several processes: with a `Shard` (distributed.py) each rank computes its own band of rows at
 every resolution, its stores hold those rows and the one halo row on each side, which the
 neighbouring ranks send before each segment; statistics, attention keys/values and the result
 are gathered. Nothing else changes.
 """
 import errno
+import math
 import os
 import shutil
 import tempfile
@@ -45,98 +49,27 @@ import traceback
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .distributed import Shard
 from .errors import KLVAEError
 from .memory import PeakMeter
-from .model import AttnBlock, Downsample, ResnetBlock, Tail, Upsample, silu_
-from .tiling import STATS_CHUNK, Interrupted, Plan, TilingReport, band_rows, steps_of
+from .ops import Progress, Scratch, Stats, Tile, conv3x3, normed
 
 
 # ----------------------------------------------------------------------------------------------
-# Statistics: per (batch item, channel) count, mean and sum of squared deviations.
+# Bands: near-equal full-width row ranges within a number of values.
 # ----------------------------------------------------------------------------------------------
-class Stats:
-    """Exactly additive over any partition of the pixels (Chan et al.'s pairwise update), in float64.
-    Each chunk of a band contributes its own mean and squared deviations about it (two passes over
-    rows that are in cache), so no precision is lost when a channel's mean dwarfs its spread."""
-
-    def __init__(self):
-        self.n, self.mean, self.m2 = 0, None, None
-
-    def add(self, y: torch.Tensor, scratch: "Scratch") -> None:     # y: [B, C, rows, W]
-        """y's per-channel statistics added, STATS_CHUNK bytes of fp32 deviations at a time: the
-        four passes over a chunk (mean, deviations, square, sum) then hit the cache, not memory
-        (a 128 MiB band: 40 ms against 62 ms in one piece, here)."""
-        B, C, H, W = y.shape
-        rows = max(1, STATS_CHUNK // max(1, B * C * W * 4))
-        for a in range(0, H, rows):
-            self._add(y[:, :, a:a + rows], scratch)
-
-    def _add(self, y: torch.Tensor, scratch: "Scratch") -> None:
-        n = y.shape[2] * y.shape[3]
-        if n == 0:
-            return
-        mean = y.mean(dim=(2, 3), keepdim=True, dtype=torch.float32)
-        d = torch.sub(y, mean, out=scratch.like("stats", y, torch.float32)).square_()
-        self.merge(n, mean.flatten(1).double(), d.sum(dim=(2, 3)).double())
-
-    def merge(self, n, mean, m2) -> None:
-        """Add another part's count, per-channel means and squared deviations (Chan's update)."""
-        if n == 0:
-            return
-        if self.mean is None or self.n == 0:
-            self.n, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.n + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta.square() * (self.n * n / total)
-        self.n = total
-
-    def affine(self, norm: nn.GroupNorm, dtype) -> tuple:
-        """GroupNorm as x * scale + shift with these statistics: ([B, C, 1, 1], [B, C, 1, 1])."""
-        B, C = self.mean.shape
-        G = norm.num_groups
-        cm, cm2 = self.mean.view(B, G, C // G), self.m2.view(B, G, C // G)
-        gmean = cm.mean(-1, keepdim=True)
-        gvar = (cm2.sum(-1, keepdim=True) + self.n * (cm - gmean).square().sum(-1, keepdim=True)) / (self.n * C // G)
-        rstd = torch.rsqrt(gvar + norm.eps)                                    # [B, G, 1]
-        w = norm.weight.to(rstd.device, torch.float64).view(1, G, C // G)
-        b = norm.bias.to(rstd.device, torch.float64).view(1, G, C // G)
-        scale = (rstd * w).reshape(B, C, 1, 1)
-        shift = (b - gmean * rstd * w).reshape(B, C, 1, 1)
-        return scale.to(dtype), shift.to(dtype)
+def band_count(H: int, W: int, C: int, elems: int) -> int:
+    """How many full-width bands of at most `elems` values (at least one row) cover H rows of W x C."""
+    return math.ceil(H / max(1, min(H, elems // max(1, W * C))))
 
 
-class Scratch:
-    """Reused buffers for a band's temporaries. A fresh large tensor costs a page-faulting pass
-    over its memory (on this CPU the normalised copy takes 41 ms fresh, 9 ms into a warm buffer,
-    for a 128-channel 256x512 band), which would otherwise double the engine's non-conv time."""
-
-    def __init__(self):
-        self.flat = {}
-
-    def like(self, name: str, x: torch.Tensor, dtype=None, rows=None) -> torch.Tensor:
-        """A channels-last buffer shaped as x, or as x with `rows` rows (contents undefined), reused
-        across bands."""
-        dtype = dtype or x.dtype
-        B, C, H, W = x.shape
-        H = H if rows is None else rows
-        n = B * C * H * W
-        f = self.flat.get(name)
-        if f is None or f.numel() < n or f.dtype != dtype or f.device != x.device:
-            f = self.flat[name] = torch.empty(n, dtype=dtype, device=x.device)
-        return f[:n].view(B, H, W, C).permute(0, 3, 1, 2)
-
-
-def normed(x: torch.Tensor, affine, scratch: Scratch, act: bool = True) -> torch.Tensor:
-    """GroupNorm (given statistics) -> SiLU of a band: one multiply-add into a warm buffer, then
-    SiLU in place. The result is valid until the next band's."""
-    scale, shift = affine
-    h = torch.addcmul(shift.to(x.device), x, scale.to(x.device), out=scratch.like("act", x))
-    return silu_(h) if act else h
+def band_rows(H: int, W: int, C: int, elems: int, lo: int = 0, hi: int | None = None):
+    """Near-equal full-width bands of an H x W x C activation with at most `elems` values each
+    (at least one row), partitioning its rows [lo, hi) (all H by default): [(y0, y1), ...]."""
+    hi = H if hi is None else hi
+    n = band_count(hi - lo, W, C, elems)
+    ys = [lo + i * (hi - lo) // n for i in range(n + 1)]
+    return [(ys[i], ys[i + 1]) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,27 +168,14 @@ class Store:
 
 
 # ----------------------------------------------------------------------------------------------
-# One segment: bands of output rows, each from its input rows plus a one-row halo.
+# What every segment of one call shares, and the pass most of them are.
 # ----------------------------------------------------------------------------------------------
-def conv_rows(conv: nn.Conv2d, h: torch.Tensor, a: int, b: int, H: int, y0: int, y1: int) -> torch.Tensor:
-    """Rows [y0, y1) of a 3x3, stride-1, zero-padded conv of an activation with H rows, from h =
-    its rows [a, b) over the full width (a <= y0 - 1 unless a == 0, b >= y1 + 1 unless b == H).
-    The conv pads left/right itself (the image border); it pads top/bottom too only when the band
-    touches the top or bottom, and the row it then computes needlessly at the other end is cut."""
-    edge = a == 0 or b == H
-    out = F.conv2d(h, conv.weight, conv.bias, padding=(1 if edge else 0, 1))
-    first = a if edge else a + 1
-    return out[:, :, y0 - first: y1 - first]
-
-
 class Context:
     """What every segment of one call shares: the plan, its bands, the stores, progress."""
 
-    def __init__(self, plan: Plan, device, dtype, shard=None):
+    def __init__(self, plan, device, dtype, shard=None):
         self.plan, self.device, self.dtype, self.shard = plan, device, dtype, shard
-        t = plan.tiling
-        self.progress, self.interrupt = t.progress, t.interrupt
-        self.done, self.total = 0, 0
+        self.progress = Progress(0, plan.tiling.progress, plan.tiling.interrupt)
         self.store_peak = 0
         self.alive = {}
         self.spare = None  # the last freed store, for the next one of its shape
@@ -299,7 +219,7 @@ class Context:
     def free(self, s: Store) -> None:
         """s is no longer read. Its memory serves the next store of its shape (the resnets of a
         level): a fresh allocation of host memory page-faults on first write, ~2x the cost of the
-        band copies into it (0.17 s vs 0.06 s per 512 MiB here). A disk store is not reused."""
+        band copies into it (0.17 s vs 0.06 s per 512 MiB, measured). A disk store is not reused."""
         self.alive.pop(id(s), None)
         if s.kind != "disk":
             self.spare = s
@@ -311,132 +231,47 @@ class Context:
             out.write(y0, y)
         if st is not None:
             st.add(y, self.scratch)
-        self.step()
+        self.progress.step()
 
-    def step(self) -> None:
-        if self.interrupt is not None and self.interrupt():
-            raise Interrupted("tiled VAE run interrupted")
-        self.done += 1
-        if self.progress is not None:
-            self.progress(self.done, self.total)
+    def window(self, x: Store, y0: int, y1: int, halo: int = 1) -> Tile:
+        """Rows [y0, y1) of x and `halo` rows on each side (fewer at the image border), full width."""
+        a, b = max(0, y0 - halo), min(x.H, y1 + halo)
+        return Tile(x.rows(a, b), a, b, 0, x.shape[3], x.H, x.shape[3], 1)
 
 
-def segment_conv(ctx, conv: nn.Conv2d, x: Store, r: int, affine=None, stats=True, kind=None) -> tuple:
-    """out = conv(act(norm(x))) (or conv(x) without a norm), band by band; with out's statistics."""
+def conv_pass(ctx: Context, conv: nn.Conv2d, x: Store, affine=None, stats: bool = True, kind=None) -> tuple:
+    """out = conv(SiLU(norm(x))) with the norm's whole-image `affine` (or conv(x) without one), band
+    by band, each reading one halo row above and below; returns (out, out's statistics)."""
     B, C, H, W = x.shape
     ctx.exchange(x)
     out = ctx.new(B, conv.out_channels, H, W, kind)
     st = Stats()
     for y0, y1 in ctx.bands(H, W, max(C, conv.out_channels)):
-        a, b = max(0, y0 - 1), min(H, y1 + 1)
-        h = x.rows(a, b)
+        t = ctx.window(x, y0, y1)
         if affine is not None:
-            h = normed(h, affine, ctx.scratch)
-        y = conv_rows(conv, h, a, b, H, y0, y1)
-        del h
+            t = t._replace(data=normed(t.data, affine, ctx.scratch))
+        y = conv3x3(conv, t).rows(y0, y1)
+        del t
         ctx.put(out, y0, y, st if stats else None)
         del y
     return out, (ctx.merge(st) if stats else st)
 
 
-def segment_resnet(ctx, block: ResnetBlock, x: Store, sx: Stats, r: int, stats: bool) -> tuple:
-    B, _, H, W = x.shape
-    h, sh = segment_conv(ctx, block.conv1, x, r, sx.affine(block.norm1, ctx.dtype))
-    aff = sh.affine(block.norm2, ctx.dtype)
-    del sh
-    # The residual stream is updated in place when the width stays; a new stream where it changes.
-    out = x if block.nin_shortcut is None else ctx.new(B, block.conv2.out_channels, H, W)
-    ctx.exchange(h)
-    st = Stats()
-    for y0, y1 in ctx.bands(H, W, max(x.shape[1], block.conv2.out_channels)):
-        a, b = max(0, y0 - 1), min(H, y1 + 1)
-        y = conv_rows(block.conv2, normed(h.rows(a, b), aff, ctx.scratch), a, b, H, y0, y1)
-        if out is x:
-            y = x.add_(y0, y)
-        else:
-            y = y.add_(block.nin_shortcut(x.rows(y0, y1)))
-        ctx.put(None if out is x else out, y0, y, st if stats else None)
-        del y
-    if out is not x:
-        ctx.free(x)
-    ctx.free(h)  # last: the spare for the next resnet's h
-    return out, (ctx.merge(st) if stats else st)
-
-
-def segment_attention(ctx, attn: AttnBlock, x: Store, sx: Stats, r: int) -> tuple:
-    """Global single-head attention over all positions, written band by band. q, k, v live on the
-    device token-major ([B, H, W, C], which is also [B, 1, H*W, C] for SDPA); each band of queries
-    attends over every key, then proj_out and the residual are added to the stream in place.
-    Distributed: each rank projects its own rows; the keys and values are gathered from all ranks."""
-    B, C, H, W = x.shape
-    lo, hi = ctx.own(H)
-    aff = sx.affine(attn.norm, ctx.dtype)
-    ctx.spare = None  # q, k and v are not stores: no spare held under them
-    q, k, v = (torch.empty(B, hi - lo, W, C, dtype=ctx.dtype, device=ctx.device) for _ in range(3))
-    for y0, y1 in ctx.bands(H, W, C):
-        hn = normed(x.rows(y0, y1), aff, ctx.scratch, act=False)
-        for proj, dst in ((attn.q, q), (attn.k, k), (attn.v, v)):
-            dst[:, y0 - lo:y1 - lo] = proj(hn).permute(0, 2, 3, 1)
-        del hn
-        ctx.step()
-    if ctx.shard:
-        k, v = (ctx.shard.gather_rows(t, H, dim=1) for t in (k, v))
-    kk, vv = k.view(B, 1, H * W, C), v.view(B, 1, H * W, C)
-    st = Stats()
-    for y0, y1 in ctx.bands(H, W, C):
-        o = F.scaled_dot_product_attention(q[:, y0 - lo:y1 - lo].reshape(B, 1, -1, C), kk, vv)
-        o = attn.proj_out(o.view(B, y1 - y0, W, C).permute(0, 3, 1, 2))
-        ctx.put(None, y0, x.add_(y0, o), st)
-        del o
-    return x, ctx.merge(st)
-
-
-def segment_upsample(ctx, up: Upsample, x: Store, r: int) -> tuple:
-    """Nearest 2x then a 3x3 conv, at the doubled resolution (no norm before it)."""
-    B, C, H, W = x.shape
-    ctx.exchange(x)
-    out = ctx.new(B, C, 2 * H, 2 * W)
-    st = Stats()
-    for y0, y1 in ctx.bands(2 * H, 2 * W, C):
-        la, lb = max(0, (y0 - 1) // 2), min(H, (y1 + 2) // 2)   # low-res rows covering [y0-1, y1+1)
-        h = F.interpolate(x.rows(la, lb), scale_factor=2.0, mode="nearest")
-        y = conv_rows(up.conv, h, 2 * la, 2 * lb, 2 * H, y0, y1)
-        del h
-        ctx.put(out, y0, y, st)
-        del y
-    ctx.free(x)
-    return out, ctx.merge(st)
-
-
-def segment_downsample(ctx, down: Downsample, x: Store, r: int) -> tuple:
-    """LDM's downsample: zero pad right and bottom by one, 3x3 conv with stride 2. Output row i
-    reads input rows 2i .. 2i+2."""
-    B, C, H, W = x.shape
-    ctx.exchange(x)
-    out = ctx.new(B, C, H // 2, W // 2)
-    st = Stats()
-    for y0, y1 in ctx.bands(H // 2, W // 2, 4 * C):
-        a, b = 2 * y0, min(H, 2 * y1 + 1)
-        h = F.pad(x.rows(a, b), (0, 1, 0, 2 * y1 + 1 - b))
-        y = F.conv2d(h, down.conv.weight, down.conv.bias, stride=2)
-        del h
-        ctx.put(out, y0, y, st)
-        del y
-    ctx.free(x)
-    return out, ctx.merge(st)
-
-
-def run_segments(net: nn.Module, x: torch.Tensor, plan: Plan, shard: Shard | None = None) -> tuple:
-    """The whole network on x, segment by segment. Returns (output on the device, report);
-    with a shard, this rank's rows of the output (non-finite values in an item on any rank make
-    that item non-finite on every rank, so that the precision guard decides the same everywhere).
+# ----------------------------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------------------------
+def run_segments(steps, x: torch.Tensor, plan, shard=None) -> tuple:
+    """The steps (layers.steps_of) on x, segment by segment. Returns (output on the device, what
+    was measured: a dict for the report); with a shard, this rank's rows of the output (non-finite
+    values in an item on any rank make that item non-finite on every rank, so that the precision
+    guard decides the same everywhere).
 
     A run that fails (a full spill disk, an interrupt, a dead rank) gives its memory back before
     the error leaves: its stores live in the frames of the traceback, which would keep them (and a
     spill file's mapping) until the cyclic garbage collector runs; those frames are cleared."""
     meter = PeakMeter(x.device, anon=plan.store == "disk")
     try:
-        return _run_segments(net, x, plan, shard, meter)
+        return _run_segments(steps, x, plan, shard, meter)
     except BaseException as e:
         release_frames(e)
         raise
@@ -453,49 +288,27 @@ def release_frames(e: BaseException) -> None:
         e = e.__cause__ or e.__context__
 
 
-def _run_segments(net, x, plan, shard, meter) -> tuple:
+def _run_segments(steps, x, plan, shard, meter) -> tuple:
     t0 = time.perf_counter()
-    steps = steps_of(net.layers(), x.shape[1], 1 if plan.direction == "decode" else plan.downscale)
     B, _, H, W = x.shape
     h, w = H // steps[0].r_in, W // steps[0].r_in
     ctx = Context(plan, x.device, x.dtype, shard)
-    ctx.total = sum(len(band_rows(h * s.r_out, w * s.r_out, max(s.cin, s.cout), plan.band_elems,
-                                  *ctx.own(h * s.r_out)))
-                    * (2 if isinstance(s.layer, (ResnetBlock, AttnBlock)) else 1) for s in steps)
+    ctx.progress.total = sum(s.passes * len(band_rows(h * s.r_out, w * s.r_out, s.band_channels, plan.band_elems,
+                                                      *ctx.own(h * s.r_out))) for s in steps)
     cur, st = Store.of(x), None
     for n, s in enumerate(steps):
-        layer, r = s.layer, s.r_in
-        # The statistics of a segment's output feed the next norm; an up/downsample has none.
-        nxt = steps[n + 1].layer if n + 1 < len(steps) else None
-        want = nxt is not None and not isinstance(nxt, (Upsample, Downsample))
-        if isinstance(layer, nn.Conv2d):
-            new, st = segment_conv(ctx, layer, cur, r, stats=want)
-            ctx.free(cur)
-            cur = new
-        elif isinstance(layer, ResnetBlock):
-            cur, st = segment_resnet(ctx, layer, cur, st, r, stats=want)
-        elif isinstance(layer, AttnBlock):
-            cur, st = segment_attention(ctx, layer, cur, st, r)
-        elif isinstance(layer, Upsample):
-            cur, st = segment_upsample(ctx, layer, cur, r)
-        elif isinstance(layer, Downsample):
-            cur, st = segment_downsample(ctx, layer, cur, r)
-        elif isinstance(layer, Tail):  # the result: on the device, whatever the store
-            new, _ = segment_conv(ctx, layer.conv, cur, r, st.affine(layer.norm, ctx.dtype), stats=False,
-                                  kind="device")
-            ctx.free(cur)
-            cur = new
+        last = n == len(steps) - 1
+        # a segment measures its output's statistics when the next step normalises its input
+        cur, st = s.segment(ctx, cur, st, want=not last and steps[n + 1].reads_stats, last=last)
     out = cur.t
-    notes = list(plan.notes)
+    notes = []
     if shard:
         lo, hi = shard.rows(cur.H)
         out = cur.rows(lo, hi)
         bad = shard.all_gather((~torch.isfinite(out).flatten(1).all(1)).to(torch.uint8))
         out[torch.stack(bad).amax(0).bool()] = float("nan")
         notes.append(f"rank {shard.rank} of {shard.size}: rows {lo}..{hi} of {cur.H}")
-    report = TilingReport(plan.direction, "exact", plan.tile_size, plan.grid, plan.halo,
-                          f"exact: whole-image sums over {plan.grid[0]} bands at every GroupNorm"
-                          + (f", all-gathered from {shard.size} ranks" if shard else ""), plan.predicted,
-                          plan.store, ctx.store_peak, meter.peak(), time.perf_counter() - t0, ctx.done, notes,
-                          shard.bytes_sent if shard else 0)
-    return out, report
+    return out, dict(statistics=f"exact: whole-image sums over the bands at every GroupNorm"
+                                + (f", all-gathered from {shard.size} ranks" if shard else ""),
+                     store_bytes=ctx.store_peak, measured_peak=meter.peak(), seconds=time.perf_counter() - t0,
+                     steps=ctx.progress.done, notes=notes, bytes_sent=shard.bytes_sent if shard else 0)

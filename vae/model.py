@@ -106,7 +106,6 @@ class Level(nn.Module):
     def __init__(self, blocks, resample=None, resample_name=None):
         super().__init__()
         self.block = nn.ModuleList(blocks)
-        self.attn = nn.ModuleList()  # the SD-family VAEs have no attention in levels; kept for key parity
         if resample is not None:
             setattr(self, resample_name, resample)
 

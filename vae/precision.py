@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from .errors import KLVAEError
-from .model import AttnBlock, Downsample, ResnetBlock, Upsample
+from .layers import steps_of
+from .tiling import execute
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -62,34 +63,16 @@ def stream_scaled(net: nn.Module, s: float) -> nn.Module:
     """A copy of an Encoder or Decoder whose residual stream is `s` times smaller, same outputs.
 
     Why it is exact: every consumer of the residual stream is a GroupNorm, and GroupNorm(s*x)
-    with eps*s^2 equals GroupNorm(x) with eps. So the convs that write into the stream (conv_in,
-    each resnet's conv2, attention's proj_out) get weight and bias times s, the convs that map the
-    stream to itself (nin_shortcut, up/downsample) get bias times s, and the norms reading it get
-    eps times s^2. With s a power of two the weight scaling is exact in every float format (bar
-    subnormals, which keep the same absolute precision). This is what lets an fp16 decoder whose
-    activations exceed 65504 (SDXL's) run in fp16 without a fine-tuned "fp16-fix" VAE.
+    with eps*s^2 equals GroupNorm(x) with eps. So the layers that write into the stream scale
+    their output, the maps of the stream to itself their bias, and the norms reading it their
+    eps by s^2: each layer type knows which of its parts are which (`Step.scale_stream`). With s a
+    power of two the weight scaling is exact in every float format (bar subnormals, which keep the
+    same absolute precision). This is what lets an fp16 decoder whose activations exceed 65504
+    (SDXL's) run in fp16 without a fine-tuned "fp16-fix" VAE.
     """
     c = copy.deepcopy(net)
-
-    def scale(conv, weight=True):
-        if weight:
-            conv.weight.copy_((conv.weight.float() * s).to(conv.weight.dtype))
-        if conv.bias is not None:
-            conv.bias.copy_((conv.bias.float() * s).to(conv.bias.dtype))
-
-    scale(c.conv_in)
-    for m in c.modules():
-        if isinstance(m, ResnetBlock):
-            scale(m.conv2)
-            m.norm1.eps *= s * s
-            if m.nin_shortcut is not None:
-                scale(m.nin_shortcut, weight=False)
-        elif isinstance(m, AttnBlock):
-            scale(m.proj_out)
-            m.norm.eps *= s * s
-        elif isinstance(m, (Upsample, Downsample)):
-            scale(m.conv, weight=False)
-    c.norm_out.eps *= s * s
+    for step in steps_of(c.layers(), 1, 1):  # the layer types only: widths and resolutions do not matter here
+        step.scale_stream(s)
     return c
 
 
@@ -111,21 +94,25 @@ class Guard:
         self._copies = {}      # (network, scale) -> its stream-scaled copy
         self._warned = False
 
-    def run(self, net: nn.Module, x: torch.Tensor, run, what: str) -> torch.Tensor:
-        """run(net_or_stand_in, x) -> output, never non-finite for a finite input."""
+    def run(self, net: nn.Module, x: torch.Tensor, plan, shard=None) -> tuple:
+        """execute(plan) of net on x -> (output, report), the output never non-finite for a finite input."""
+        what = "decoder" if plan.direction == "decode" else "encoder"
         if x.dtype not in (torch.float16, torch.bfloat16) or not self.enabled:
-            return run(net, x)
+            return execute(net, x, plan, shard)
         scale = self.scale.get(net)
-        out = run(self.scaled(net, scale) if scale else net, x)
+        out, report = execute(self.scaled(net, scale) if scale else net, x, plan, shard)
         bad = ~torch.isfinite(out).flatten(1).all(1)
         if not bad.any():
-            return out
+            return out, report
         t0, idx = time.perf_counter(), bad.nonzero().flatten()
         ladder = [s for s in self.LADDER if x.dtype == torch.float16 and (scale is None or s < scale)]
         how = None
         for s in ladder + [None]:
             xs = x[idx]
-            fixed = run(self.scaled(net, s), xs) if s else run(copy.deepcopy(net).float(), xs.float()).to(out.dtype)
+            if s:
+                fixed = execute(self.scaled(net, s), xs, plan, shard)[0]
+            else:
+                fixed = execute(copy.deepcopy(net).float(), xs.float(), plan, shard)[0].to(out.dtype)
             ok = torch.isfinite(fixed).flatten(1).all(1)
             out[idx[ok]] = fixed[ok]
             idx = idx[~ok]
@@ -146,7 +133,8 @@ class Guard:
             warnings.warn(msg, stacklevel=5)
             self._warned = True
         self.log.append(msg)
-        return out
+        report.notes.append(msg)
+        return out, report
 
     def scaled(self, net: nn.Module, s: float) -> nn.Module:
         """The stream-scaled copy of `net`, made once (again after the model moved or changed dtype)."""

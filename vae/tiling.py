@@ -1,39 +1,47 @@
-"""How to tile, and the plan: mode, store, tile grid and the memory each needs, decided before running.
+"""How to tile, the plan, and running it: mode, store, bands and the memory each needs, decided
+before anything runs; then `execute` runs the plan and reports.
 
 `Tiling` holds what the caller asks for and is checked once, when it is made. `make_plan` turns a
 request, an input shape and a memory budget into a `Plan`: untiled when the plain pass fits and
 the caller allowed it ("auto"), else the segment engine ("exact", engine.py) with the store that
 fits (the compute device, host memory, or a file in a spill folder), else "bounded" (bounded.py:
 no full-size activation anywhere, statistics estimated). The memory model is closed form: the
-network's layers are walked with their shapes (no tensors, not even on the meta device), so a plan
-costs a millisecond at any size and "auto" answers at once for a 65536x65536 image.
+network's steps (layers.py) are walked with their shapes (no tensors, not even on the meta
+device), so a plan costs a millisecond at any size and "auto" answers at once for a 65536x65536
+image. `execute(steps, x, plan)` runs a plan with the engine it names and returns the output and a
+`TilingReport`: the plan plus what was measured.
 
-Memory model (bytes above the weights and the input; measured against the process's peak RSS and
-CUDA's allocator in tests/test_tiling.py):
-  untiled  per layer: its input, the live residual stream, the normalised copy, the conv output
-           and oneDNN's/cuDNN's workspace (one output-sized buffer, measured); peak over layers.
+Memory model (bytes above the weights and the input; each step's part is its own, layers.py;
+measured against the process's peak RSS and CUDA's allocator in tests/test_tiling.py):
+  untiled  per step: its input, the live residual stream, the normalised copy, the conv output
+           and the conv's workspace; peak over steps.
   exact    the stores alive at each segment (residual stream, current activation, and a new
-           stream where the width changes) where the store is the device, plus one tile's
-           temporaries (window, normalised copy, conv output, workspace, statistics scratch)
-           and, around the attention, its q/k/v on the device.
-  bounded  the latent-resolution part whole, plus one band of a strip passing through the layers
-           (its rows, the rows each layer keeps, the side halo) or the statistics mosaic's whole
-           pass, whichever is larger.
+           stream where the width changes) where the store is the device, plus one band's
+           temporaries and, around the attention, its q/k/v on the device.
+  bounded  the latent-resolution part whole, plus one band of a strip passing through the steps
+           (its rows, the rows each keeps, the side halo) or the statistics mosaic's whole pass,
+           whichever is larger (bounded.peak).
+
+Sizes: `tile_size` is a tile's side in image px. Exact mode runs full-width *bands* whose values
+(rows x width x channels) match a tile_size x tile_size tile of the widest activation: at 1024 px
+wide, tile_size 256 gives bands of 64 rows. Bounded mode runs strips of bands within one tile's
+memory. Reports say which: "16 bands of 64 rows", "3 bands x 1 strip".
 """
 import inspect
 import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn as nn
 
-from .errors import KLVAEError
-from .memory import free_host_memory, free_memory
-from .model import AttnBlock, Downsample, ResnetBlock, Tail, Upsample
+from . import bounded, engine
+from .errors import Interrupted, KLVAEError
+from .layers import steps_of
+from .memory import PeakMeter, free_host_memory, free_memory
 
 MODES = ("exact", "bounded", "auto")
 DEFAULT_MODE = "exact"      # what Tiling() means, and what the CLI's and the nodes' tiled options default to
@@ -41,11 +49,8 @@ STORES = ("auto", "device", "host", "disk")
 TILE_CANDIDATES = (4096, 2048, 1536, 1024, 768, 512, 384, 256, 128)  # image px, largest first
 MAX_SIDE = 65536            # image px: beyond this nothing is planned (a 4 GP image)
 UNLIMITED = 2**62           # a budget that never binds: plans a call as asked, to learn its need
-WORKSPACE = 1.0             # conv workspace, in units of the conv's output (oneDNN on this CPU: measured)
 
-
-class Interrupted(RuntimeError):
-    """Raised between tile steps when the interrupt callable says stop."""
+__all__ = ["DEFAULT_MODE", "Interrupted", "MODES", "Plan", "Tiling", "TilingReport", "execute", "make_plan"]
 
 
 def _int_or_none(name, v, minimum):
@@ -118,85 +123,99 @@ class Tiling:
                          f"or klvae.vae.Tiling(...)")
 
 
+# ----------------------------------------------------------------------------------------------
+# The plan, and the report of running it.
+# ----------------------------------------------------------------------------------------------
+def _gib(b) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
 @dataclass
-class TilingReport:
-    """What a tiled call did (returned in `vae.last_tiling`, read-only)."""
+class Plan:
+    """What a call will do, decided before it runs (vae.plan_decode / plan_encode)."""
     direction: str                   # "decode" | "encode"
     mode: str                        # "untiled" | "exact" | "bounded"
-    tile_size: int
-    grid: tuple                      # (rows, cols) of tiles; bounded: (bands, strips)
-    halo: int                        # image px each tile reads beyond its core (exact: per segment)
-    statistics: str                  # where the GroupNorm statistics came from
-    predicted_peak: int              # device bytes above the weights and the input
-    store: str | None = None         # exact mode: where the full-size activations lived
-    store_bytes: int = 0             # ... and their largest total
-    measured_peak: int | None = None  # device bytes, measured (CUDA allocator, or this process's RSS)
-    seconds: float = 0.0
-    steps: int = 0                   # tile steps run (what progress counts)
+    tile_size: int                   # image px
+    h: int                           # the latent's height and width
+    w: int
+    downscale: int                   # image px per latent px
+    tiling: Tiling                   # the request
+    grid: tuple = (1, 1)             # exact: (bands at the top resolution, 1); bounded: (bands, strips)
+    predicted: int = 0               # device bytes above weights and input
+    store: str | None = None         # exact: "device" | "host" | "disk"
+    store_bytes: int = 0             # exact: the stores' largest total, predicted
+    spill_dir: str | None = None
+    flops: float = 0.0
+    halo: int = 0                    # image px a band or strip reads beyond its own
+    band_elems: int = 0              # exact: values per band (a tile's area of the widest activation)
+    band_rows: int = 0               # exact: rows per band at the top resolution
     notes: list = field(default_factory=list)
-    bytes_sent: int = 0              # distributed: what this rank sent to the others
+    mosaic_lattice: tuple = None     # bounded: crop origins (ys, xs) of the statistics mosaic
 
     @property
-    def n_tiles(self):
+    def n_tiles(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    def describe(self) -> str:
+        """The layout in words: "16 bands of 64 rows", "3 bands x 2 strips", "one pass"."""
+        if self.mode == "exact" and (self.n_tiles > 1 or self.store != "device"):
+            n = self.grid[0]
+            return f"{n} band{'s' if n > 1 else ''} of {self.band_rows} row{'s' if self.band_rows > 1 else ''}"
+        if self.mode == "bounded" and self.mosaic_lattice is not None:
+            return f"{self.grid[0]} bands x {self.grid[1]} strip{'s' if self.grid[1] > 1 else ''}"
+        return "one pass"
 
-# ----------------------------------------------------------------------------------------------
-# The network as a list of steps with their shapes (what both the plan and the engine walk).
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Step:
-    layer: object
-    cin: int
-    cout: int
-    r_in: int     # px per latent px of the input (decoder: 1 .. 8; encoder: 8 .. 1)
-    r_out: int
+    def __repr__(self):
+        return f"Plan({self})"
+
+    def __str__(self):
+        f = self.downscale
+        store = f", {self.store} store {_gib(self.store_bytes)}" if self.store else ""
+        return (f"{self.mode} {self.direction} of {self.w * f}x{self.h * f} px: {self.describe()}{store}, "
+                f"predicted peak {_gib(self.predicted)}")
 
 
-def steps_of(layers, cin: int, r: int) -> list:
-    out = []
-    for layer in layers:
-        if isinstance(layer, nn.Conv2d):
-            s = Step(layer, cin, layer.out_channels, r, r)
-        elif isinstance(layer, ResnetBlock):
-            s = Step(layer, cin, layer.conv1.out_channels, r, r)
-        elif isinstance(layer, AttnBlock):
-            s = Step(layer, cin, cin, r, r)
-        elif isinstance(layer, Upsample):
-            s = Step(layer, cin, cin, r, 2 * r)
-        elif isinstance(layer, Downsample):
-            s = Step(layer, cin, cin, r, r // 2)
-        elif isinstance(layer, Tail):
-            s = Step(layer, cin, layer.conv.out_channels, r, r)
-        else:
-            raise TypeError(f"no tiling rule for {type(layer).__name__}")
-        out.append(s)
-        cin, r = s.cout, s.r_out
-    return out
+@dataclass
+class TilingReport:
+    """What a call did (`vae.last_tiling`, after every encode and decode): its plan plus what was
+    measured. The plan's fields read through (`report.mode`, `report.grid`, ...)."""
+    plan: Plan
+    statistics: str = ""             # where the GroupNorm statistics came from
+    measured_peak: int | None = None  # device bytes, measured (CUDA allocator, or this process's RSS)
+    store_bytes: int = 0             # exact: the stores' largest total, measured
+    seconds: float = 0.0
+    steps: int = 0                   # band steps run (what progress counts)
+    notes: list = field(default_factory=list)   # the plan's notes, then the run's
+    bytes_sent: int = 0              # distributed: what this rank sent to the others
+
+    def __getattr__(self, name):
+        # Only names the report lacks arrive here: the plan's (mode, grid, tile_size, store, halo...).
+        if name.startswith("_") or name == "plan":
+            raise AttributeError(name)
+        return getattr(self.plan, name)
+
+    @property
+    def predicted_peak(self) -> int:
+        return self.plan.predicted
+
+    def __repr__(self):
+        return f"TilingReport({self})"
+
+    def __str__(self):
+        p = self.plan
+        peak = "" if self.measured_peak is None else f", measured {_gib(self.measured_peak)}"
+        store = f", {p.store} store {_gib(self.store_bytes or p.store_bytes)}" if p.store else ""
+        return (f"{p.mode} {p.direction} of {p.w * p.downscale}x{p.h * p.downscale} px: {p.describe()}{store}, "
+                f"predicted peak {_gib(p.predicted)}{peak}, {self.seconds:.1f} s"
+                + "".join(f"; {n}" for n in self.notes))
 
 
 # ----------------------------------------------------------------------------------------------
 # Memory model: closed form over the steps.
 # ----------------------------------------------------------------------------------------------
-STATS_CHUNK = 32 * 2**20  # bytes of fp32 deviations that engine.Stats.add works on at a time
-
-
-def step_need(s: Step, px_in: int, px_out: int, item: int) -> int:
-    """Peak bytes of one layer of the plain forward pass on px_in input pixels (batch included)."""
-    i, o = s.cin * px_in * item, s.cout * px_out * item
-    if isinstance(s.layer, ResnetBlock):
-        # stream + norm1 copy + conv1 out + ws, then stream + h + norm2 copy + conv2 out + ws
-        return int(max(2 * i + o * (1 + WORKSPACE), i + o * (3 + WORKSPACE)))
-    if isinstance(s.layer, AttnBlock):
-        return 5 * i  # stream, normalised copy, q, k, v (the SDPA kernel keeps the rest linear)
-    if isinstance(s.layer, Upsample):
-        return int(i + o * (2 + WORKSPACE))  # input, nearest copy, conv output and workspace
-    return int(2 * i + o * (1 + WORKSPACE))  # conv_in, downsample, norm_out + conv_out
-
-
 def untiled_peak(steps, B, h, w, item) -> int:
     """Peak bytes of the plain forward pass above its input (h x w latent px)."""
-    return max(step_need(s, B * h * w * s.r_in ** 2, B * h * w * s.r_out ** 2, item) for s in steps)
+    return bounded.untiled_need(steps, B, h, w, item)
 
 
 def exact_peaks(steps, B, h, w, item, elems, device_store: bool):
@@ -206,95 +225,30 @@ def exact_peaks(steps, B, h, w, item, elems, device_store: bool):
         i = B * s.cin * h * w * s.r_in ** 2 * item
         o = B * s.cout * h * w * s.r_out ** 2 * item
         last = n == len(steps) - 1
-        if isinstance(s.layer, ResnetBlock):
-            alive = i + o + (o if s.cin != s.cout else 0)          # stream, h, (new stream)
-        elif isinstance(s.layer, AttnBlock):
-            alive = i
-        else:
-            alive = i + (0 if last else o)                          # the result lives on the device
-        # one band: its input rows (copied to the device unless the store is there), the warm
-        # normalised buffer, the conv output, its workspace, the statistics' fp32 scratch
+        alive = s.exact_alive(i, o, last)
         H, W = h * s.r_out, w * s.r_out
-        rows = math.ceil(H / band_count(H, W, max(s.cin, s.cout), elems))
+        rows = math.ceil(H / engine.band_count(H, W, s.band_channels, elems))
         band_in = B * s.cin * (rows * s.r_in // s.r_out + 2) * w * s.r_in * item
         band_out = B * s.cout * rows * W * item
-        temp = band_in * (1 if device_store else 2) + band_out * (1 + WORKSPACE) + min(band_out * 4 // item, STATS_CHUNK)
-        if isinstance(s.layer, Upsample):
-            temp += 4 * band_in                                     # the nearest-2x copy
-        elif isinstance(s.layer, ResnetBlock) and s.cin != s.cout:
-            temp += band_out                                        # the shortcut projection
-        elif isinstance(s.layer, AttnBlock):
-            temp = 3 * i + 2 * band_in + 2 * band_out               # q, k, v whole on the device
+        temp = s.exact_temp(band_in, band_out, i, item, device_store)
         store_peak = max(store_peak, alive)
         dev_peak = max(dev_peak, (alive if device_store else 0) + temp + (o if last else 0))
     return int(dev_peak), int(store_peak)
 
 
-def band_count(H: int, W: int, C: int, elems: int) -> int:
-    """How many full-width bands of at most `elems` values (at least one row) cover H rows of W x C."""
-    return math.ceil(H / max(1, min(H, elems // max(1, W * C))))
-
-
-def band_rows(H: int, W: int, C: int, elems: int, lo: int = 0, hi: int | None = None):
-    """Near-equal full-width bands of an H x W x C activation with at most `elems` values each
-    (at least one row), partitioning its rows [lo, hi) (all H by default): [(y0, y1), ...]."""
-    hi = H if hi is None else hi
-    n = band_count(hi - lo, W, C, elems)
-    ys = [lo + i * (hi - lo) // n for i in range(n + 1)]
-    return [(ys[i], ys[i + 1]) for i in range(n)]
-
-
 def band_elems(steps, t: int) -> int:
-    """A band's size for tiles of t x t latent px: the largest activation's values over that area."""
+    """A band's size for tiles of t x t latent px: the widest activation's values over that area."""
     return t * t * max(max(s.cin * s.r_in ** 2, s.cout * s.r_out ** 2) for s in steps)
 
 
-def conv_flops(steps, B, h, w) -> float:
+def flops(steps, B, h, w) -> float:
     """Multiply-adds x 2 of every convolution and of the attention (for predicted times)."""
-    f = 0.0
-    for s in steps:
-        px_out = B * h * w * s.r_out ** 2
-        if isinstance(s.layer, ResnetBlock):
-            f += 2 * px_out * 9 * (s.cin * s.cout + s.cout * s.cout) + (2 * px_out * s.cin * s.cout
-                                                                        if s.cin != s.cout else 0)
-        elif isinstance(s.layer, AttnBlock):
-            n = h * w * s.r_out ** 2
-            f += 2 * B * n * 4 * s.cin * s.cin + 4 * B * n * n * s.cin
-        elif isinstance(s.layer, Tail):
-            f += 2 * px_out * 9 * s.cin * s.cout
-        else:
-            f += 2 * px_out * 9 * s.cin * s.cout
-    return f
+    return sum(s.flops(B, h * w * s.r_out ** 2) for s in steps)
 
 
 # ----------------------------------------------------------------------------------------------
-# The plan.
+# Choosing a plan.
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class Plan:
-    direction: str                   # "decode" | "encode" (for messages and reports)
-    mode: str                        # "untiled" | "exact" | "bounded"
-    tile_size: int                   # image px
-    h: int                           # the latent's height and width
-    w: int
-    grid: tuple                      # exact: (bands at the top resolution, 1); bounded: (bands, strips)
-    predicted: int                   # device bytes above weights and input
-    store: str | None = None         # exact: "device" | "host" | "disk"
-    store_bytes: int = 0
-    spill_dir: str | None = None
-    flops: float = 0.0
-    halo: int = 0                    # image px
-    downscale: int = 8               # image px per latent px
-    band_elems: int = 0              # exact: values per band (a tile's area of the largest activation)
-    tiling: Tiling = field(default_factory=Tiling)
-    notes: list = field(default_factory=list)
-    mosaic_lattice: tuple = None     # bounded: crop origins (ys, xs) of the statistics mosaic
-
-    @property
-    def n_tiles(self):
-        return self.grid[0] * self.grid[1]
-
-
 def _gib(b):
     return f"{b / 2**30:.2f} GiB"
 
@@ -317,12 +271,12 @@ def check_spill_folder(folder: str, need: int) -> None:
                          f"free space there or pass Tiling(spill_dir=...) on a larger disk")
 
 
-def make_plan(net: nn.Module, direction: str, in_channels: int, shape, dtype, device, tiling: Tiling,
-              downscale: int, allow_untiled: bool = False, bounded_peak=None) -> Plan:
+def make_plan(net, direction: str, in_channels: int, shape, dtype, device, tiling: Tiling, downscale: int,
+              allow_untiled: bool = False) -> Plan:
     """Choose mode, store and tile size from the budgets, before running anything.
 
-    shape: (B, C, h, w) of the latent (what the grid partitions). `bounded_peak(plan)` predicts a
-    bounded plan's peak (bounded.py owns that model)."""
+    net: an Encoder or Decoder; shape: (B, C, h, w) of the latent (what the bands partition)."""
+    steps = steps_of(net.layers(), in_channels, 1 if direction == "decode" else downscale)
     B, _, h, w = shape
     f = downscale
     if h < 1 or w < 1 or B < 1:
@@ -331,10 +285,8 @@ def make_plan(net: nn.Module, direction: str, in_channels: int, shape, dtype, de
         raise KLVAEError(f"{direction} of {w * f}x{h * f} px: a side over {MAX_SIDE} px is beyond what klvae "
                          f"plans; split the image first")
     item = torch.empty((), dtype=dtype).element_size()
-    r0 = 1 if direction == "decode" else f
-    steps = steps_of(net.layers(), in_channels, r0)
     budget = tiling.memory_budget or int(0.9 * free_memory(device))
-    flops = conv_flops(steps, B, h, w)
+    ops = flops(steps, B, h, w)
     notes = []
     if tiling.overlap is not None and tiling.mode == "exact":
         notes.append(f"overlap {tiling.overlap} px ignored: exact mode's segments read the one row they need")
@@ -343,21 +295,23 @@ def make_plan(net: nn.Module, direction: str, in_channels: int, shape, dtype, de
 
     def plan(mode, size, store=None):
         t = max(1, size // f)
-        p = Plan(direction, mode, size, h, w, (math.ceil(h / t), math.ceil(w / t)), 0, store, flops=flops,
-                 downscale=f, tiling=tiling, notes=list(notes))
+        p = Plan(direction, mode, size, h, w, f, tiling, grid=(math.ceil(h / t), math.ceil(w / t)), store=store,
+                 flops=ops, notes=list(notes))
         if mode == "untiled":
             p.predicted = untiled_peak(steps, B, h, w, item)
         elif mode == "exact":
             p.band_elems = band_elems(steps, t)
             top = max(steps, key=lambda s: s.r_out)  # the bands at the highest resolution, as the grid
-            p.grid = (band_count(h * top.r_out, w * top.r_out, max(top.cin, top.cout), p.band_elems), 1)
+            H = h * top.r_out
+            p.grid = (engine.band_count(H, w * top.r_out, top.band_channels, p.band_elems), 1)
+            p.band_rows = math.ceil(H / p.grid[0])
             # distributed: a rank holds its share of the rows and one halo row each side
             world = 1 if tiling.process_group is None else torch.distributed.get_world_size(tiling.process_group)
             hs = min(h, -(-h // world) + 2)
             p.predicted, p.store_bytes = exact_peaks(steps, B, hs, w, item, p.band_elems, store == "device")
             p.halo = f  # each segment reads one row above and below at its own resolution: <= f image px
         else:
-            p.predicted = bounded_peak(p, item)
+            p.predicted = bounded.prepare(steps, p, shape, item)
         return p
 
     if allow_untiled and tiling.tile_size is None:
@@ -375,7 +329,7 @@ def make_plan(net: nn.Module, direction: str, in_channels: int, shape, dtype, de
             if torch.device(device).type != "cuda" and "host" in stores and tiling.store == "auto":
                 stores.remove("host")  # on the CPU the host is the device
             for store in stores:
-                room = _store_room(store, device, tiling)
+                room = store_room(store, tiling)
                 for size in sizes:
                     p = plan(mode, size, store)
                     tried.append(p)
@@ -395,18 +349,21 @@ def make_plan(net: nn.Module, direction: str, in_channels: int, shape, dtype, de
     fits = [p for p in tried if p.predicted <= budget]
     if fits:  # memory was not the problem: the store's room was (exact plans only reach here)
         p = min(fits, key=lambda p: p.store_bytes)
-        room = _store_room(p.store, device, tiling)
+        room = store_room(p.store, tiling)
         place = f"the spill folder {spill_folder(tiling)}" if p.store == "disk" else "host memory"
         raise KLVAEError(f"{direction} of {w * f}x{h * f} px in exact mode needs {_gib(p.store_bytes)} in its "
                          f"{p.store} store, but {place} has {_gib(room)} free: point Tiling(spill_dir=...) "
                          f"(--spill-dir, $KLVAE_SPILL_DIR) at a larger disk, or use mode='bounded'")
     where = f" with the {smallest.store} store" if smallest.store else ""
+    smaller = ("use smaller tiles, " if smallest.tile_size > TILE_CANDIDATES[-1] else "")
     raise KLVAEError(f"{direction} of {w * f}x{h * f} px needs {_gib(smallest.predicted)} of device memory even "
                      f"in {smallest.mode} mode{where} with {smallest.tile_size} px tiles, over the budget of "
-                     f"{_gib(budget)}: free memory, use smaller tiles, or raise Tiling(memory_budget=...)")
+                     f"{_gib(budget)}: free memory, {smaller}raise Tiling(memory_budget=...)"
+                     + ("" if tiling.mode == "exact" else ", or use mode='exact' with store='disk'"))
 
 
-def _store_room(store, device, tiling) -> int:
+def store_room(store, tiling) -> int:
+    """Bytes a store of this kind may take: host memory or the spill folder's free space."""
     if store == "host":
         return int(0.9 * free_host_memory())
     if store == "disk":
@@ -422,3 +379,29 @@ def _with_store(p: Plan, tiling: Tiling) -> Plan:
         p.spill_dir = spill_folder(tiling)
         check_spill_folder(p.spill_dir, p.store_bytes)
     return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a plan.
+# ----------------------------------------------------------------------------------------------
+def execute(net, x: torch.Tensor, plan: Plan, shard=None) -> tuple:
+    """Run a plan of net (an Encoder or Decoder) on x: the segment engine (exact), the streaming
+    engine (bounded) or the plain pass (untiled, and an exact plan of one band on the device,
+    which is that pass: the module's own forward, hooks included). Returns (output, TilingReport);
+    with a shard (distributed.py), this rank's rows of the output."""
+    steps = steps_of(net.layers(), x.shape[1], 1 if plan.direction == "decode" else plan.downscale)
+    if plan.mode == "exact" and (plan.n_tiles > 1 or plan.store != "device" or shard):
+        out, measured = engine.run_segments(steps, x, plan, shard)
+    elif plan.mode == "bounded":
+        out, measured = bounded.run(steps, x, plan)
+    else:
+        progress, meter, t0 = plan.tiling.progress, PeakMeter(x.device), time.perf_counter()
+        if progress:
+            progress(0, 1)
+        out = net(x)
+        if progress:
+            progress(1, 1)
+        measured = dict(statistics="exact: the whole image at once", measured_peak=meter.peak(),
+                        seconds=time.perf_counter() - t0, steps=1)
+    measured["notes"] = list(plan.notes) + measured.get("notes", [])
+    return out, TilingReport(plan, **measured)

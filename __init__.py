@@ -6,6 +6,8 @@ imported until the host calls `comfy_entrypoint`, so `import klvae` works anywhe
 itself is `klvae.vae` (plain torch).
 """
 __version__ = "0.1.0"
+# The frontend's node help pages (web/docs/<node id>.md), served under /extensions/klvae/.
+WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():

@@ -12,6 +12,7 @@ models/MODEL_CARD.md). Errors are one line on stderr and a non-zero exit status.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,13 +24,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .vae import DEFAULT_MODE, FAMILIES, KLVAEError, Tiling, load_vae, psnr_vs_full as psnr, resolve_device, save_vae
+from .vae import DEMO_PHOTO, DEMO_VAE, DEFAULT_MODE, FAMILIES, KLVAEError, Tiling, images, load_vae, resolve_device, save_vae
+from .vae.metrics import psnr_vs_full as psnr
 from .vae.distributed import init_from_env
 from .vae.memory import PeakMeter
 
-HERE = Path(__file__).resolve().parent
-SHIPPED_VAE = HERE / "models" / "klvae-demo-f8c4.safetensors"
-DEMO_PHOTO = HERE / "models" / "demo_photo.png"
+SHIPPED_VAE = DEMO_VAE  # the default of every --vae option
 LATENT_KEY = "latent"
 
 
@@ -40,25 +40,11 @@ class CLIError(Exception):
 # -- images ----------------------------------------------------------------------------------------
 def read_image(path) -> torch.Tensor:
     """[1, 3, H, W] in [-1, 1] (alpha dropped, greyscale replicated)."""
-    try:
-        im = Image.open(path)
-        im.load()
-    except FileNotFoundError:
-        raise CLIError(f"{path}: no such file") from None
-    except OSError as e:
-        raise CLIError(f"{path}: not a readable image ({e})") from None
-    a = np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(a).permute(2, 0, 1)[None].contiguous()
+    return images.read_image(path)
 
 
 def write_image(x: torch.Tensor, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    a = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    try:
-        Image.fromarray(a).save(path)
-    except (ValueError, KeyError):
-        raise CLIError(f"{path}: unknown image format; use .png, .jpg or .webp") from None
+    images.write_image(x, path)
 
 
 def pad_to(x: torch.Tensor, f: int) -> torch.Tensor:
@@ -82,16 +68,20 @@ def open_vae(args):
 
 
 class Bar:
-    """A tqdm bar fed by klvae's progress(done, total) callback."""
+    """One tqdm bar per phase (an encode, a decode), fed by klvae's progress(done, total) callback:
+    its total is the plan's, from the first step on. Redrawn at most twice a second (tqdm's
+    mininterval), not per step; off when stderr is not a terminal (a log file gets no bar lines)."""
 
     def __init__(self, desc):
         self.desc, self.bar = desc, None  # created on the first step: errors before it print alone
 
     def __call__(self, done, total):
+        if self.bar is None and total <= 1:
+            return  # the plain pass: one step, nothing to watch
         if self.bar is None:
-            self.bar = tqdm(total=total, desc=self.desc, unit="step", leave=False, file=sys.stderr, mininterval=0.5)
-        self.bar.total, self.bar.n = total, done
-        self.bar.refresh()
+            self.bar = tqdm(total=total, desc=self.desc, unit="step", leave=True, file=sys.stderr, mininterval=0.5,
+                            disable=None if not os.environ.get("KLVAE_PROGRESS") else False)
+        self.bar.update(done - self.bar.n)
 
     def close(self):
         if self.bar is not None:
@@ -155,6 +145,15 @@ def cmd_info(args):
         print(f"{k:<{w}}  {v}")
 
 
+def _stored_float_dtype(path: Path) -> str:
+    """The dtype most of a file's weights are stored in ('fp16', 'bf16' or 'fp32'; pickles: fp32)."""
+    stored = _stored_dtypes(path).split(", ")
+    for name, st in (("fp16", "F16"), ("bf16", "BF16")):
+        if stored == [st]:
+            return name
+    return "fp32"
+
+
 def _stored_dtypes(path: Path) -> str:
     files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
     seen = set()
@@ -168,6 +167,8 @@ def _stored_dtypes(path: Path) -> str:
 
 
 def cmd_encode(args):
+    if Path(args.output).suffix != ".safetensors":
+        raise CLIError(f"{args.output}: a latent is written as .safetensors; give a path ending in .safetensors")
     vae = open_vae(args)
     img = read_image(args.image)
     H, W = img.shape[2:]
@@ -209,6 +210,7 @@ def read_latent(path):
 
 
 def cmd_decode(args):
+    images.check_image_path(args.output)  # before the work, not after it
     vae = open_vae(args)
     z, meta = read_latent(args.latent)
     if meta.get("klvae.latent") == "scaled":
@@ -230,6 +232,7 @@ def cmd_decode(args):
 
 
 def cmd_roundtrip(args):
+    images.check_image_path(args.output)
     vae = open_vae(args)
     img = read_image(args.image)
     H, W = img.shape[2:]
@@ -246,12 +249,13 @@ def cmd_roundtrip(args):
 
 def cmd_convert(args):
     must_exist(args.file)
-    vae = load_vae(args.file, device="cpu", dtype=args.dtype, family=args.family)
     out = Path(args.output)
     if args.layout == "diffusers" and out.suffix == ".safetensors":
         raise CLIError(f"{out}: a diffusers VAE is a folder (config.json + weights); give a folder path")
     if args.layout == "ldm" and out.suffix != ".safetensors":
         raise CLIError(f"{out}: an LDM VAE is one .safetensors file; give a path ending in .safetensors")
+    dtype = args.dtype if args.dtype != "keep" else _stored_float_dtype(Path(args.file))
+    vae = load_vae(args.file, device="cpu", dtype=dtype, family=args.family)
     save_vae(vae, out, layout=args.layout)
     c = vae.config
     print(f"{args.file} ({vae.source_layout}, {c.family}) -> {out} ({args.layout}, {vae.dtype}); "
@@ -265,34 +269,35 @@ def cmd_demo(args):
     vae = open_vae(args)
     if not DEMO_PHOTO.exists():
         raise CLIError(f"{DEMO_PHOTO}: the bundled demo photo is missing: reinstall klvae")
-    photo = Image.open(DEMO_PHOTO).convert("RGB")
-    s = min(photo.size)
-    photo = photo.crop(((photo.width - s) // 2, (photo.height - s) // 2, (photo.width + s) // 2,
-                        (photo.height + s) // 2)).resize((args.size, args.size), Image.LANCZOS)
-    photo.save(out / "input.png")
-    img = read_image(out / "input.png")
+    img = images.read_image(DEMO_PHOTO, size=args.size)  # centre square, Lanczos to size x size
+    write_image(img, out / "input.png")
+    img = read_image(out / "input.png")  # what was written: 8-bit, as every other image here
     print(f"klvae demo: {DEMO_PHOTO.name} upscaled to {args.size}x{args.size}, VAE {SHIPPED_VAE.name if not args.vae else args.vae} "
           f"({vae.dtype}, {vae.device}), {torch.get_num_threads()} threads")
     results = {}
     for name in ("untiled", "tiled"):
-        bar = Bar(f"{name} round trip")
-        tiling = None if name == "untiled" else Tiling(mode=args.tiling, tile_size=args.tile, progress=bar)
+        bars = [Bar(f"{name} encode"), Bar(f"{name} decode")]  # one bar per phase, each with its plan's total
+        tiling = [None if name == "untiled" else Tiling(mode=args.tiling, tile_size=args.tile, progress=bar)
+                  for bar in bars]
         meter, t0 = PeakMeter(vae.device), time.perf_counter()
-        z = vae.encode(img, tiling=tiling).mode()
-        enc_report = vae.last_tiling
-        x = vae.decode(z, tiling=tiling)
-        bar.close()
+        try:
+            z = vae.encode(img, tiling=tiling[0]).mode()
+            enc_report = vae.last_tiling
+            bars[0].close()
+            x = vae.decode(z, tiling=tiling[1])
+        finally:
+            for bar in bars:
+                bar.close()
         seconds, peak = time.perf_counter() - t0, meter.peak()
         results[name] = x
         write_image(x, out / f"{name}.png")
         line = (f"{name:8} {seconds:6.1f} s   peak +{(peak or 0) / 2**30:.2f} GiB   "
                 f"PSNR vs input {psnr(x, img):5.2f} dB")
-        if tiling:
+        if name == "tiled":
             r = vae.last_tiling
             full = results["untiled"]
-            line += (f"   {r.mode} {r.grid[0]}x{r.grid[1]} tiles of {r.tile_size} px (encode {enc_report.grid[0]}x"
-                     f"{enc_report.grid[1]}), psnr_vs_full {psnr(x, full):.1f} dB, "
-                     f"max |tiled - untiled| {(x - full).abs().max().item():.1e}")
+            line += (f"   {r.mode}: decode {r.describe()}, encode {enc_report.describe()}; "
+                     f"psnr_vs_full {psnr(x, full):.1f} dB, max |tiled - untiled| {(x - full).abs().max().item():.1e}")
         print(line, flush=True)
     diff = (results["tiled"] - results["untiled"]).abs().mean(1)[0] / 2  # [0, 1] pixel units
     heat = (diff / args.heat_scale).clamp(0, 1).numpy()
@@ -307,6 +312,11 @@ def cmd_demo(args):
 
 
 # -- argument parsing ---------------------------------------------------------------------------------
+def _with_help(add_parser):
+    """Sub-commands formatted as the main parser: their defaults shown in --help."""
+    return lambda *a, **k: add_parser(*a, formatter_class=Help, **k)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
         raise CLIError(f"{message} (see `{self.prog} --help`)")
@@ -318,9 +328,11 @@ def vae_options(p):
                    help="compute dtype (auto: bf16 on GPUs that have it, fp32 on the CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, gpu or cuda:N")
     p.add_argument("--tiling", default="auto", choices=["none", "exact", "bounded", "auto"],
-                   help="auto (default): untiled when the memory plan fits, else tiled; none: untiled always; "
-                        "exact: tiles equal to untiled; bounded: flat memory, estimated statistics")
-    p.add_argument("--tile", type=int, default=0, help="tile side in px, multiple of 8 (0: largest that fits)")
+                   help="auto: untiled when the memory plan fits, else tiled; none: untiled always; exact: tiles "
+                        "equal to untiled; bounded: estimated statistics, no full-size activation above the latent "
+                        "resolution")
+    p.add_argument("--tile", type=int, default=0, help="a tile's side in px, multiple of 8 (0: largest that fits); exact "
+                                                       "mode runs full-width bands of one such tile's values")
     p.add_argument("--overlap", type=int, default=0, help="bounded mode's context at a strip's side edges in px (0: the receptive field)")
     p.add_argument("--store", default="auto", choices=["auto", "device", "host", "disk"],
                    help="exact mode: where full-size activations live (auto: the plan picks)")
@@ -336,20 +348,32 @@ def encode_options(p):
     p.add_argument("--seed", type=int, default=0, help="noise seed for --mode sample")
 
 
+class Help(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default (where it has one)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in h and action.option_strings:
+            h += " (default: %(default)s)"
+        return h
+
+
 def build_parser():
-    ap = Parser(prog="klvae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="klvae", description=__doc__, formatter_class=Help)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     sub = ap.add_subparsers(dest="command", metavar="command", parser_class=Parser)
+    sub.add_parser = _with_help(sub.add_parser)
     sub.required = True
 
     p = sub.add_parser("demo", help="round-trip a bundled photo on a large canvas, untiled and tiled")
     p.add_argument("--size", type=int, default=2048, help="canvas side in px (multiple of 8)")
     p.add_argument("--tile", type=int, default=512, help="tile side in px")
-    p.add_argument("--tiling", default=DEFAULT_MODE, choices=["exact", "bounded", "auto"])
+    p.add_argument("--tiling", default=DEFAULT_MODE, choices=["exact", "bounded", "auto"], help="the tiled round trip's mode")
     p.add_argument("--out", default="out/demo", help="output folder")
     p.add_argument("--vae", help="another VAE instead of the shipped one")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="compute dtype (auto: bf16 on GPUs that have it, fp32 on the CPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu, gpu or cuda:N")
     p.add_argument("--heat-scale", type=float, default=0.01, help="|difference| shown as white in the heat map")
     p.set_defaults(fn=cmd_demo)
 
@@ -383,7 +407,8 @@ def build_parser():
     p.add_argument("-o", "--output", required=True, help="LDM: a .safetensors path; diffusers: a folder")
     p.add_argument("--layout", required=True, choices=["ldm", "diffusers"])
     p.add_argument("--family", choices=list(FAMILIES), help="when the file cannot say")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="stored dtype")
+    p.add_argument("--dtype", default="keep", choices=["keep", "fp32", "fp16", "bf16"],
+                   help="stored dtype (keep: the input file's)")
     p.set_defaults(fn=cmd_convert)
     return ap
 

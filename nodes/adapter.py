@@ -151,19 +151,18 @@ class KLVAE:
         return self.decode_image(samples_in)
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
-        """Core's VAEEncodeTiled: tile and overlap in image px. Tiles are exact here (klvae's default
-        mode: whole-image statistics, no blending), so the overlap has nothing to do."""
+        """Core's VAEEncodeTiled: tile size in image px. Tiles are exact here (klvae's default mode:
+        whole-image statistics, one row of context per layer, no blending), so core's overlap has
+        nothing to do and is not passed on."""
         tile = min((t for t in (tile_x, tile_y) if t), default=512)  # square tiles: the smaller side
         f = self.downscale_ratio
-        return self.encode_latent(pixel_samples, tiling=Tiling(mode=DEFAULT_MODE, tile_size=max(f, tile // f * f),
-                                                                 overlap=overlap or None))
+        return self.encode_latent(pixel_samples, tiling=Tiling(mode=DEFAULT_MODE, tile_size=max(f, tile // f * f)))
 
     def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
-        """Core's VAEDecodeTiled: tile and overlap in the graph latent's px."""
+        """Core's VAEDecodeTiled: tile size in the graph latent's px (exact tiles: the overlap is not needed)."""
         f = self.upscale_ratio
         tile = min((t for t in (tile_x, tile_y) if t), default=64)
-        return self.decode_image(samples, tiling=Tiling(mode=DEFAULT_MODE, tile_size=tile * f,
-                                                          overlap=overlap * f if overlap else None))
+        return self.decode_image(samples, tiling=Tiling(mode=DEFAULT_MODE, tile_size=tile * f))
 
     def spacial_compression_decode(self):
         return self.upscale_ratio

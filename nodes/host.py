@@ -14,6 +14,7 @@ from comfy_api.latest import ComfyExtension, io
 from . import adapter
 from .adapter import KLVAE
 from ..vae import DEFAULT_MODE, Tiling
+from ..vae.shipped import shipped_vaes
 from ..vae.tiling import MODES
 
 CATEGORY = "latent/klvae"
@@ -64,17 +65,35 @@ HOST = ComfyHost()
 def _tiling_inputs():
     return [
         io.Int.Input("tile_size", default=512, min=0, max=8192, step=64,
-                     tooltip="Tile side in image pixels (multiple of 8). 0: the largest tile that fits in memory."),
+                     tooltip="A tile's side in image pixels (multiple of 8); 0: the largest that fits in memory. Exact "
+                             "mode runs full-width bands holding as many values as one such tile (1024 px wide, 256: "
+                             "bands of 64 rows); the log says how many bands of how many rows."),
         io.Int.Input("overlap", default=0, min=0, max=1024, step=8,
                      tooltip="Bounded mode: context at each strip's sides in image pixels. 0: the network's receptive field, "
-                             "the minimum for an exact result; less is raised to it, never blended."),
+                             "the minimum for an exact result; less is raised to it, never blended. Exact mode needs none."),
         io.Combo.Input("tiling", options=list(MODES), default=DEFAULT_MODE,
                        tooltip="exact: the same image as an untiled pass, at about its compute; full-size "
                                "activations live on the device, in RAM or in a spill file (KLVAE_SPILL_DIR), "
                                "whichever the memory plan allows. bounded: GroupNorm statistics from a small "
-                               "mosaic, no full-size activation above the latent resolution, 38-49 dB from "
-                               "untiled. auto: untiled if the plan fits, else exact, else bounded."),
+                               "mosaic, 38-49 dB from untiled; no full-size activation above the latent resolution "
+                               "(memory grows with the latent's area only). auto: untiled if the plan fits, else "
+                               "exact, else bounded."),
     ]
+
+
+def _vae_files() -> list:
+    """models/vae's files, then the VAEs this pack ships (offered here only: core's VAELoader cannot load them)."""
+    own = folder_paths.get_filename_list("vae")
+    return own + [p.name for p in shipped_vaes() if p.name not in own]
+
+
+def _vae_path(name: str) -> str:
+    path = folder_paths.get_full_path("vae", name)
+    if path is None:
+        path = next((str(p) for p in shipped_vaes() if p.name == name), None)
+    if path is None:  # as core's loaders say it
+        raise FileNotFoundError(f"Model in folder 'vae' with filename '{name}' not found.")
+    return path
 
 
 def _vae_input(tooltip="A VAE: from klvae's loader, or the host's own (a checkpoint loader's or VAELoader's) "
@@ -87,24 +106,26 @@ class KLVAELoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="KLVAELoader", display_name="Load VAE (klvae)", category=CATEGORY,
-            description="Loads a KL autoencoder (SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2) from the models/vae folder: LDM, "
+            description="Loads a KL autoencoder (SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2) from the models/vae folder (or "
+                        "the demo VAE this pack ships): LDM, "
                         "ComfyUI or diffusers layout, prefixed checkpoints included; the config is read from the "
                         "weights. A file that is not a VAE fails here, with what it is.",
             inputs=[
-                io.Combo.Input("vae_name", options=folder_paths.get_filename_list("vae"),
-                               tooltip="A file in models/vae (.safetensors, .ckpt, .pt, .bin)."),
+                io.Combo.Input("vae_name", options=_vae_files(),
+                               tooltip="A file in models/vae (.safetensors, .ckpt, .pt, .bin), or the demo VAE this "
+                                       "pack ships (klvae-demo-*: a small trained demo model, not your model's VAE)."),
                 io.Combo.Input("dtype", options=DTYPES, default="auto",
                                tooltip="Compute dtype. auto: the host's VAE choice (bf16 on GPUs that have it, "
                                        "fp32 on the CPU)."),
                 io.Combo.Input("device", options=DEVICES, default="auto",
                                tooltip="Where it computes. auto: the host's VAE device."),
             ],
-            outputs=[io.Vae.Output()],
+            outputs=[io.Vae.Output(tooltip="klvae's VAE: for klvae's nodes and core's VAE nodes alike.")],
         )
 
     @classmethod
     def execute(cls, vae_name, dtype, device) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("vae", vae_name)
+        path = _vae_path(vae_name)
         return io.NodeOutput(adapter.load(path, dtype, device, HOST, name=vae_name))
 
 
@@ -123,7 +144,8 @@ class KLVAEFromVAE(io.ComfyNode):
                 io.Combo.Input("device", options=DEVICES, default="auto",
                                tooltip="Where it computes. auto: the host VAE's device."),
             ],
-            outputs=[io.Vae.Output()],
+            outputs=[io.Vae.Output(tooltip="The same weights as klvae's VAE: exact tiling, argmax and seeded "
+                                           "encodes, checks; for klvae's nodes and core's VAE nodes alike.")],
         )
 
     @classmethod
@@ -179,7 +201,7 @@ class KLVAEEncodeTiled(io.ComfyNode):
                     _vae_input(), *_tiling_inputs(),
                     io.Combo.Input("posterior", options=list(adapter.POSTERIORS), default="argmax",
                                    tooltip="argmax: the posterior mode (deterministic). sample: mean + std * noise."),
-                    io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                    io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                                  tooltip="Seed of the posterior noise (posterior = sample only).")],
             outputs=[io.Latent.Output(tooltip="Raw (unscaled) latent.")],
         )
@@ -214,7 +236,8 @@ class KLVAEDecodeTiled(io.ComfyNode):
         return io.Schema(
             node_id="KLVAEDecodeTiled", display_name="VAE Decode (Tiled, klvae)", category=CATEGORY,
             description="Tiled decode with GroupNorm statistics shared across tiles, one pass: exact mode equals "
-                        "the untiled image (no seams, no tone shift); bounded mode decodes any size in flat memory.",
+                        "the untiled image (no seams, no tone shift); bounded mode keeps no full-size activation "
+                        "above the latent resolution.",
             inputs=[io.Latent.Input("samples", tooltip="Raw latent (from a sampler or an encode node)."),
                     _vae_input(), *_tiling_inputs()],
             outputs=[io.Image.Output(tooltip="Decoded image, [0, 1].")],

@@ -36,13 +36,36 @@ def files(tmp_path_factory):
     return d
 
 
+def test_outputs_are_checked_before_the_work(files, monkeypatch):
+    """A bad output name fails before the VAE is even loaded (it used to run the whole round trip first)."""
+    from klvae import cli
+    loaded = []
+    monkeypatch.setattr(cli, "open_vae", lambda args: loaded.append(1))
+    assert cli.main(["roundtrip", str(files / "img.png"), "-o", str(files / "x.bmpx")]) == 2
+    assert cli.main(["decode", str(files / "z.safetensors"), "-o", str(files / "x.bmpx")]) == 2
+    assert cli.main(["encode", str(files / "img.png"), "-o", str(files / "z.pt")]) == 2
+    assert not loaded
+
+
+def test_convert_keeps_the_stored_dtype(tmp_path):
+    """The shipped fp16 file converts to fp16 (not to twice its size in fp32) unless --dtype says otherwise."""
+    klvae("convert", SHIPPED, "-o", tmp_path / "same.safetensors", "--layout", "ldm")
+    klvae("convert", SHIPPED, "-o", tmp_path / "f32.safetensors", "--layout", "ldm", "--dtype", "fp32")
+    with safe_open(str(tmp_path / "same.safetensors"), "pt") as h:
+        assert {h.get_slice(k).get_dtype() for k in h.keys()} == {"F16"}
+    same, f32 = (tmp_path / "same.safetensors").stat().st_size, (tmp_path / "f32.safetensors").stat().st_size
+    assert abs(same - SHIPPED.stat().st_size) < 4096 and f32 > 1.9 * same
+
+
 def test_help_for_every_command(capsys):
     assert "usage: klvae" in klvae("--help").stdout  # the real entry point once; each command in this process
     from klvae.cli import main
     for cmd in ("demo", "info", "encode", "decode", "roundtrip", "convert"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
-        assert e.value.code == 0 and f"usage: klvae {cmd}" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and f"usage: klvae {cmd}" in out
+        assert cmd == "info" or re.search(r"\(default: (auto|keep)\)", out)  # defaults are shown
 
 
 def test_info(files):
@@ -112,11 +135,14 @@ def test_convert_to_diffusers_folder_loads_offline_and_decodes_the_same(files):
     (["encode", "img.png"], "required"),
     (["decode", "img.png", "-o", "x.png", "--vae", "vae.safetensors"], "not a readable safetensors latent"),
     (["encode", "vae.safetensors", "-o", "z.safetensors", "--vae", "vae.safetensors"], "not a readable image"),
-    (["roundtrip", "img.png", "-o", "x.png", "--vae", "img.png"], "img.png is not a readable .safetensors file"),
+    (["roundtrip", "img.png", "-o", "x.png", "--vae", "img.png"], "img.png is a PNG image, not a VAE"),
     (["convert", "vae.safetensors", "-o", "x.safetensors", "--layout", "diffusers"], "a diffusers VAE is a folder"),
     (["encode", "img.png", "-o", "z.safetensors", "--vae", "vae.safetensors", "--tiling", "exact", "--tile", "30"],
      "not a positive multiple of 8"),
     (["bogus"], "invalid choice"),
+    (["info", "img.png"], "img.png is a PNG image, not a VAE"),
+    (["roundtrip", "img.png", "-o", "out.bmpx", "--vae", "vae.safetensors"], "unknown image format '.bmpx'"),
+    (["encode", "img.png", "-o", "z.pt", "--vae", "vae.safetensors"], "a latent is written as .safetensors"),
 ])
 def test_bad_arguments_are_one_line_errors(files, args, words, monkeypatch):
     monkeypatch.chdir(files)
@@ -146,8 +172,26 @@ def test_shipped_vae_is_small_and_loads():
     assert (ROOT / "models" / "MODEL_CARD.md").exists()
 
 
+def bars(stderr: str) -> dict:
+    """Every tqdm bar state in stderr: {description: [(done, total), ...]} in order."""
+    found = {}
+    for m in re.finditer(r"(\w+ \w+):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)", stderr):
+        found.setdefault(m[1], []).append((int(m[2]), int(m[3])))
+    return found
+
+
 def test_demo_writes_its_outputs(tmp_path):
-    r = klvae("demo", "--size", "256", "--tile", "128", "--out", tmp_path)
+    r = subprocess.run([sys.executable, "-m", "klvae", "--threads", "2", "demo", "--size", "256", "--tile", "128",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "KLVAE_PROGRESS": "1"})  # bars on, though not a terminal
+    assert r.returncode == 0, r.stderr[-2000:]
+    # one bar per tiled phase, its total the plan's from the first draw, never past it, never restarted
+    seen = bars(r.stderr)
+    assert set(seen) == {"tiled encode", "tiled decode"}, seen
+    for name, states in seen.items():
+        totals = {t for _, t in states}
+        dones = [d for d, _ in states]
+        assert len(totals) == 1 and dones == sorted(dones) and dones[-1] == totals.pop(), (name, states)
     for name in ("input", "untiled", "tiled", "side_by_side", "heatmap"):
         assert (tmp_path / f"{name}.png").exists(), name
     assert np.asarray(Image.open(tmp_path / "tiled.png")).shape == (256, 256, 3)

@@ -19,7 +19,7 @@ def test_core_tiled_calls_map_to_exact_tiles(kl):
     r = kl.model.last_tiling
     # exact (not "auto", which could fall back to estimated statistics): bands of a 128 px tile's area
     assert r.mode == "exact" and r.tile_size == 128 and r.grid == (2, 1) and r.store == "device"
-    assert any("overlap" in n for n in r.notes)  # core's blending overlap has no use in exact mode: said so
+    assert not any("overlap" in n for n in r.notes)  # core's blending overlap is not needed, not passed on, not logged
     assert tiled.shape == (1, 160, 160, 3) and (tiled - full).abs().max() < 1e-4
     img = torch.rand(1, 160, 160, 3, generator=torch.Generator().manual_seed(1))
     z_tiled = kl.encode_tiled(img, tile_x=96, tile_y=128, overlap=16)  # core passes image px

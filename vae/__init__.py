@@ -15,6 +15,8 @@ Modules, each one concern (imports run down this list, never up):
   precision.py         device and dtype policy, the fp16/bf16 overflow guard
   checkpoint.py        reading, checking and writing VAE files
   metrics.py           psnr_vs_full, max_abs_vs_full, seam_ratio
+  images.py            image files as [1, 3, H, W] tensors in [-1, 1], and back
+  shipped.py           the files that ship with klvae: DEMO_VAE, DEMO_PHOTO
   autoencoder.py       AutoencoderKL, its posterior, encode/decode, load_vae
 """
 from .autoencoder import AutoencoderKL, DiagonalGaussian, load_vae
@@ -22,10 +24,13 @@ from .checkpoint import save_vae
 from .config import FAMILIES, VAEConfig, preset
 from .diffusers_compat import diffusers_config, load_pipeline, save_pipeline
 from .errors import Interrupted, KLVAEError
+from .images import read_image, write_image
 from .metrics import max_abs_vs_full, psnr_vs_full, seam_ratio
 from .precision import resolve_device, resolve_dtype
+from .shipped import DEMO_PHOTO, DEMO_VAE
 from .tiling import DEFAULT_MODE, Plan, Tiling, TilingReport
 
-__all__ = ["AutoencoderKL", "DEFAULT_MODE", "DiagonalGaussian", "FAMILIES", "Interrupted", "KLVAEError", "Plan",
-           "Tiling", "TilingReport", "VAEConfig", "diffusers_config", "load_pipeline", "load_vae", "max_abs_vs_full", "preset",
-           "psnr_vs_full", "resolve_device", "resolve_dtype", "save_pipeline", "save_vae", "seam_ratio"]
+__all__ = ["AutoencoderKL", "DEFAULT_MODE", "DEMO_PHOTO", "DEMO_VAE", "DiagonalGaussian", "FAMILIES", "Interrupted",
+           "KLVAEError", "Plan", "Tiling", "TilingReport", "VAEConfig", "diffusers_config", "load_pipeline", "load_vae",
+           "max_abs_vs_full", "preset", "psnr_vs_full", "read_image", "resolve_device", "resolve_dtype", "save_pipeline",
+           "save_vae", "seam_ratio", "write_image"]

@@ -41,6 +41,9 @@ PREFIXES = ("first_stage_model.", "vae.")
 IGNORED = ("loss.", "model_ema.")  # training leftovers in original LDM VAE checkpoints (discriminator, LPIPS)
 MAX_INDEX = 64  # no index in a KL VAE key goes near this (levels <= 8, blocks per level <= 9)
 FP16_MAX = 65504.0
+# The common image formats' first bytes, which as a safetensors header length would be a gigabyte or
+# more (BMP's "BM" is left out: as a length it is a plausible 19778 bytes). WebP: RIFF....WEBP, below.
+IMAGE_MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"))
 
 
 def _first_line(e: BaseException, n=100) -> str:
@@ -145,9 +148,14 @@ def open_path(path) -> Source:
         if path.stat().st_size == 0:
             raise KLVAEError(f"{path.name} is empty (0 bytes): the download failed; download it again")
         with open(path, "rb") as fh:
-            head = fh.read(8)
+            head = fh.read(12)
     except OSError as e:  # a name over the OS limit, a dangling link, no permission...
         raise KLVAEError(f"cannot open {str(path)[:120]}: {e.strerror or _first_line(e)}") from e
+    kind = next((k for magic, k in IMAGE_MAGIC if head.startswith(magic)), None) or \
+        ("WebP" if head[:4] == b"RIFF" and head[8:12] == b"WEBP" else None)
+    if kind:
+        raise KLVAEError(f"{path.name} is a {kind} image, not a VAE: pass a VAE file (.safetensors, .ckpt) or a "
+                         f"diffusers folder (for images: klvae encode / roundtrip)")
     # safetensors begin with a little-endian header length; zip (torch.save) with PK; old pickles with 0x80.
     if path.suffix == ".safetensors" or (head[:2] != b"PK" and head[:1] != b"\x80"):
         return _safetensors(path)

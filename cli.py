@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
@@ -299,9 +298,11 @@ def cmd_demo(args):
             line += (f"   {r.mode}: decode {r.describe()}, encode {enc_report.describe()}; "
                      f"psnr_vs_full {psnr(x, full):.1f} dB, max |tiled - untiled| {(x - full).abs().max().item():.1e}")
         print(line, flush=True)
-    diff = (results["tiled"] - results["untiled"]).abs().mean(1)[0] / 2  # [0, 1] pixel units
-    heat = (diff / args.heat_scale).clamp(0, 1).numpy()
-    Image.fromarray((np.stack([heat, heat ** 2, 0 * heat], -1) * 255).astype("uint8")).save(out / "heatmap.png")
+    diff = ((results["tiled"].clamp(-1, 1) - results["untiled"].clamp(-1, 1)).abs().mean(1)[0] / 2).numpy()
+    title = (f"klvae {args.tiling} tiles ({args.tile} px) against untiled\n"
+             f"psnr_vs_full {psnr(results['tiled'], results['untiled']):.1f} dB, max {diff.max():.1e}")
+    images.heat_map([(title, diff)], args.heat_scale, panel_px=512,
+                    note=f"{args.size}x{args.size} round trip").save(out / "heatmap.png")
     side = Image.new("RGB", (3 * 768, 768))
     for i, name in enumerate(("input", "untiled", "tiled")):
         side.paste(Image.open(out / f"{name}.png").resize((768, 768), Image.LANCZOS), (i * 768, 0))

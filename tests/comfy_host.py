@@ -20,9 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 from PIL import Image
 
 from klvae.testing import free_port, test_image
+from klvae.vae import load_vae
+from klvae.vae.shipped import shipped_vaes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +38,30 @@ def comfy_tree() -> Path:
     tree = Path(spec.origin).parent / "_comfyui"
     assert (tree / "main.py").exists(), f"no ComfyUI tree at {tree}"
     return tree
+
+
+def repo_files() -> list:
+    """What a `git clone` of this repo holds (tracked files; in a working copy also the new files git
+    does not ignore), relative to ROOT."""
+    r = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"cannot list the repo's files: {r.stderr.strip()[:200]}")
+    return [f for f in r.stdout.splitlines() if (ROOT / f).is_file()]
+
+
+def install_like_manager(dest: Path) -> None:
+    """ComfyUI-Manager's install: `git clone` into custom_nodes/ (a copy of the repo's files, no
+    .venv, nothing git ignores), then `pip install -r requirements.txt` if there is one (this repo
+    has none: its runtime dependencies are ComfyUI's own, tests/test_comfyui.py checks it)."""
+    if not (ROOT / ".git").exists():  # an exported tree: everything but what .gitignore names
+        shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".venv", "__pycache__", "*.egg-info", "build", "dist",
+                                                                  ".pytest_cache", "out", ".git"))
+    for f in repo_files() if (ROOT / ".git").exists() else []:
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dest / f)
+    if (dest / "requirements.txt").exists():  # offline: what is required must already be there
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "-q", "-r", str(dest / "requirements.txt")],
+                       check=True)
 
 
 class Server:
@@ -52,12 +79,12 @@ class Server:
         (self.tree / "extra_model_paths.yaml").unlink(missing_ok=True)
         for d in ("custom_nodes", "models/vae", "models/checkpoints", "input", "output", "user"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
-        (self.base / "custom_nodes" / "klvae").symlink_to(ROOT, target_is_directory=True)
+        install_like_manager(self.base / "custom_nodes" / "klvae")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PYTHONPATH", None)
         self.proc = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(self.base), "--disable-auto-launch"],
+             "--base-directory", str(self.base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:"],
             cwd=self.tree, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
         t0 = time.time()
         while time.time() - t0 < timeout:
@@ -83,8 +110,11 @@ class Server:
 
     # -- HTTP, as the frontend does ------------------------------------------------------------
     def get(self, path):
+        return json.loads(self.get_bytes(path))
+
+    def get_bytes(self, path) -> bytes:
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            return json.loads(r.read())
+            return r.read()
 
     def post(self, path, body):
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
@@ -132,8 +162,6 @@ def error_of(entry: dict) -> dict | None:
 # -- files the server serves ----------------------------------------------------------------------
 def taesd_state_dict(seed=0) -> dict:
     """A TAESD's keys and shapes (madebyollin/taesd's layout, as ComfyUI loads it), seeded."""
-    import torch.nn as nn
-
     def conv(i, o, **kw):
         return nn.Conv2d(i, o, 3, padding=1, **kw)
 
@@ -166,3 +194,36 @@ def test_png(path: Path, w=96, h=80, seed=0):
 def to_png_bytes(image: torch.Tensor) -> np.ndarray:
     """What core's SaveImage writes for an IMAGE [1, H, W, 3]."""
     return np.clip(255.0 * image[0].cpu().numpy(), 0, 255).astype(np.uint8)
+
+
+def close(a: np.ndarray, b: np.ndarray):
+    """Two saved images within one 8-bit level everywhere (float summation order, quantisation)."""
+    d = np.abs(a.astype(int) - b.astype(int))
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert d.max() <= 1 and d.mean() < 0.05, f"max {d.max()}, mean {d.mean():.4f}"
+
+
+def example_reference(server, api: dict) -> np.ndarray:
+    """What the library makes of an example graph (API format: LoadImage [-> ImageScale] -> an
+    argmax encode -> a decode -> SaveImage), from the same input file and VAE files: the image
+    core's SaveImage would write."""
+    def vae_of(ref):
+        name = api[ref[0]]["inputs"]["vae_name"]
+        path = server.base / "models" / "vae" / name
+        return load_vae(path if path.exists() else next(p for p in shipped_vaes() if p.name == name))
+
+    save = next(n for n in api.values() if n["class_type"] == "SaveImage")
+    dec = api[save["inputs"]["images"][0]]
+    enc = api[dec["inputs"]["samples"][0]]
+    src = api[enc["inputs"]["pixels"][0]]
+    scale = None
+    if src["class_type"] == "ImageScale":  # core's lanczos: PIL's, on the 8-bit image
+        scale = (src["inputs"]["width"], src["inputs"]["height"])
+        src = api[src["inputs"]["image"][0]]
+    im = Image.open(server.base / "input" / src["inputs"]["image"]).convert("RGB")
+    if scale:
+        im = im.resize(scale, Image.Resampling.LANCZOS)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)[None].movedim(-1, 1) * 2 - 1
+    z = vae_of(enc["inputs"]["vae"]).encode(x).mode()
+    y = vae_of(dec["inputs"]["vae"]).decode(z)
+    return to_png_bytes(((y + 1) / 2).clamp(0, 1).movedim(1, -1))

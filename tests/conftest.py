@@ -15,12 +15,12 @@ def comfy(tmp_path_factory):
     models/vae/sdxl_vae.safetensors   full-width SD-shaped KL VAE, calibrated seeded weights, fp16
                                       (full width because core's VAELoader assumes SD's widths)
     models/vae/flux_ae_small.safetensors  narrow 16-channel Flux-shaped VAE (our loader reads any width)
-    models/vae/flux2_vae.safetensors  full-width Flux.2-shaped KL VAE (32 channels, latent BatchNorm), fp16
+    models/vae/flux2-vae.safetensors  full-width Flux.2-shaped KL VAE (32 channels, latent BatchNorm), fp16
     models/vae/taesd.safetensors      a TAESD (core's VAELoader loads it; not a KL autoencoder)
     models/vae/unet.safetensors       a few UNet keys (not a VAE at all)
     models/vae/hostile.safetensors    a VAE whose key indices ask for 10^8 blocks
     input/klvae_test.png              96x80 structured test picture
-    input/example.png                 ComfyUI's own 768x768 example picture (used by examples/*.json)
+    input/example.png                 ComfyUI's own 768x768 example picture (used by example_workflows/*.json)
     """
     import shutil
 
@@ -36,7 +36,7 @@ def comfy(tmp_path_factory):
     save_vae(klvae_from(calibrate(diffusers_vae("sdxl", seed=3), test_image(64)), family="sdxl", dtype="fp16"),
              vae_dir / "sdxl_vae.safetensors")
     save_vae(klvae_from(calibrate(diffusers_vae("flux2", seed=5), test_image(64)), family="flux2", dtype="fp16"),
-             vae_dir / "flux2_vae.safetensors")
+             vae_dir / "flux2-vae.safetensors")
     small_flux = klvae_from(diffusers_vae("flux", seed=4, **NARROW), family="flux")
     save_vae(small_flux, vae_dir / "flux_ae_small.safetensors")
     hostile = {k: v.contiguous() for k, v in small_flux.state_dict().items()}

@@ -1,6 +1,11 @@
 """One real browser: Debian's chromium, headless, driven by Playwright, opens the ComfyUI frontend
-served by the test server, loads each examples/*.json through the page (as a user dropping the
-file on the canvas), queues it, and checks that no node is missing and the output image arrives."""
+served by the test server, loads each example_workflows/*.json through the page (as a user dropping
+the file on the canvas), queues it, and checks that no node is missing, that the saved image is the
+library's result for the same input and VAE, that the output reaches the page, and that the shipped
+API-format twin (example_workflows/api/) is what the frontend itself makes of the example.
+
+KLVAE_REGENERATE=1 rewrites what these runs produce: the API twins, the examples' thumbnails
+(example_workflows/*.jpg) and the README's screenshot (docs/comfyui_<example>.png)."""
 import json
 import os
 import shutil
@@ -9,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from comfy_host import error_of
+from PIL import Image
+
+from comfy_host import close, error_of, example_reference
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((ROOT / "examples").glob("*.json"))
+EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
+REGENERATE = bool(os.environ.get("KLVAE_REGENERATE"))
 CHROMIUM = os.environ.get("KLVAE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -35,7 +43,8 @@ def page(comfy):
 
 
 def test_examples_exist():
-    assert len(EXAMPLES) >= 2
+    assert {p.stem for p in EXAMPLES} == {"klvae_argmax_roundtrip", "klvae_exact_tiled_2048", "klvae_vae_in_core_nodes",
+                                          "klvae_flux2_with_core_nodes"}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
@@ -48,6 +57,13 @@ def test_example_loads_queues_and_outputs(comfy, page, path, tmp_path):
     missing = [n["type"] for n in loaded if not n["registered"]]
     assert not missing, f"frontend reports missing nodes {missing}"
     assert "missing" not in page.inner_text("body").lower(), "the page shows a missing-nodes warning"
+    # the API-format twin that ships is what the frontend makes of this example
+    api = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    twin = ROOT / "example_workflows" / "api" / path.name
+    if REGENERATE:
+        twin.parent.mkdir(exist_ok=True)
+        twin.write_text(json.dumps(api, indent=1) + "\n")
+    assert json.loads(twin.read_text()) == api, f"{twin} is stale: run the browser test with KLVAE_REGENERATE=1"
     before = set(comfy.get("/history"))
     page.evaluate("async () => { await window.app.queuePrompt(0, 1) }")
     save = next(n["id"] for n in wf["nodes"] if n["type"] == "SaveImage")
@@ -61,12 +77,13 @@ def test_example_loads_queues_and_outputs(comfy, page, path, tmp_path):
     assert entry is not None, "the page queued nothing"
     assert entry["status"]["status_str"] == "success", error_of(entry)
     (img,) = comfy.images(entry, str(save))
-    assert img.shape == (768, 768, 3) and img.std() > 5
+    close(img, example_reference(comfy, api))  # the library's own result for this graph
     # ... and the page received it (the websocket 'executed' message fills the node's preview)
     page.wait_for_function(f"() => (window.app.graph.getNodeById({save}).imgs || []).length > 0", timeout=60_000)
     assert not page.errors, page.errors
     shot = tmp_path / f"{path.stem}.png"
     page.keyboard.press("Escape")
     page.screenshot(path=str(shot))
-    if os.environ.get("KLVAE_SCREENSHOTS"):  # how docs/comfyui_*.png were made
-        shutil.copy(shot, Path(os.environ["KLVAE_SCREENSHOTS"]) / f"comfyui_{path.stem}.png")
+    if REGENERATE:  # how the examples' thumbnails and the README's screenshots were made
+        Image.fromarray(img).resize((384, 384), Image.LANCZOS).save(path.with_suffix(".jpg"), quality=88)
+        shutil.copy(shot, ROOT / "docs" / f"comfyui_{path.stem}.png")

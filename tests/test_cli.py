@@ -36,6 +36,18 @@ def files(tmp_path_factory):
     return d
 
 
+def test_the_readmes_quick_start_runs_as_pasted(tmp_path):
+    """The first code block of the README, in a fresh interpreter, in an empty folder."""
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("## Quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report, numbers = r.stdout.strip().splitlines()
+    assert report.startswith("exact decode of 512x512 px: 16 bands of 32 rows")
+    tiled_vs_untiled, vs_photo = (float(v) for v in re.findall(r"(\d+\.\d|inf) dB", numbers))
+    assert tiled_vs_untiled >= 60 and 20 <= vs_photo <= 40, numbers
+
+
 def test_outputs_are_checked_before_the_work(files, monkeypatch):
     """A bad output name fails before the VAE is even loaded (it used to run the whole round trip first)."""
     from klvae import cli

@@ -3,16 +3,27 @@
 Every workflow's saved PNG is compared with what the library computes in this process from the
 same file and the same picture, quantised as core's SaveImage quantises (<= 1 level apart).
 """
+import asyncio
+import json
+import os
+import re
+import subprocess
+import tomllib
+import uuid
+from pathlib import Path
+
+import aiohttp  # one of the host's own requirements
 import numpy as np
 import pytest
 
-from comfy_host import error_of, to_png_bytes
+from comfy_host import close, comfy_tree, error_of, example_reference, to_png_bytes
 from klvae.vae import load_vae
 from klvae.vae.memory import proc_status
 
 NODES = ["KLVAELoader", "KLVAEFromVAE", "KLVAEEncodeArgMax", "KLVAEEncodeSample", "KLVAEEncodeTiled",
          "KLVAEDecode", "KLVAEDecodeTiled"]
 VAE = "sdxl_vae.safetensors"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +34,6 @@ def reference(comfy):
     post = vae.encode(x)
     to_img = lambda z: to_png_bytes(((vae.decode(z) + 1) / 2).clamp(0, 1).movedim(1, -1))
     return {"argmax": to_img(post.mode()), "sample7": to_img(post.sample(seed=7))}
-
-
-def close(a: np.ndarray, b: np.ndarray):
-    d = np.abs(a.astype(int) - b.astype(int))
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert d.max() <= 1 and d.mean() < 0.05, f"max {d.max()}, mean {d.mean():.4f}"
 
 
 def graph(loader, encode, decode, prefix):
@@ -145,6 +150,7 @@ def test_bad_inputs_are_node_errors_and_server_keeps_serving(comfy, case):
     assert err["node_id"] == node, err
     msg = err["exception_message"]
     assert "\n" not in msg.strip() and all(w.lower() in msg.lower() for w in words), msg
+    assert err["exception_type"] == "klvae.vae.errors.KLVAEError", err["exception_type"]  # not ".../custom_nodes/klvae..."
     # ... and the next prompt runs (a fresh tile size, so nothing comes from the cache)
     ok = comfy.run(graph("KLVAELoader", ARGMAX, ("KLVAEDecodeTiled", {"tile_size": 128, "overlap": 0,
                                                                         "tiling": "exact"}), f"after_{case}"))
@@ -153,12 +159,6 @@ def test_bad_inputs_are_node_errors_and_server_keeps_serving(comfy, case):
 
 def _watch(comfy, prompt, on_progress=None, timeout=300):
     """Queue a prompt over a websocket client as the frontend does; return its messages in order."""
-    import asyncio
-    import json
-    import uuid
-
-    import aiohttp  # one of the host's own requirements
-
     async def go():
         cid = uuid.uuid4().hex
         msgs = []
@@ -271,7 +271,7 @@ def test_hostile_vae_file_is_a_node_error_and_the_server_survives(comfy):
 def test_flux2_latents_mix_with_core_nodes_both_ways(comfy):
     """ComfyUI's Flux.2 LATENT is patchified and normalised (128 channels at 1/16). Core's encode
     into our decode, and our encode into core's decode, each equal the other side's own result."""
-    F2 = "flux2_vae.safetensors"
+    F2 = "flux2-vae.safetensors"
     g = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "klvae_test.png"}},
         "2": {"class_type": "VAELoader", "inputs": {"vae_name": F2}},
@@ -294,3 +294,70 @@ def test_flux2_latents_mix_with_core_nodes_both_ways(comfy):
     lib = load_vae(comfy.base / "models" / "vae" / F2)
     z = lib.encode(comfy.image.movedim(-1, 1) * 2 - 1).mode()
     close(ours_of_ours, to_png_bytes(((lib.decode(z) + 1) / 2).clamp(0, 1).movedim(1, -1)))
+
+
+# ---- a well-behaved node pack: examples, help pages, the shipped VAE, what Manager installs ---------
+EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
+
+
+def test_examples_and_help_pages_are_served(comfy):
+    """The frontend's template browser lists example_workflows/ and serves each file and its
+    thumbnail; each node's help page (web/docs/<node id>.md) and its picture are served where the
+    frontend asks for them."""
+    listed = comfy.get("/workflow_templates")
+    assert sorted(listed["klvae"]) == sorted(p.stem for p in EXAMPLES)
+    for p in EXAMPLES:
+        assert json.loads(comfy.get_bytes(f"/api/workflow_templates/klvae/{p.name}")) == json.loads(p.read_text())
+        assert comfy.get_bytes(f"/api/workflow_templates/klvae/{p.stem}.jpg")[:3] == b"\xff\xd8\xff"  # a JPEG
+    info = comfy.get("/object_info")
+    for node in NODES:
+        assert info[node]["python_module"] == "custom_nodes.klvae"  # the frontend's help lookup starts here
+        page = comfy.get_bytes(f"/extensions/klvae/docs/{node}.md").decode()
+        assert page.startswith(f"# {info[node]['display_name']}") and "## Inputs" in page, node
+        inputs = {**info[node]["input"].get("required", {}), **info[node]["input"].get("optional", {})}
+        assert all(f"`{name}`" in page for name in inputs), (node, [n for n in inputs if f"`{n}`" not in page])
+    assert comfy.get_bytes("/extensions/klvae/docs/heatmap_decode_1024.png")[:4] == b"\x89PNG"
+
+
+def test_the_shipped_vae_is_offered_by_our_loader_only(comfy):
+    info = comfy.get("/object_info")
+    ours = info["KLVAELoader"]["input"]["required"]["vae_name"][0]
+    core = info["VAELoader"]["input"]["required"]["vae_name"][0]
+    assert "klvae-demo-f8c4.safetensors" in ours and "klvae-demo-f8c4.safetensors" not in core
+    assert VAE in ours and VAE in core  # models/vae is listed by both
+
+
+@pytest.mark.parametrize("name", ["klvae_argmax_roundtrip", "klvae_vae_in_core_nodes", "klvae_flux2_with_core_nodes"])
+def test_api_twins_of_the_examples_run_as_shipped(comfy, name):
+    """A script's path: the API-format twin posted as is. (The 2048 example runs in the browser test.)"""
+    api = json.loads((ROOT / "example_workflows" / "api" / f"{name}.json").read_text())
+    entry = comfy.run(api)
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    save = next(k for k, n in api.items() if n["class_type"] == "SaveImage")
+    close(comfy.images(entry, save)[0], example_reference(comfy, api))
+
+
+def test_runtime_dependencies_are_comfyuis_own():
+    """Why there is no requirements.txt: ComfyUI-Manager installs a pack with `pip install -r
+    requirements.txt` and never installs torch; every runtime dependency klvae declares is already
+    a requirement of ComfyUI itself."""
+    ours = {re.split(r"[<>=!~ \[]", d)[0].lower() for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    comfy_reqs = {re.split(r"[<>=!~ \[;]", line.strip())[0].lower()
+                  for line in (comfy_tree() / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    assert ours <= comfy_reqs, ours - comfy_reqs
+    assert not (ROOT / "requirements.txt").exists()
+
+
+def test_registry_validation_passes(tmp_path):
+    """`comfy node validate` (comfy-cli 1.23.0, the registry's own check, offline; the Makefile
+    installs it in .venv/comfy-cli) on this repo."""
+    comfy_cli = ROOT / ".venv" / "comfy-cli" / "bin" / "comfy"
+    if not comfy_cli.exists():
+        pytest.skip("comfy-cli is not installed (make install puts it in .venv/comfy-cli)")
+    r = subprocess.run([str(comfy_cli), "--skip-prompt", "--no-enable-telemetry", "node", "validate"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "HOME": str(tmp_path)})
+    assert r.returncode == 0 and "All validation checks passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    comfy = meta["tool"]["comfy"]
+    assert comfy["Icon"].endswith("web/icon.jpg") and (ROOT / "web" / "icon.jpg").exists()
+    assert meta["project"]["urls"]["Repository"] and comfy["requires-comfyui"] == ">=0.3.75"

@@ -70,6 +70,7 @@ os.environ.setdefault("KLVAE_KEEP_MALLOC", "1")
 from klvae.vae import load_vae, save_vae  # noqa: E402
 from klvae.vae.autoencoder import AutoencoderKL  # noqa: E402
 from klvae.vae.config import preset  # noqa: E402
+from klvae.vae.precision import cpu_has_native_bf16  # noqa: E402
 
 MODEL_NAME = "klvae-demo"
 
@@ -528,15 +529,6 @@ def pilot(args, pool, model):
     return results
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bf16 convolutions natively (AMX tiles or AVX-512 BF16), from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -791,8 +783,10 @@ def evaluate(args, heldout, path: str | None = None, sizes: list[int] | None = N
                               "mean_rgb_in": a.mean((0, 1)).round(4).tolist(),
                               "mean_rgb_out": b.mean((0, 1)).round(4).tolist(), "seconds": time.time() - t0}
         rows[path.name] = row
+        seen = "  (a training photo of klvae-demo-f8c4: not held out for it or its warm starts)" \
+            if path.name in SEEN_BY_V1 else ""
         print(f"{path.name:18s} " + "  ".join(
-            f"{s}px {row[str(s)]['psnr']:.2f} dB dE00 {row[str(s)]['ciede2000']:.2f}" for s in sizes), flush=True)
+            f"{s}px {row[str(s)]['psnr']:.2f} dB dE00 {row[str(s)]['ciede2000']:.2f}" for s in sizes) + seen, flush=True)
     means = {str(s): {m: sum(r[str(s)][m] for r in rows.values()) / len(rows)
                       for m in ("psnr", "ciede2000", "ref_bicubic8x_psnr", "ref_bicubic8x_ciede2000")} for s in sizes}
     print(f"{'mean':18s} " + "  ".join(f"{s}px {means[str(s)]['psnr']:.2f} dB dE00 {means[str(s)]['ciede2000']:.2f}"
@@ -806,12 +800,13 @@ def evaluate(args, heldout, path: str | None = None, sizes: list[int] | None = N
         "heldout": {p.name: HELDOUT_INFO[p.name] for p in heldout},
         "results": rows, "mean": means,
     }
-    write_eval(out, result)
+    write_eval(Path(getattr(args, "eval_dir", None) or out.parent) / out.name, result)
     return result
 
 
 def write_eval(out: Path, result: dict) -> None:
-    """FILE.eval.json and FILE.eval.md next to the weights."""
+    """FILE.eval.json and FILE.eval.md: next to the weights a run trains, in --work-dir for --eval-only
+    (an evaluation of a shipped file does not write into models/)."""
     sizes = result["sizes"]
     lines = [f"# Held-out evaluation of `{result['file']}`", "",
              f"sha256[:16] `{result['sha16']}`, {result['bytes']} bytes, scaling_factor {result['scaling_factor']:.5f}. "
@@ -900,7 +895,7 @@ def main():
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this machine has no usable CUDA device")
     if args.precision == "auto":
-        args.precision = "bf16" if args.device.type == "cuda" or cpu_has_bf16() else "fp32"
+        args.precision = "bf16" if args.device.type == "cuda" or cpu_has_native_bf16() else "fp32"
     if args.lr is None:
         args.lr = 2e-4 if args.init else 5e-4
     if args.prefetch is None:
@@ -927,6 +922,7 @@ def main():
     print(f"data: {len(train_real)} photos {[p.name for p in train_real]}, {len(templates)} template thumbnails, "
           f"procedural on the fly; held out: {[p.name for p in heldout]}", flush=True)
     if args.eval_only:
+        args.eval_dir = args.work_dir
         evaluate(args, heldout)
         return
 

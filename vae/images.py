@@ -1,4 +1,5 @@
-"""Images as tensors: a file to [1, 3, H, W] in [-1, 1] (what encode takes), and back."""
+"""Images as tensors: a file to [1, 3, H, W] in [-1, 1] (what encode takes), and back; heat maps of
+differences that read without a caption (each panel titled, a colour scale)."""
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +47,45 @@ def write_image(x: torch.Tensor, path) -> None:
         Image.fromarray(a).save(path)
     except (OSError, ValueError, KeyError) as e:
         raise KLVAEError(f"cannot write {path}: {e}") from e
+
+
+def _font(size: int):
+    from PIL import ImageFont
+    for name in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default()
+
+
+def heat(d: np.ndarray, scale: float) -> np.ndarray:
+    """|difference| [H, W] (units of the 0..1 pixel range) -> RGB uint8: black, red, yellow, white at `scale`."""
+    t = np.clip(d / scale, 0, 1)[..., None]
+    return (np.clip(np.concatenate([3 * t, 3 * t - 1, 3 * t - 2], -1), 0, 1) * 255).astype(np.uint8)
+
+
+def heat_map(panels, scale: float, panel_px: int = 384, note: str = "") -> Image.Image:
+    """Side by side, one heat map per (title, |difference| [H, W]) with its title above it and a colour
+    scale below all of them: what each panel is and how large an error each colour means."""
+    from PIL import ImageDraw
+    title_h, bar_h, gap = 44, 86, 8
+    W = len(panels) * panel_px + (len(panels) - 1) * gap
+    im = Image.new("RGB", (W, title_h + panel_px + bar_h), "white")
+    draw = ImageDraw.Draw(im)
+    font, small = _font(15), _font(13)
+    for k, (title, d) in enumerate(panels):
+        x0 = k * (panel_px + gap)
+        lines = title.split("\n")
+        for n, line in enumerate(lines[:2]):
+            draw.text((x0 + 4, 4 + 19 * n), line, fill="black", font=font if n == 0 else small)
+        im.paste(Image.fromarray(heat(d, scale)).resize((panel_px, panel_px), Image.BOX), (x0, title_h))
+    bar = heat(np.linspace(0, scale, 256)[None].repeat(12, 0), scale)
+    y = title_h + panel_px + 10
+    im.paste(Image.fromarray(bar).resize((256, 12)), (4, y))
+    for v, x in ((0, 4), (scale / 2, 132), (scale, 260)):
+        draw.text((x - 4, y + 14), f"{v:g}" if v < scale else f">= {v:g}", fill="black", font=small)
+    draw.text((4, y + 32), "|tiled - untiled|, mean over RGB, in units of the 0..1 pixel range", fill="black", font=small)
+    if note:
+        draw.text((4, y + 48), note, fill="black", font=small)
+    return im

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bounded import Streamer
-from .engine import Context, Store, band_count, conv_pass
+from .engine import Context, Store, conv_pass
 from .errors import KLVAEError
 from .model import AttnBlock, Downsample, ResnetBlock, Tail, Upsample
 from .ops import STATS_CHUNK, Stats, Tile, conv3x3, normed

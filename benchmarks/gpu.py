@@ -1,0 +1,206 @@
+"""The GPU suite, prepared for a lent device: CUDA tests, then klvae, diffusers and ComfyUI side by side
+at 1K-8K, every case a fresh process within a time budget; results in DIR/gpu.json and DIR/gpu.log.
+`--device cpu --sizes 64` runs the same script end to end on the CPU (tests/test_gpu_suite.py)."""
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+from common import BENCH, DTYPES, comfy_path, peak_rss_reset
+from klvae.vae.memory import proc_status
+from klvae import testing
+from klvae.vae import Tiling, load_vae
+
+
+# ---- the GPU suite: one command on a lent GPU, the same script on the CPU at toy sizes --------------
+# Sizes per case; --sizes N (the CPU smoke run) sets every case to N. The latent of every decode is
+# the calibrated VAE's encoding of the test image (exact tiling where the image would not fit).
+GPU_CASES = [
+    # system, op, dtype, tiling (None = untiled), size
+    ("klvae", "decode", "bf16", None, 1024), ("klvae", "decode", "fp16", None, 1024),
+    ("klvae", "decode", "bf16", None, 2048), ("klvae", "decode", "fp16", None, 2048),
+    ("klvae", "decode", "bf16", None, 4096),                 # the reference for 4096's tiled psnr_vs_full
+    ("klvae", "decode", "bf16", "exact", 4096), ("klvae", "decode", "fp16", "exact", 4096),
+    ("klvae", "decode", "bf16", "bounded", 4096),
+    ("klvae", "decode", "bf16", "exact", 8192), ("klvae", "decode", "fp16", "exact", 8192),
+    ("klvae", "decode", "bf16", "bounded", 8192),
+    ("klvae", "encode", "bf16", None, 2048), ("klvae", "encode", "bf16", "exact", 4096),
+    ("klvae-flux", "decode", "bf16", "exact", 4096),
+    ("diffusers", "decode", "bf16", None, 1024), ("diffusers", "decode", "bf16", "tiled", 1024),
+    ("diffusers", "decode", "bf16", None, 2048), ("diffusers", "decode", "bf16", "tiled", 4096),
+    ("comfy", "decode", "bf16", None, 1024), ("comfy", "decode", "bf16", "tiled", 1024),
+    ("comfy", "decode", "bf16", None, 2048), ("comfy", "decode", "bf16", "tiled", 4096),
+]
+
+
+def gpu_folder(family, out_dir, smoke):
+    """The calibrated VAE as a diffusers folder, made once per run; the cases load it from there
+    (klvae's cases without importing diffusers: a fresh process per case stays cheap)."""
+    cache = os.path.join(out_dir, f"vae_{family}_{'smoke' if smoke else 'full'}")
+    if not os.path.exists(os.path.join(cache, "config.json")):  # full width: ComfyUI's VAE fixes it
+        testing.calibrated_vae(family, seed=0, image_size=64 if smoke else 256, cache=cache)
+    return cache
+
+
+def gpu_latent(folder, family, size, dev, out_dir, smoke):
+    """The calibrated VAE's latent of the test image at `size` (made once, in fp32)."""
+    zpath = os.path.join(out_dir, f"latent_{family}_{size}_{'s' if smoke else 'f'}.pt")
+    if not os.path.exists(zpath):
+        if size > 2048:  # 2x2 copies of the half-size latent: no 8K encode needed
+            z = gpu_latent(folder, family, size // 2, dev, out_dir, smoke)
+            z = torch.cat([torch.cat([z, z], 3)] * 2, 2)
+        else:
+            k32 = load_vae(folder, family=family, device=dev, dtype="fp32")
+            z = k32.encode(testing.test_image(size).to(dev)).mode()
+        torch.save(z.cpu(), zpath)
+    return torch.load(zpath, weights_only=True).to(dev)
+
+
+def gpu_case(system, op, dtype, tiling, size, device, out_dir, smoke):
+    """One GPU-suite case in this process: time after a warm-up (synchronised), peak memory, the
+    plan's prediction, host syncs inside the call, the guard's firings; the output saved."""
+    family = "flux" if system == "klvae-flux" else "sd1"
+    dev = torch.device(device)
+    dt = DTYPES[dtype]
+    if smoke:  # the CPU's bf16/fp16 convolutions are slow (diffusers' bf16 decode: 80 s at 64 px); the smoke run checks code paths
+        dt = torch.float32
+    folder = gpu_folder(family, out_dir, smoke)
+    z = gpu_latent(folder, family, size, dev, out_dir, smoke)
+    x = testing.test_image(size).to(dev) if op == "encode" else None
+    report, plan_pred, guard = {}, None, None
+    if system.startswith("klvae"):
+        vae = load_vae(folder, family=family, device=dev, dtype=dt)
+        t = Tiling(mode=tiling) if tiling else None
+        plan = vae.plan_decode(z.shape, t) if op == "decode" else vae.plan_encode(x.shape, t)
+        plan_pred = plan.predicted
+        fn = (lambda: vae.decode(z.to(dt), tiling=plan)) if op == "decode" else (lambda: vae.encode(x.to(dt), tiling=plan).mode())
+    elif system == "diffusers":
+        from diffusers import AutoencoderKL as DAutoencoderKL
+        vae = DAutoencoderKL.from_pretrained(folder).eval().to(dev, dt)
+        if tiling:
+            vae.enable_tiling()
+        fn = (lambda: vae.decode(z.to(dt)).sample)
+    else:
+        sys.path.insert(0, comfy_path())
+        sys.argv = [sys.argv[0]] + (["--cpu"] if dev.type == "cpu" else [])
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        import comfy.sd
+        sd = load_vae(folder, family=family).state_dict()
+        vae = comfy.sd.VAE(sd=sd, dtype=dt)
+        fn = (lambda: vae.decode(z) if not tiling else vae.decode_tiled(z, tile_x=64, tile_y=64, overlap=8))
+    sync = lambda: torch.cuda.synchronize(dev) if dev.type == "cuda" else None
+    with torch.inference_mode():
+        fn()  # warm-up: kernels chosen, caches filled
+        sync()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+        else:
+            base = peak_rss_reset()
+        syncs = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if dev.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            t0 = time.perf_counter()
+            y = fn()
+            sync()
+            seconds = time.perf_counter() - t0
+            if dev.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+            syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else proc_status("VmHWM")) - base
+    if system.startswith("klvae"):
+        guard = list(vae.guard_log)
+        r = vae.last_tiling
+        if r is not None:
+            report = dict(mode=r.mode, store=r.store, store_bytes=r.store_bytes, grid=r.grid, steps=r.steps)
+    if system == "comfy":
+        y = y.movedim(-1, 1) * 2 - 1
+    y = y.float().cpu()
+    finite = bool(torch.isfinite(y).all())
+    name = f"{system}_{op}_{dtype}_{tiling or 'untiled'}_{size}"
+    torch.save(y, os.path.join(out_dir, name + ".pt"))
+    return dict(name=name, system=system, op=op, dtype=dtype, tiling=tiling or "untiled", size=size,
+                seconds=seconds, ran_dtype=str(dt).removeprefix("torch."), peak=peak, predicted=plan_pred, host_syncs=len(syncs), guard=guard,
+                finite=finite, report=report)
+
+
+def gpu_suite(out_dir, device, sizes, timeout_total=480):
+    """Every GPU case in a fresh process, under an overall time limit; then fidelity and a table."""
+    os.makedirs(out_dir, exist_ok=True)
+    log = open(os.path.join(out_dir, "gpu.log"), "a")
+    say = lambda m: (print(m, flush=True), log.write(m + "\n"), log.flush())
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
+                "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    for mod in ("diffusers", "safetensors", "transformers"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception as e:  # a missing package is recorded, its cases skipped
+            versions[mod] = f"missing ({type(e).__name__})"
+    say(f"versions: {json.dumps(versions)}")
+    t_start = time.time()
+    results = {"versions": versions, "cases": [], "tests": None}
+    if device != "cpu":  # (1) the CUDA tests
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", "gpu or cuda", "tests/test_precision.py"],
+                           capture_output=True, text=True, timeout=300)
+        results["tests"] = r.stdout[-2000:]
+        say(f"CUDA tests: {r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-300:]}")
+    smoke = device == "cpu"
+    cases, seen = [], set()
+    for system, op, dtype, tiling, size in GPU_CASES:
+        if sizes:  # the smoke run: every system and mode once, at the given size
+            key = (system, op, tiling)
+            if key in seen:
+                continue
+            seen.add(key)
+            size = sizes[0]
+        cases.append((system, op, dtype, tiling, size))
+    # one fresh process per case on a GPU (peaks and timings of their own); the CPU smoke run, which
+    # checks code paths only, runs each system's cases in one process
+    groups = [[c] for c in cases] if not smoke else [[c for c in cases if c[0] == s] for s in dict.fromkeys(c[0] for c in cases)]
+    for group in groups:
+        left = timeout_total - (time.time() - t_start)
+        if left < 10:
+            say(f"skipped (time): {group}")
+            continue
+        cmd = [sys.executable, BENCH, "gpu", "--gpu-case", json.dumps(group),
+               "--device", device, "--out", out_dir] + (["--smoke"] if smoke else [])
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=min(left, 240))
+            so, why = p.stdout, (p.stderr.strip().splitlines() or ["?"])[-1][:300]
+        except subprocess.TimeoutExpired as e:
+            so, why = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timed out"
+        done = [json.loads(l[7:]) for l in so.splitlines() if l.startswith("RESULT ")]
+        for system, op, dtype, tiling, size in group:
+            r = next((r for r in done if (r["system"], r["op"], r["dtype"], r["tiling"], r["size"])
+                      == (system, op, dtype, tiling or "untiled", size)), None)
+            if r is None:
+                say(f"failed: {system} {op} {dtype} {tiling} {size}: {why}")
+                results["cases"].append(dict(system=system, op=op, dtype=dtype, tiling=tiling or "untiled", size=size, error=why))
+                continue
+            results["cases"].append(r)
+            say(f"{r['name']:40} {r['seconds']:8.3f} s  peak {r['peak'] / 2**30:7.2f} GiB  predicted "
+                f"{(r['predicted'] or 0) / 2**30:7.2f} GiB  syncs {r['host_syncs']}  guard {len(r['guard'] or [])}  "
+                f"finite {r['finite']}")
+    for r in results["cases"]:  # psnr_vs_full against the same system's untiled output where it ran
+        if "error" in r or r["tiling"] == "untiled":
+            continue
+        ref = os.path.join(out_dir, f"{r['system']}_{r['op']}_bf16_untiled_{r['size']}.pt")
+        if os.path.exists(ref):
+            y, full = torch.load(os.path.join(out_dir, r["name"] + ".pt")), torch.load(ref)
+            r["psnr_vs_full"] = testing.psnr_vs_full(y, full) if r["op"] == "decode" else None
+            r["max_abs_vs_full"] = testing.max_abs_vs_full(y, full)
+    with open(os.path.join(out_dir, "gpu.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    for name in os.listdir(out_dir):  # outputs are big; the JSON and the log come back
+        if name.endswith(".pt"):
+            os.remove(os.path.join(out_dir, name))
+    say(f"done in {time.time() - t_start:.0f} s: {len(results['cases'])} cases")
+    return results

@@ -36,6 +36,7 @@ def page(comfy):
         pg.on("pageerror", lambda e: pg.errors.append(str(e)))
         # A returning user's settings: no first-run template browser over the canvas.
         comfy.post("/settings", {"Comfy.TutorialCompleted": True})
+        pg.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")  # "Introducing Nodes 2.0", seen
         pg.goto(comfy.url)
         pg.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
         yield pg
@@ -57,6 +58,9 @@ def test_example_loads_queues_and_outputs(comfy, page, path, tmp_path):
     missing = [n["type"] for n in loaded if not n["registered"]]
     assert not missing, f"frontend reports missing nodes {missing}"
     assert "missing" not in page.inner_text("body").lower(), "the page shows a missing-nodes warning"
+    page.keyboard.press("Escape")
+    graph_shot = tmp_path / f"{path.stem}_graph.png"
+    page.screenshot(path=str(graph_shot))
     # the API-format twin that ships is what the frontend makes of this example
     api = page.evaluate("async () => (await window.app.graphToPrompt()).output")
     twin = ROOT / "example_workflows" / "api" / path.name
@@ -85,5 +89,11 @@ def test_example_loads_queues_and_outputs(comfy, page, path, tmp_path):
     page.keyboard.press("Escape")
     page.screenshot(path=str(shot))
     if REGENERATE:  # how the examples' thumbnails and the README's screenshots were made
-        Image.fromarray(img).resize((384, 384), Image.LANCZOS).save(path.with_suffix(".jpg"), quality=88)
-        shutil.copy(shot, ROOT / "docs" / f"comfyui_{path.stem}.png")
+        if "flux2" in path.stem:  # the tests' Flux.2 weights are seeded noise: show the graph, not its output
+            thumb = Image.open(graph_shot).convert("RGB").crop((60, 40, 1000, 700))
+        else:
+            thumb = Image.fromarray(img)
+        thumb.thumbnail((512, 512), Image.LANCZOS)
+        thumb.save(path.with_suffix(".jpg"), quality=88)
+        if path.stem == "klvae_argmax_roundtrip":  # the README's picture
+            shutil.copy(shot, ROOT / "docs" / f"comfyui_{path.stem}.png")

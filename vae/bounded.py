@@ -112,8 +112,11 @@ class Streamer:
     def __init__(self, stats: list, record: bool, progress: Progress, scratch: Scratch):
         self.stats, self.record, self.progress, self.scratch, self.k = stats, record, progress, scratch, 0
 
-    def op(self, fn, need) -> Rows:
-        return Rows(fn, need)
+    def op(self, fn, need, prep=joined, counts: bool = False) -> Rows:
+        """Any row op: fn maps a Tile of input rows to the Tile of valid outputs, need(o) is the first
+        input row output row o reads, prep makes fn's input from the held and new rows; `counts`: one
+        progress step per push (a layer type counts as many as its Step.norms says)."""
+        return Rows(fn, need, self.progress if counts else None, prep)
 
     def conv(self, conv) -> Rows:
         return Rows(lambda t: conv3x3(conv, t), lambda o: max(0, o - 1))

@@ -239,17 +239,21 @@ class Context:
         return Tile(x.rows(a, b), a, b, 0, x.shape[3], x.H, x.shape[3], 1)
 
 
-def conv_pass(ctx: Context, conv: nn.Conv2d, x: Store, affine=None, stats: bool = True, kind=None) -> tuple:
-    """out = conv(SiLU(norm(x))) with the norm's whole-image `affine` (or conv(x) without one), band
-    by band, each reading one halo row above and below; returns (out, out's statistics)."""
+def conv_pass(ctx: Context, conv: nn.Conv2d, x: Store, affine=None, stats: bool = True, kind=None, pre=None) -> tuple:
+    """out = conv(SiLU(norm(x))) with the norm's whole-image `affine` (or conv(x) without one, or
+    conv(pre(x)) for a per-pixel `pre`, such as an RMS norm and SiLU), band by band, each reading one
+    halo row above and below; returns (out, out's statistics)."""
     B, C, H, W = x.shape
     ctx.exchange(x)
-    out = ctx.new(B, conv.out_channels, H, W, kind)
+    cout = conv.weight.shape[0]
+    out = ctx.new(B, cout, H, W, kind)
     st = Stats()
-    for y0, y1 in ctx.bands(H, W, max(C, conv.out_channels)):
+    for y0, y1 in ctx.bands(H, W, max(C, cout)):
         t = ctx.window(x, y0, y1)
         if affine is not None:
             t = t._replace(data=normed(t.data, affine, ctx.scratch))
+        elif pre is not None:
+            t = t._replace(data=pre(t.data))
         y = conv3x3(conv, t).rows(y0, y1)
         del t
         ctx.put(out, y0, y, st if stats else None)

@@ -261,6 +261,25 @@ def conv_pass(ctx: Context, conv: nn.Conv2d, x: Store, affine=None, stats: bool 
     return out, (ctx.merge(st) if stats else st)
 
 
+def rows_pass(ctx: Context, x: Store, cout: int, size: tuple, band_channels: int, rows_in, op, want: bool,
+              kind=None) -> tuple:
+    """out = op(x) at another resolution (an upsample, a downsample), band by band: output rows
+    [y0, y1) of the `size` (H, W) output come from op(Tile of x's rows rows_in(y0, y1)); returns (out,
+    out's statistics when `want`). x is freed: nothing reads it afterwards."""
+    B, _, H, W = x.shape
+    H2, W2 = size
+    ctx.exchange(x)
+    out = ctx.new(B, cout, H2, W2, kind)
+    st = Stats()
+    for y0, y1 in ctx.bands(H2, W2, band_channels):
+        a, b = rows_in(y0, y1)
+        y = op(Tile(x.rows(a, b), a, b, 0, W, H, W, 1)).rows(y0, y1)
+        ctx.put(out, y0, y, st if want else None)
+        del y
+    ctx.free(x)
+    return out, ctx.merge(st)
+
+
 # ----------------------------------------------------------------------------------------------
 # The run.
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bounded import Streamer
-from .engine import Context, Store, conv_pass
+from .engine import Context, Store, conv_pass, rows_pass
 from .errors import KLVAEError
 from .model import AttnBlock, Downsample, ResnetBlock, Tail, Upsample
 from .ops import STATS_CHUNK, Stats, Tile, conv3x3, normed
@@ -267,17 +267,10 @@ class UpsampleStep(Step):
         return 2 * lag + 1
 
     def segment(self, ctx, x, st, want, last):
-        B, C, H, W = x.shape
-        ctx.exchange(x)
-        out = ctx.new(B, C, 2 * H, 2 * W, "device" if last else None)
-        st = Stats()
-        for y0, y1 in ctx.bands(2 * H, 2 * W, C):
-            la, lb = max(0, (y0 - 1) // 2), min(H, (y1 + 2) // 2)   # low-res rows covering [y0-1, y1+1)
-            y = upsample(self.layer, Tile(x.rows(la, lb), la, lb, 0, W, H, W, 1)).rows(y0, y1)
-            ctx.put(out, y0, y, st if want else None)
-            del y
-        ctx.free(x)
-        return out, ctx.merge(st)
+        _, C, H, W = x.shape
+        low = lambda y0, y1: (max(0, (y0 - 1) // 2), min(H, (y1 + 2) // 2))  # low-res rows covering [y0-1, y1+1)
+        return rows_pass(ctx, x, C, (2 * H, 2 * W), self.band_channels, low, lambda t: upsample(self.layer, t), want,
+                         "device" if last else None)
 
     def stream(self, s):
         return s.op(lambda t: upsample(self.layer, t), need=lambda o: max(0, (o - 1) // 2))
@@ -315,17 +308,10 @@ class DownsampleStep(Step):
         return lag // 2 + 1
 
     def segment(self, ctx, x, st, want, last):
-        B, C, H, W = x.shape
-        ctx.exchange(x)
-        out = ctx.new(B, C, H // 2, W // 2, "device" if last else None)
-        st = Stats()
-        for y0, y1 in ctx.bands(H // 2, W // 2, self.band_channels):
-            a, b = 2 * y0, min(H, 2 * y1 + 1)
-            y = downsample(self.layer, Tile(x.rows(a, b), a, b, 0, W, H, W, 1)).rows(y0, y1)
-            ctx.put(out, y0, y, st if want else None)
-            del y
-        ctx.free(x)
-        return out, ctx.merge(st)
+        _, C, H, W = x.shape
+        high = lambda y0, y1: (2 * y0, min(H, 2 * y1 + 1))  # output row i reads input rows 2i .. 2i+2
+        return rows_pass(ctx, x, C, (H // 2, W // 2), self.band_channels, high, lambda t: downsample(self.layer, t),
+                         want, "device" if last else None)
 
     def stream(self, s):
         return s.op(lambda t: downsample(self.layer, t), need=lambda o: 2 * o)

@@ -76,7 +76,9 @@ class KLVAE:
         # Flux.2's graph latent is patchified 2x2: 16x smaller, 4x the channels (core's VAE does the same)
         self.downscale_ratio = self.upscale_ratio = cfg.downscale * (2 if cfg.batch_norm else 1)
         self.latent_channels = cfg.scaled_channels
-        self.latent_dim = 2
+        # Qwen-Image's LATENT is ComfyUI's Wan 2.1 form, [B, 16, T, h, w] (T = 1 for an image)
+        self.video_shaped = cfg.arch == "qwenimage"
+        self.latent_dim = 3 if self.video_shaped else 2
         self.output_channels = cfg.out_channels
         self.crop_input = True
         self.not_video = True
@@ -117,12 +119,21 @@ class KLVAE:
         z = post.mode() if posterior == "argmax" else post.sample(seed=seed)
         if self.model.bn is not None:
             z = self.model.to_scaled(z)
+        if self.video_shaped:
+            z = z.unsqueeze(2)  # one frame
         return z.to(self.output_device, torch.float32)
 
     def decode_image(self, latent: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
         """The graph's latent [B, z, h, w] -> IMAGE [B, 8h, 8w, 3] in [0, 1] (Flux.2: [B, 128, h, w] -> 16h x 16w)."""
         if torch.is_tensor(latent) and latent.dim() == 5:
-            raise KLVAEError(f"latent of shape {tuple(latent.shape)} is a video latent; this image VAE takes [B, C, h, w]")
+            if not self.video_shaped:
+                raise KLVAEError(f"latent of shape {tuple(latent.shape)} is video-shaped (Qwen-Image's or Wan's [B, C, T, "
+                                 f"h, w]); this {self.model.config.family} VAE takes [B, C, h, w]: decode it with the "
+                                 f"VAE of the model that made it")
+            if latent.shape[2] != 1:
+                raise KLVAEError(f"latent of shape {tuple(latent.shape)} holds {latent.shape[2]} frames: klvae decodes "
+                                 f"Qwen-Image's images (T = 1); use core's VAE Decode for video")
+            latent = latent[:, :, 0]
         if self.model.bn is not None:
             latent = self.model.from_scaled(latent)
         self.model.check_latents(latent, finite=False)  # NaNs are checked once, in the call
@@ -229,7 +240,7 @@ NOT_KL = {
     "StageA": "Stable Cascade's stage A (a VQGAN)",
     "StageC_coder": "Stable Cascade's effnet encoder",
     "VideoDecoder": "Stable Video Diffusion's temporal VAE",
-    "WanVAE": "a Wan video VAE",
+    "WanVAE": "a Wan video VAE (Wan 2.2's, 48 channels: only Wan 2.1's, Qwen-Image's, converts)",
 }
 _converted = weakref.WeakKeyDictionary()  # host VAE -> {(dtype, device): KLVAE}
 
@@ -249,11 +260,14 @@ def describe(vae) -> str:
 
 
 def is_kl(vae) -> bool:
-    """ComfyUI's own KL autoencoders: SD1.x/2.x/SDXL load as AutoencoderKL, SD3/Flux.1 as an
-    AutoencodingEngine with a Gaussian posterior and the plain 2-D decoder."""
+    """ComfyUI's own KL autoencoders: SD1.x/2.x/SDXL load as AutoencoderKL, SD3/Flux.1 (and
+    HunyuanImage-2.1) as an AutoencodingEngine with a Gaussian posterior and a 2-D decoder,
+    Qwen-Image's as Wan 2.1's WanVAE (comfy.ldm.wan.vae; Wan 2.2's lives in vae2_2)."""
     inner = getattr(vae, "first_stage_model", None)
     kind = type(inner).__name__
     if kind == "AutoencoderKL":
+        return True
+    if kind == "WanVAE" and type(inner).__module__.endswith("wan.vae"):  # Wan 2.1's: Qwen-Image's VAE
         return True
     return (kind == "AutoencodingEngine"
             and type(getattr(inner, "regularization", None)).__name__ == "DiagonalGaussianRegularizer"
@@ -266,7 +280,8 @@ def as_klvae(vae, what: str = "klvae", host: Host = PLAIN, dtype: str = "auto", 
     if isinstance(vae, KLVAE):
         return vae
     if not is_kl(vae):
-        raise KLVAEError(f"{what} only supported for AutoencoderKL (SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2 VAEs); got "
+        raise KLVAEError(f"{what} only supported for AutoencoderKL (KL VAEs: SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2, Qwen-Image, "
+                         f"HunyuanImage-2.1); got "
                          f"{describe(vae)}: connect a KL VAE, or use the core VAE nodes for this one")
     # "auto" follows the host VAE's own placement and precision.
     dev = host.device(device) if device != "auto" else torch.device(getattr(vae, "device", "cpu"))

@@ -106,7 +106,7 @@ class KLVAELoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="KLVAELoader", display_name="Load VAE (klvae)", category=CATEGORY,
-            description="Loads a KL autoencoder (SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2) from the models/vae folder (or "
+            description="Loads a KL autoencoder (SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2, Qwen-Image, HunyuanImage-2.1) from the models/vae folder (or "
                         "the demo VAE this pack ships): LDM, "
                         "ComfyUI or diffusers layout, prefixed checkpoints included; the config is read from the "
                         "weights. A file that is not a VAE fails here, with what it is.",

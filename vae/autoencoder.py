@@ -19,12 +19,15 @@ from .config import FAMILIES_BY_CHANNELS, VAEConfig
 from .diffusers_compat import Decoded, DecoderOutput, DiffusersVAE, ldm_to_diffusers
 from .errors import KLVAEError
 from .memory import free_memory, return_freed_memory_to_os
-from .model import Decoder, Encoder
+from . import model, model_hunyuanimage, model_qwenimage
 from .precision import Guard, resolve_device, resolve_dtype
 from .tiling import UNLIMITED, Plan, Tiling, TilingReport, make_plan
 
 
 PIXEL_SLACK = 1.5  # pixels beyond +-1.5 are a wrong range (0..255), not resampling overshoot (~1.1)
+
+
+NETWORKS = {"sd": model, "qwenimage": model_qwenimage, "hunyuanimage": model_hunyuanimage}
 
 
 class DiagonalGaussian:
@@ -73,11 +76,10 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         super().__init__()
         self.config = config
         z = config.latent_channels
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
-        # SD3 and Flux.1 have no quant convs; absent modules mean absent keys (strict loading).
-        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1) if config.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(z, z, 1) if config.use_post_quant_conv else None
+        net = NETWORKS[config.arch]  # the family's network: model.py or model_<family>.py
+        self.encoder = net.Encoder(config)
+        self.decoder = net.Decoder(config)
+        self.quant_conv, self.post_quant_conv = net.quant_convs(config)
         # Flux.2: running statistics of its 2x2-patchified latents (keys bn.running_mean/var), the
         # pipelines' normalisation (to_scaled); encode and decode never apply it, as in diffusers.
         self.bn = nn.BatchNorm2d(4 * z, eps=config.batch_norm_eps, affine=False) if config.batch_norm else None
@@ -101,7 +103,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         checkpoint.fill(model, ckpt, device, dtype)
         # channels_last: oneDNN and cuDNN convolve NHWC without reordering copies (measured on this
         # CPU, SD decode at 512x512: 0.64 GiB peak instead of 1.08, and 8% faster).
-        model.to(memory_format=torch.channels_last).requires_grad_(False).eval()
+        channels_last(model).requires_grad_(False).eval()
         model.source_layout, model.source_name = ckpt.layout, ckpt.source.name
         return model
 
@@ -229,12 +231,23 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         Plan from plan_encode. return_dict=False: a 1-tuple, as diffusers."""
         self._offload_hook()
         tiling = tiling if tiling is not None else self.tiling
+        pixels, frames = self._one_frame(pixels, "pixels")
         self.check_pixels(pixels)
         moments = self._sliced(self._encode, pixels, tiling)
         if moments is None:
             return None
-        post = DiagonalGaussian(moments)
+        post = DiagonalGaussian(moments.unsqueeze(2) if frames else moments)
         return post if return_dict else (post,)
+
+    def _one_frame(self, t, what) -> tuple:
+        """Qwen-Image's VAE takes video-shaped [B, C, T, H, W] as its pipelines pass them: an image is
+        T = 1, run as [B, C, H, W] (the answer is given back in the shape asked in). (t, was 5-D)."""
+        if self.config.arch != "qwenimage" or not torch.is_tensor(t) or t.dim() != 5:
+            return t, False
+        if t.shape[2] != 1:
+            raise KLVAEError(f"{what} of shape {tuple(t.shape)} hold {t.shape[2]} frames: klvae runs Qwen-Image's VAE "
+                             f"on images (T = 1); decode video with diffusers' or ComfyUI's Wan VAE for now")
+        return t[:, :, 0], True
 
     def _sliced(self, run, x, tiling):
         """run(x, tiling), one batch item at a time when slicing is on (diffusers' enable_slicing).
@@ -264,10 +277,12 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         `.sample` and `[0]`, False a 1-tuple (diffusers' call shapes; `generator` is unused)."""
         self._offload_hook()
         tiling = tiling if tiling is not None else self.tiling
+        latents, frames = self._one_frame(latents, "latents")
         self.check_latents(latents)
         x = self._sliced(self._decode, latents, tiling)
         if x is None:
             return None
+        x = x.unsqueeze(2) if frames else x
         return x.as_subclass(Decoded) if return_dict is None else DecoderOutput(x) if return_dict else (x,)
 
     def _decode(self, latents, tiling) -> torch.Tensor:
@@ -332,7 +347,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         """scaled = (raw - offset) * gain: shift/scale, or per-channel latents_mean/std when stated."""
         c = self.config
         if c.latents_mean is not None and c.latents_std is not None:
-            view = lambda v: torch.tensor(v, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+            view = lambda v: torch.tensor(v, device=like.device, dtype=like.dtype).view(1, -1, *[1] * (like.dim() - 2))
             return view(c.latents_mean), c.scaling_factor / view(c.latents_std)
         return c.shift_factor, c.scaling_factor
 
@@ -340,7 +355,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         """Raw latent -> what the family's diffusers pipelines hand their denoiser: (raw - shift) * scale;
         Flux.2: 2x2 patchify [B, 32, h, w] -> [B, 128, h/2, w/2], then (z - running_mean) /
         sqrt(running_var + eps) (Flux2Pipeline._patchify_latents and the normalisation after it)."""
-        self.check_latents(raw, finite=False)
+        self.check_latents(self._one_frame(raw, "latents")[0], finite=False)
         if self.bn is not None:
             mean, std = self._bn_stats(raw)
             return (patchify(raw) - mean) / std
@@ -349,7 +364,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
 
     def from_scaled(self, scaled: torch.Tensor) -> torch.Tensor:
         """The inverse of to_scaled: scaled / scale + shift; Flux.2: z * std + mean, then unpatchify."""
-        self.check_latents(scaled, finite=False, scaled=True)
+        self.check_latents(self._one_frame(scaled, "latents")[0], finite=False, scaled=True)
         if self.bn is not None:
             mean, std = self._bn_stats(scaled)
             return unpatchify(scaled * std + mean)
@@ -364,17 +379,28 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
 
     # -- weights -------------------------------------------------------------------------------
     def state_dict(self, *args, layout: str = "ldm", **kwargs):
-        """Weights with LDM keys (default, what ComfyUI saves) or diffusers keys (layout='diffusers')."""
+        """Weights with the keys ComfyUI saves and loads (layout 'ldm', the default: LDM's for the
+        SD-style families, the original releases' for Qwen-Image and HunyuanImage) or diffusers' keys
+        (layout='diffusers')."""
         sd = super().state_dict(*args, **kwargs)
         if layout == "ldm":
-            return sd
+            return model_qwenimage.to_original(sd) if self.config.arch == "qwenimage" else sd
         if layout == "diffusers":
-            return ldm_to_diffusers(sd)
+            return ldm_to_diffusers(sd, self.config.arch)
         raise KLVAEError(f"unknown layout {layout!r}: use 'ldm' or 'diffusers'")
 
     def save(self, path, layout: str = "ldm") -> None:
         """Write a .safetensors file (or, for layout='diffusers' and a folder path, a diffusers folder)."""
         checkpoint.save_vae(self, path, layout=layout)
+
+
+def channels_last(module: nn.Module) -> nn.Module:
+    """Every 4-D weight in channels_last memory (oneDNN and cuDNN convolve NHWC without reordering
+    copies); 5-D ones (Qwen-Image's 3-D kernels, of which a frame uses one time slice) stay as they are."""
+    for p in module.parameters():
+        if p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+    return module
 
 
 def patchify(z: torch.Tensor) -> torch.Tensor:

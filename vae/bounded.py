@@ -212,12 +212,15 @@ def mosaic(x: torch.Tensor, lattice, unit: int) -> torch.Tensor:
                       for y in ys], dim=2)
 
 
-def plan_mosaic(p, h: int, w: int) -> None:
+def plan_mosaic(p, h: int, w: int, needs_stats: bool = True) -> None:
     """The statistics mosaic of a bounded plan. An image that one band covers, or no larger than a
     512x512 one (a quarter of the largest mosaic), is its own mosaic (lattice None): it runs whole
     with exact statistics, in no more memory than that band or a large image's mosaic takes, and
     that pass is the result (one pass). Larger images get the estimate, from a quarter of their area.
     An explicit Tiling(mosaic_size=...) always gets its mosaic."""
+    if not needs_stats:  # per-pixel norms only (Qwen-Image): nothing to estimate, the strips are exact as they are
+        p.mosaic_lattice = None if p.grid == (1, 1) else ()
+        return
     if p.tiling.mosaic_size is None and (p.grid == (1, 1) or h * w <= (MOSAIC_CAP // 2) ** 2):
         p.mosaic_lattice = None
         p.grid = (1, 1)
@@ -238,7 +241,7 @@ def prepare(steps, p, shape, item: int) -> int:
         px = max(px, -(-p.tiling.overlap // unit) * unit)
     p.halo = px
     p.grid = layout(h, w, max(1, p.tile_size // p.downscale), -(-px // p.downscale))
-    plan_mosaic(p, h, w)
+    plan_mosaic(p, h, w, needs_stats=any(s.reads_stats for s in tiled))
     return peak(steps, p, B, h, w, item)
 
 
@@ -258,7 +261,7 @@ def peak(steps, p, B: int, h: int, w: int, item: int) -> int:
     if p.mosaic_lattice is None:  # one whole pass
         mos = untiled_need(tiled, B, h, w, item)
     else:
-        mos = untiled_need(tiled, B, *(len(v) * MOSAIC_CROP for v in p.mosaic_lattice), item)
+        mos = untiled_need(tiled, B, *(len(v) * MOSAIC_CROP for v in p.mosaic_lattice), item) if p.mosaic_lattice else 0
         band = math.ceil(h / p.grid[0])
         cols = -(-w // p.grid[1])
         for s, (rows, c) in zip(tiled, strip_rows(tiled, band, cols, p.grid[1] == 1, w)):
@@ -282,7 +285,8 @@ def run(steps, x: torch.Tensor, p) -> tuple:
     r0 = tiled[0].r_in                                  # px per latent px of the tiled part's input
     halo = p.halo // (p.downscale // r0)
     pushes = p.grid[0] * p.grid[1] if p.mosaic_lattice is not None else 0  # bands x strips
-    progress = Progress((1 + pushes) * sum(s.norms for s in tiled), p.tiling.progress, p.tiling.interrupt)
+    passes = pushes + (p.mosaic_lattice != ())  # the mosaic's (or the whole image's) pass, then the strips'
+    progress = Progress(passes * sum(s.norms for s in tiled), p.tiling.progress, p.tiling.interrupt)
     scratch, stats = Scratch(), []
 
     def whole(src):  # one push of the whole input, recording exact statistics of it (own buffers: freed after)
@@ -296,7 +300,8 @@ def run(steps, x: torch.Tensor, p) -> tuple:
         out = whole(x)
         note = "exact: the whole image is the mosaic (one pass)"
     else:
-        whole(mosaic(x, p.mosaic_lattice, r0))
+        if p.mosaic_lattice:
+            whole(mosaic(x, p.mosaic_lattice, r0))
         out = None
         ys = [i * p.h // p.grid[0] for i in range(p.grid[0] + 1)]
         xs = [j * p.w // p.grid[1] for j in range(p.grid[1] + 1)]
@@ -314,10 +319,13 @@ def run(steps, x: torch.Tensor, p) -> tuple:
                     out = torch.empty(B, t.data.shape[1], H // r0 * t.s, W // r0 * t.s, dtype=x.dtype,
                                       device=x.device, memory_format=torch.channels_last)
                 out[:, :, t.y0:t.y1, cx0 * t.s:cx1 * t.s] = t.crop(t.y0, t.y1, cx0 * t.s, cx1 * t.s).data
-        my, mx = p.mosaic_lattice
-        area = 100 * len(my) * len(mx) * MOSAIC_CROP ** 2 / (p.h * p.w)
-        note = (f"estimated: mosaic of {len(my)}x{len(mx)} crops of {MOSAIC_CROP}x{MOSAIC_CROP} latent px "
-                f"({area:.0f}% of the area)")
+        if p.mosaic_lattice:
+            my, mx = p.mosaic_lattice
+            area = 100 * len(my) * len(mx) * MOSAIC_CROP ** 2 / (p.h * p.w)
+            note = (f"estimated: mosaic of {len(my)}x{len(mx)} crops of {MOSAIC_CROP}x{MOSAIC_CROP} latent px "
+                    f"({area:.0f}% of the area)")
+        else:
+            note = "exact: no statistics shared between pixels (per-pixel norms), strips streamed"
     for s in after:
         out = s.layer(out)
     return out, dict(statistics=note, measured_peak=meter.peak(), seconds=time.perf_counter() - t0,

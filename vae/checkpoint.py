@@ -28,8 +28,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import model_hunyuanimage, model_qwenimage
 from .config import CUSTOM, FAMILIES, VAEConfig
-from .diffusers_compat import (config_fields, diffusers_config, diffusers_key_to_ldm, flag, integer,
+from .diffusers_compat import (ARCHS, config_fields, diffusers_config, diffusers_key_to_ldm, flag, integer,
                                is_attention_projection, is_diffusers_layout, levels_of, number,
                                read_config_json, vector)
 from .errors import KLVAEError
@@ -124,9 +125,10 @@ def _diffusers_folder(path: Path) -> Source:
         raise KLVAEError(f"folder {path} has no config.json file: pass a diffusers VAE folder or a weights file")
     cfg = read_config_json(cfg_file)
     cls = cfg.get("_class_name", "AutoencoderKL")
-    if cls not in ("AutoencoderKL", "AutoencoderKLFlux2"):
-        raise KLVAEError(f"{path} holds a diffusers {str(cls)[:40]}, not an AutoencoderKL: klvae loads KL "
-                         f"autoencoders (SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2)")
+    known = ("AutoencoderKL", "AutoencoderKLFlux2") + tuple(c for a in ARCHS.values() for c in a.classes)
+    if cls not in known:
+        raise KLVAEError(f"{path} holds a diffusers {str(cls)[:40]}, which klvae does not load: it loads "
+                         f"{', '.join(known)}")
     for name in WEIGHT_NAMES:
         if (path / name).is_file():
             src = open_path(path / name)
@@ -190,17 +192,35 @@ def what_is_it(keys) -> str:
     return f"an unrecognised model (first keys: {', '.join(k[:60] for k in ks[:3])})"
 
 
+# Keys that tell a family's network apart (after the prefix): Qwen-Image's (Wan 2.1's) in its own
+# and in diffusers' layout, HunyuanImage-2.1's in ComfyUI's (an SD decoder's up.0 never upsamples)
+# and in diffusers' (flat down_blocks: resnets and resamples in one list).
+ARCH_MARKERS = (("qwenimage", "original", "decoder.middle.0.residual.0.gamma"),
+                ("qwenimage", "diffusers", "decoder.mid_block.resnets.0.norm1.gamma"),
+                ("hunyuanimage", "ldm", "decoder.up.0.upsample.conv.weight"),
+                ("hunyuanimage", "diffusers", "encoder.down_blocks.0.norm1.weight"))
+
+
 def find_prefix(src: Source) -> str:
     """'' for a lone VAE, 'first_stage_model.' or 'vae.' inside a whole checkpoint."""
     keys = set(src.keys)
     for p in ("",) + PREFIXES:
-        conv_in = [p + k for k in ("encoder.conv_in.weight", "decoder.conv_in.weight") if p + k in keys]
-        if conv_in:
-            if len(src.shape(conv_in[0])) == 5:
-                raise KLVAEError(f"{src.name} is a video VAE (3-D convolutions), which klvae does not load: "
-                                 f"use a 2-D KL autoencoder (SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2)")
+        first = [p + k for k in ("encoder.conv_in.weight", "decoder.conv_in.weight", "encoder.conv1.weight",
+                                 "decoder.conv1.weight") if p + k in keys]
+        if first:
+            qwen = any(p + marker in keys for arch, _, marker in ARCH_MARKERS if arch == "qwenimage")
+            if len(src.shape(first[0])) == 5 and not qwen:
+                raise KLVAEError(f"{src.name} is a video VAE (3-D convolutions) klvae does not load: it loads 2-D KL "
+                                 f"autoencoders (SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2, HunyuanImage-2.1) and "
+                                 f"Qwen-Image's (Wan 2.1's) for images")
             return p
     raise KLVAEError(f"{src.name} is not a VAE: it looks like {what_is_it(src.keys)}")
+
+
+def arch_of(keys) -> tuple:
+    """(network, key layout) of a VAE's keys (after the prefix): ('sd', None) unless a marker says."""
+    keys = set(keys)
+    return next(((arch, layout) for arch, layout, marker in ARCH_MARKERS if marker in keys), ("sd", None))
 
 
 def check_indices(name: str, keys) -> None:
@@ -380,6 +400,9 @@ def read(src, family=None, config_json=None, name=None) -> Checkpoint:
     raw_keys = [k for k in source.keys if k.startswith(prefix) and not k[len(prefix):].startswith(IGNORED)]
     sub = [k[len(prefix):] for k in raw_keys]
     check_indices(source.name, sub)
+    arch, layout = arch_of(sub)
+    if arch != "sd":
+        return read_family(source, arch, layout, dict(zip(sub, raw_keys)), family)
     if is_diffusers_layout(sub):
         levels = levels_of(sub, "diffusers")
         names = {diffusers_key_to_ldm(k, levels): full for k, full in zip(sub, raw_keys)}
@@ -398,12 +421,43 @@ def read(src, family=None, config_json=None, name=None) -> Checkpoint:
     return Checkpoint(source, cfg, names, layout)
 
 
+def read_family(source: Source, arch: str, layout: str, keys: dict, family=None) -> Checkpoint:
+    """A Qwen-Image or HunyuanImage-2.1 VAE: klvae's names for the source's keys (through the family's
+    own key maps), its shape from the tensors, its family's conventions."""
+    if family is not None and family != arch:
+        raise KLVAEError(f"{source.name} holds a {FAMILIES[arch].note} VAE, not a {str(family)[:40]} one: drop the "
+                         f"family argument (the file's network says which it is)")
+    if arch == "qwenimage":
+        original = keys if layout == "original" else model_qwenimage.diffusers_to_original(keys)
+        shape = lambda k: source.shape(original[k])
+        fields = model_qwenimage.config_from_shapes(shape, original.keys())
+        names = model_qwenimage.from_original(original)
+    else:
+        names = keys if layout == "ldm" else {new: keys[old] for old, new in model_hunyuanimage.diffusers_to_comfy(keys).items()}
+        fields = model_hunyuanimage.config_from_shapes(lambda k: source.shape(names[k]), names.keys())
+        widths = fields.pop("block_out_channels")
+        if fields.pop("downscale") != 2 ** (len(widths) - 1):
+            raise KLVAEError(f"{source.name}: a HunyuanImage VAE that resamples at fewer levels than it has is not "
+                             f"supported (the released one resamples at each of its 6 levels but the last)")
+        fields.update(ch=widths[0], ch_mult=tuple(w // widths[0] for w in widths))
+        if any(w % widths[0] for w in widths):
+            raise KLVAEError(f"{source.name}: level widths {widths} are not multiples of the first")
+    f = FAMILIES[arch]
+    stated = config_fields(source.config_json) if source.config_json else {}
+    try:
+        cfg = replace(VAEConfig(family=arch, arch=arch, use_quant_conv=f.quant_conv, use_post_quant_conv=f.quant_conv,
+                                notes=(f"{f.note}, {layout} key layout",), **fields).with_family(arch), **stated)
+    except KLVAEError as e:
+        raise KLVAEError(f"{source.name}: {e}") from e
+    return Checkpoint(source, cfg, names, "diffusers" if layout == "diffusers" else "ldm")
+
+
 def fill(model, ckpt: Checkpoint, device, dtype) -> None:
     """Assign the checkpoint's tensors to a model built on the meta device, one tensor at a time in
     the target dtype and device (the weights exist once in memory). Every tensor is checked: key,
     shape, a float dtype, finite values, and values that fit the target dtype."""
     src, names = ckpt.source, ckpt.names
-    ref = model.state_dict()
+    ref = torch.nn.Module.state_dict(model)  # the module names (AutoencoderKL.state_dict gives a file layout)
     optional = {"bn.num_batches_tracked"}  # a counter only training uses; not every Flux.2 file has it
     missing, unexpected = sorted(ref.keys() - names.keys() - optional), sorted(names.keys() - ref.keys())
     if missing or unexpected:

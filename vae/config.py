@@ -16,6 +16,16 @@ from .diffusers_compat import DiffusersNames
 from .errors import KLVAEError
 
 
+ARCHS = ("sd", "qwenimage", "hunyuanimage")  # the networks: model.py, model_qwenimage.py, model_hunyuanimage.py
+
+# Qwen-Image's per-channel latent statistics (its VAE's config.json, ComfyUI's latent_formats.Wan21):
+# its pipelines hand the denoiser (raw - mean) / std.
+QWEN_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+QWEN_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -26,6 +36,10 @@ class Family:
     note: str = ""
     force_upcast: bool = False  # diffusers pipelines run it in fp32 when given fp16
     batch_norm: bool = False    # latents normalised by a BatchNorm over 2x2 patches (Flux.2)
+    arch: str = "sd"            # which network (ARCHS)
+    latents_mean: tuple | None = None  # per-channel latent statistics its pipelines normalise with
+    latents_std: tuple | None = None
+    shape: tuple = ()           # the released network's shape: VAEConfig fields
 
 
 FAMILIES = {
@@ -36,10 +50,18 @@ FAMILIES = {
     # Flux.2: no scale or shift; its pipelines normalise 2x2-patchified latents with the VAE's
     # BatchNorm running statistics instead (to_scaled / from_scaled).
     "flux2": Family("flux2", 32, 1.0, 0.0, True, "Flux.2 (BatchNorm-normalised 2x2 patches)", batch_norm=True),
+    # Qwen-Image (and its Edit models): Wan 2.1's causal video VAE, run on single frames (T = 1).
+    "qwenimage": Family("qwenimage", 16, 1.0, 0.0, True, "Qwen-Image (Wan 2.1's VAE, images as T = 1)",
+                        arch="qwenimage", latents_mean=QWEN_LATENTS_MEAN, latents_std=QWEN_LATENTS_STD,
+                        shape=(("ch", 96), ("temporal_downsample", (False, True, True)))),
+    # HunyuanImage-2.1: GroupNorm resnets, 32x down by space-to-channel, 64 latent channels.
+    "hunyuanimage": Family("hunyuanimage", 64, 0.75289, 0.0, False, "HunyuanImage-2.1 (32x, 64 channels)",
+                           arch="hunyuanimage", shape=(("ch", 128), ("ch_mult", (1, 2, 4, 4, 8, 8)))),
 }
 CUSTOM = "custom"  # a VAE of this architecture that no released family matches
 # Which family a latent channel count suggests, for error messages.
-FAMILIES_BY_CHANNELS = {4: "sd1/sdxl", 16: "sd3/flux", 8: "a video/other VAE",
+FAMILIES_BY_CHANNELS = {4: "sd1/sdxl", 16: "sd3/flux or qwenimage (check which model made it)",
+                        64: "hunyuanimage (HunyuanImage-2.1)", 8: "a video/other VAE",
                         32: "flux2 (Flux.2's raw latent)",
                         128: "flux2 in its patchified, normalised form (ComfyUI's Flux.2 LATENT, or to_scaled's)"}
 
@@ -71,8 +93,13 @@ class VAEConfig(DiffusersNames):
     batch_norm: bool = False
     batch_norm_eps: float = 1e-4
     notes: tuple = field(default=(), compare=False)  # how the config was inferred (for `info`)
+    arch: str = "sd"                       # the network (ARCHS): SD-style, Qwen-Image's, HunyuanImage's
+    temporal_downsample: tuple | None = None  # qwenimage: per level, whether video frames are downsampled
+    match_channels: bool = True            # hunyuanimage: resamples change to the next level's width
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise KLVAEError(f"unknown architecture {self.arch!r}: klvae builds {', '.join(ARCHS)}")
         if self.family not in FAMILIES and self.family != CUSTOM:
             raise KLVAEError(f"unknown family {self.family!r}: use one of {', '.join(FAMILIES)} (or '{CUSTOM}')")
         for name, lo, hi in (("in_channels", 1, MAX_IO), ("out_channels", 1, MAX_IO), ("ch", 1, MAX_CH),
@@ -86,7 +113,7 @@ class VAEConfig(DiffusersNames):
         for m in self.ch_mult:
             _int_in("ch_mult entry", m, 1, MAX_WIDTH // self.ch)
         bad = [w for w in self.block_out_channels + self.decoder_block_out_channels if w % self.norm_groups]
-        if bad:
+        if bad and self.arch != "qwenimage":  # Qwen-Image's RMS norms have no groups
             raise KLVAEError(f"norm_groups {self.norm_groups} does not divide the width {bad[0]}: GroupNorm needs "
                              f"groups that divide every width (released VAEs use 32)")
         for name in ("use_quant_conv", "use_post_quant_conv", "force_upcast", "batch_norm"):
@@ -134,7 +161,7 @@ class VAEConfig(DiffusersNames):
     def with_family(self, family: str) -> "VAEConfig":
         f = FAMILIES[family]
         return replace(self, family=family, scaling_factor=f.scaling_factor, shift_factor=f.shift_factor,
-                       force_upcast=f.force_upcast)
+                       force_upcast=f.force_upcast, latents_mean=f.latents_mean, latents_std=f.latents_std)
 
 
 def _int_in(name, v, lo, hi):
@@ -149,5 +176,6 @@ def preset(family: str, **overrides) -> VAEConfig:
     f = FAMILIES[family]
     cfg = VAEConfig(family=family, latent_channels=f.latent_channels, use_quant_conv=f.quant_conv,
                     use_post_quant_conv=f.quant_conv, scaling_factor=f.scaling_factor,
-                    shift_factor=f.shift_factor, force_upcast=f.force_upcast, batch_norm=f.batch_norm)
+                    shift_factor=f.shift_factor, force_upcast=f.force_upcast, batch_norm=f.batch_norm,
+                    arch=f.arch, latents_mean=f.latents_mean, latents_std=f.latents_std, **dict(f.shape))
     return replace(cfg, **overrides)

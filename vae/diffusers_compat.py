@@ -98,17 +98,40 @@ def is_attention_projection(ldm_key: str) -> bool:
     return re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", ldm_key) is not None
 
 
-def ldm_to_diffusers(sd: dict) -> dict:
-    """LDM-keyed state dict -> diffusers-keyed (attention projections as Linear [C, C])."""
+def ldm_to_diffusers(sd: dict, arch: str = "sd") -> dict:
+    """A state dict with klvae's keys -> diffusers' (SD-style: attention projections as Linear [C, C];
+    another family: its own map, registered by its model module)."""
+    if arch != "sd":
+        return ARCHS[arch].to_diffusers(sd)
     levels = levels_of(sd, "ldm")
     return {ldm_key_to_diffusers(k, levels): v.reshape(v.shape[:2]) if is_attention_projection(k) else v
             for k, v in sd.items()}
 
 
+class ArchNames(NamedTuple):
+    """What diffusers calls a family's network: its class, its config.json, its keys both ways."""
+    classes: tuple                # diffusers class names a folder's config.json may give
+    config: object                # cfg -> config.json dict
+    to_diffusers: object          # state dict with klvae's keys -> diffusers' keys
+    from_diffusers: object        # the inverse
+
+
+# A family whose network is not SD-style registers its diffusers side here (model_<family>.py), as its
+# layer types register with layers.register.
+ARCHS = {}
+
+
+def register_arch(arch: str, names: ArchNames) -> None:
+    ARCHS[arch] = names
+
+
 # -- config.json -----------------------------------------------------------------------------------
 def diffusers_config(cfg) -> dict:
     """The config.json diffusers.AutoencoderKL.from_pretrained needs, scale and shift included
-    (AutoencoderKLFlux2's for a VAE with a latent BatchNorm: no scale or shift, the BatchNorm's eps)."""
+    (AutoencoderKLFlux2's for a VAE with a latent BatchNorm: no scale or shift, the BatchNorm's eps;
+    another family's own class and config)."""
+    if getattr(cfg, "arch", "sd") != "sd":
+        return ARCHS[cfg.arch].config(cfg)
     n = len(cfg.ch_mult)
     if cfg.batch_norm:
         return {"_class_name": "AutoencoderKLFlux2", "act_fn": "silu", "in_channels": cfg.in_channels,

@@ -182,3 +182,11 @@ class Decoder(nn.Module):
         for layer in self.layers():
             z = layer(z)
         return z
+
+
+def quant_convs(cfg: VAEConfig) -> tuple:
+    """The 1x1 convs around the latent (quant_conv 2z -> 2z, post_quant_conv z -> z); SD3 and Flux.1
+    have none: absent modules mean absent keys (strict loading)."""
+    z = cfg.latent_channels
+    return (nn.Conv2d(2 * z, 2 * z, 1) if cfg.use_quant_conv else None,
+            nn.Conv2d(z, z, 1) if cfg.use_post_quant_conv else None)

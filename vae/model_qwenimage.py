@@ -1,0 +1,832 @@
+"""The Qwen-Image VAE (Wan 2.1's video VAE architecture) for images, in plain torch.
+
+The family
+----------
+Qwen-Image decodes with Wan 2.1's causal video VAE, fine-tuned: diffusers calls it
+AutoencoderKLQwenImage, the original release and ComfyUI WanVAE (ComfyUI's
+qwen_image_vae.safetensors has the original keys). 16 latent channels, 8x spatial compression, 4x
+temporal (1 + 4k frames -> 1 + k latents). What differs from the SD-style VAE of model.py:
+  * RMS norms instead of GroupNorm: x / ||x|| over the channels of each pixel, times sqrt(C) and a
+    per-channel gamma. No statistic is shared between pixels, so a band of rows is normalised
+    on its own: exact tiling needs only the convolutions' one-row halos and the global attention,
+    and bounded mode is exact too (its statistics mosaic has nothing to estimate).
+  * causal 3-D convolutions (kernels [O, I, 3, 3, 3]; shortcuts and quant convs [O, I, 1, 1, 1]);
+  * one attention block in each middle, single-head over each frame, q, k and v from one 1x1 conv;
+  * the decoder's upsample convs halve the width (the next level starts at half its width);
+  * the decoder's output is clamped to [-1, 1] (diffusers' decode does it; ComfyUI clamps the
+    same pixels after mapping them to [0, 1]).
+
+Attribute names are the original release's keys (= ComfyUI's): `encoder.conv1`,
+`encoder.downsamples.N.residual.{0,2,3,6}`, `encoder.middle.{0,1,2}`, `encoder.head.{0,2}`,
+top-level `conv1` / `conv2` (the quant convs), `decoder.upsamples.N.resample.1`, ...; weights keep
+their 3-D shapes, so a video checkpoint loads as it is and video can come later without another
+loader. diffusers' names map both ways: `diffusers_to_original` / `original_to_diffusers`.
+
+Images: T = 1, run in 2-D
+-------------------------
+A causal conv pads its input with 2p leading frames of zeros and none after (p = 1 for the 3x3x3
+convs), so at T = 1 the one output frame is the kernel over [0, 0, x]: its first two time slices
+multiply zeros and the result is the 2-D conv of x with `weight[:, :, -1]` (the spatial padding
+is the same 1 px). A 1x1x1 conv has only that slice. The temporal resample convs (`time_conv`)
+never meet the first frame: the reference decoder marks its cache "Rep" on the first chunk and
+skips them, the encoder only fills its cache. The attention is per frame and the RMS norm per
+pixel either way. So a single frame is a plain 2-D network: `Encoder` and `Decoder` take and
+return [B, C, H, W], as model.py's do.
+
+Layer types -> Steps (layers.py; registered at the bottom of this file)
+------------------------------------------------------------------------
+  CausalConv3d     CausalConvStep   the networks' conv1: a 3x3 conv with the last time slice
+  ResidualBlock    ResidualStep     RMS norm -> SiLU -> conv, twice, plus the shortcut
+  AttentionBlock   AttentionStep    RMS norm, to_qkv, single-head attention over every pixel, proj
+  UpResample       UpStep           nearest-exact 2x, 3x3 conv to half the width
+  DownResample     DownStep         LDM's pad right/bottom + 3x3 stride 2 (layers.DownsampleStep)
+  Head             HeadStep         RMS norm -> SiLU -> conv (decoder: then the clamp)
+None of them reads statistics (`reads_stats = False`): the RMS norm is the `pre` of a conv pass
+(engine.conv_pass) and the prep of a streamed op (bounded.Streamer.op).
+"""
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .diffusers_compat import ArchNames, register_arch
+from .engine import conv_pass
+from .errors import KLVAEError
+from .layers import WORKSPACE, DownsampleStep, Step, _scale, register
+from .model import silu_
+from .ops import Tile, conv3x3
+
+# Qwen-Image's latent statistics (diffusers' config.json latents_mean / latents_std, ComfyUI's
+# latent_formats.Wan21): its pipelines' scaled latent is (raw - mean) / std, per channel.
+LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+@dataclass(frozen=True)
+class QwenImageShape:
+    """The network's shape: what Encoder and Decoder read from a cfg (the released VAE by default)."""
+    ch: int = 96                                    # base_dim
+    ch_mult: tuple = (1, 2, 4, 4)                   # dim_mult
+    num_res_blocks: int = 2                         # encoder; the decoder has one more per level
+    latent_channels: int = 16                       # z_dim
+    in_channels: int = 3
+    out_channels: int = 3
+    temporal_downsample: tuple = (False, True, True)  # per level transition (the decoder's reversed)
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pieces.
+# ----------------------------------------------------------------------------------------------
+class Conv2dView(NamedTuple):
+    """A 2-D conv's weight and bias: what ops.conv3x3 and engine.conv_pass read from a conv."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class CausalConv3d(nn.Conv3d):
+    """Wan's causal conv (k x k x k), run on one frame: forward takes and returns [B, C, H, W].
+    The weight keeps the checkpoint's [O, I, k, k, k]. Why the last time slice: the causal padding
+    puts k - 1 zero frames before a lone frame, so only the kernel's last slice meets data."""
+
+    def __init__(self, in_channels: int, out_channels: int, k: int):
+        super().__init__(in_channels, out_channels, k)
+
+    def frame(self) -> Conv2dView:
+        """The 2-D conv this is on a first frame (contiguous: made once per pass, not per band)."""
+        return Conv2dView(self.weight[:, :, -1].contiguous(), self.bias)
+
+    def forward(self, x):
+        f = self.frame()
+        return F.conv2d(x, f.weight, f.bias, padding=self.kernel_size[1] // 2)
+
+
+class QuantConv(CausalConv3d):
+    """The quant convs, 1x1x1 (top-level conv1, 2z -> 2z after the encoder, and conv2, z -> z before
+    the decoder; diffusers' quant_conv and post_quant_conv): [C, C, 1, 1, 1] weights, 2-D forward."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, 1)
+
+
+class RMSNorm(nn.Module):
+    """Wan's RMS_norm: x / max(||x||, eps) * sqrt(C) * gamma, the norm over the channels of each
+    pixel. gamma keeps the checkpoint's shape: [C, 1, 1, 1] in the residual blocks and heads,
+    [C, 1, 1] in the attention. No released checkpoint has a bias."""
+
+    def __init__(self, channels: int, images: bool = False):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones((channels, 1, 1) if images else (channels, 1, 1, 1)))
+        self.eps = 1e-12  # F.normalize's: a floor under the norm itself, not under its square
+
+    def gain(self, dtype) -> torch.Tensor:
+        """sqrt(C) * gamma as one [C, 1, 1] factor (one multiply per value, not two)."""
+        C = self.gamma.shape[0]
+        return (self.gamma.float().view(C, 1, 1) * C ** 0.5).to(dtype)
+
+    def forward(self, x):
+        return rms_silu(self, x, act=False)
+
+
+def rms_into(norm: RMSNorm, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """norm(x) written into out (x's shape, any layout). The norm and the division run in fp32
+    whatever x's dtype, rounded once into out, as diffusers normalises fp16/bf16 (a sum of C
+    squares leaves fp16's range long before the activations do). torch.div computes in the
+    promoted fp32 and casts on writing: CUDA kernels cast on the fly, the CPU takes fp32
+    temporaries of the band (_rms_temp counts them)."""
+    n = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32).clamp_min_(norm.eps)
+    torch.div(x, n, out=out)
+    return out.mul_(norm.gain(out.dtype))
+
+
+def rms_silu(norm: RMSNorm, parts, scratch=None, act: bool = True) -> torch.Tensor:
+    """RMS norm (then SiLU) of consecutive row bands of one activation, into one buffer: a
+    warm one from `scratch` (ops.Scratch, valid until its next use) in the tiled engines, a new
+    one without. Per pixel, so the parts are normalised on their own: no statistics to pass."""
+    parts = [parts] if torch.is_tensor(parts) else parts
+    if scratch is not None:
+        out = scratch.like("act", parts[-1], rows=sum(p.shape[2] for p in parts))
+    else:
+        (x,) = parts  # the untiled forward: one whole activation, its layout kept
+        out = torch.empty_like(x)
+    r = 0
+    for p in parts:
+        rms_into(norm, p, out[:, :, r:r + p.shape[2]])
+        r += p.shape[2]
+    return silu_(out) if act else out
+
+
+class ResidualBlock(nn.Module):
+    """RMS norm -> SiLU -> conv1 -> RMS norm -> SiLU -> conv2, plus the shortcut (a 1x1x1 conv
+    where the width changes). Keys: residual.0 (norm1), residual.2 (conv1), residual.3 (norm2),
+    residual.6 (conv2): 1 and 4 are the SiLUs and 5 the dropout, which hold nothing."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(in_channels), nn.SiLU(), CausalConv3d(in_channels, out_channels, 3),
+            RMSNorm(out_channels), nn.SiLU(), nn.Dropout(0.0), CausalConv3d(out_channels, out_channels, 3))
+        self.shortcut = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    @property
+    def norm1(self) -> RMSNorm:
+        return self.residual[0]
+
+    @property
+    def conv1(self) -> CausalConv3d:
+        return self.residual[2]
+
+    @property
+    def norm2(self) -> RMSNorm:
+        return self.residual[3]
+
+    @property
+    def conv2(self) -> CausalConv3d:
+        return self.residual[6]
+
+    def skip(self, x):
+        return x if self.shortcut is None else self.shortcut(x)
+
+    def forward(self, x):
+        h = self.conv1(rms_silu(self.norm1, x))
+        h = self.conv2(rms_silu(self.norm2, h))
+        return h.add_(self.skip(x)) if not h.requires_grad else h + self.skip(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the h*w pixels of each frame (head dim = channels): RMS
+    norm, q, k, v from one 1x1 conv (channels [0, C), [C, 2C), [2C, 3C) of to_qkv), proj."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = RMSNorm(channels, images=True)
+        self.to_qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        qkv = self.to_qkv(rms_silu(self.norm, x, act=False))
+        # [B, 1, HW, C], contiguous (model.AttnBlock: a transposed view sends the CPU's SDPA to its
+        # math path, which materialises the HW x HW matrix)
+        q, k, v = (t.flatten(2).transpose(1, 2).contiguous().unsqueeze(1) for t in qkv.chunk(3, dim=1))
+        del qkv
+        h = F.scaled_dot_product_attention(q, k, v)
+        del q, k, v
+        h = self.proj(h.squeeze(1).transpose(1, 2).reshape(B, C, H, W))
+        return h.add_(x) if not h.requires_grad else h + x
+
+
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """The reference's nearest-exact 2x. At exactly 2x every pixel becomes a 2x2 block (the same as
+    "nearest"), so a band's upsampling is the upsampled band's; diffusers' round trip through
+    fp32 around it changes nothing (a copy is exact in any dtype)."""
+    return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
+
+
+class UpResample(nn.Module):
+    """Nearest-exact 2x, then a 3x3 conv to half the width (resample.1). Where the level doubles
+    frames, a video checkpoint also has time_conv ([2C, C, 3, 1, 1]): kept, never run on a first frame."""
+
+    def __init__(self, channels: int, temporal: bool):
+        super().__init__()
+        self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
+                                      nn.Conv2d(channels, channels // 2, 3, padding=1))
+        if temporal:
+            self.time_conv = nn.Conv3d(channels, 2 * channels, (3, 1, 1))
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        return self.resample[1]
+
+    def forward(self, x):
+        return self.conv(upsample2x(x))
+
+
+class DownResample(nn.Module):
+    """Zero pad right and bottom, 3x3 conv, stride 2 (resample.1): LDM's downsample. Where the
+    level halves frames, time_conv ([C, C, 3, 1, 1], stride 2 in time): kept, never run on a first frame."""
+
+    def __init__(self, channels: int, temporal: bool):
+        super().__init__()
+        self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(channels, channels, 3, stride=2))
+        if temporal:
+            self.time_conv = nn.Conv3d(channels, channels, (3, 1, 1), stride=(2, 1, 1))
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        """The stride-2 conv, where layers.downsample (and so DownsampleStep) reads it."""
+        return self.resample[1]
+
+    def forward(self, x):
+        return self.resample(x)
+
+
+class Head(nn.Sequential):
+    """RMS norm -> SiLU -> 3x3x3 causal conv (keys head.0, head.2), the last step of either
+    network; the decoder's clamps its output to [-1, 1], as diffusers' decode does."""
+
+    def __init__(self, in_channels: int, out_channels: int, clamp: bool = False):
+        super().__init__(RMSNorm(in_channels), nn.SiLU(), CausalConv3d(in_channels, out_channels, 3))
+        self.clamp_output = clamp
+
+    @property
+    def norm(self) -> RMSNorm:
+        return self[0]
+
+    @property
+    def conv(self) -> CausalConv3d:
+        return self[2]
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        # NaN stays NaN (the fp16 guard still sees it); +-Inf become +-1, what fp32 gives there too
+        return y.clamp_(-1.0, 1.0) if self.clamp_output else y
+
+    def forward(self, x):
+        return self.finish(self.conv(rms_silu(self.norm, x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The networks.
+# ----------------------------------------------------------------------------------------------
+class Encoder(nn.Module):
+    """[B, 3, H, W] -> [B, 2z, H/8, W/8] (mean and logvar, before the quant conv)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        dims = [cfg.ch * m for m in (1,) + tuple(cfg.ch_mult)]
+        self.conv1 = CausalConv3d(cfg.in_channels, dims[0], 3)
+        blocks = []
+        for i, (w_in, w) in enumerate(zip(dims[:-1], dims[1:])):
+            blocks += [ResidualBlock(w_in if j == 0 else w, w) for j in range(cfg.num_res_blocks)]
+            if i != len(cfg.ch_mult) - 1:
+                blocks.append(DownResample(w, cfg.temporal_downsample[i]))
+        self.downsamples = nn.Sequential(*blocks)  # flat: the keys count blocks and resamples together
+        w = dims[-1]
+        self.middle = nn.Sequential(ResidualBlock(w, w), AttentionBlock(w), ResidualBlock(w, w))
+        self.head = Head(w, 2 * cfg.latent_channels)
+
+    @property
+    def conv_in(self) -> CausalConv3d:
+        """The first conv under the name klvae's guard and AutoencoderKL read dtype and device from."""
+        return self.conv1
+
+    def layers(self) -> list:
+        """Every step in order: what forward runs, and what the tiled engines run band by band."""
+        return [self.conv1, *self.downsamples, *self.middle, self.head]
+
+    def forward(self, x):
+        for layer in self.layers():
+            x = layer(x)
+        return x
+
+
+class Decoder(nn.Module):
+    """[B, z, h, w] (after the quant conv) -> [B, 3, 8h, 8w] in [-1, 1]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        mult = tuple(cfg.ch_mult)
+        dims = [cfg.ch * m for m in (mult[-1],) + mult[::-1]]  # from the latent resolution up
+        temporal = tuple(cfg.temporal_downsample)[::-1]
+        self.conv1 = CausalConv3d(cfg.latent_channels, dims[0], 3)
+        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                    ResidualBlock(dims[0], dims[0]))
+        blocks, w = [], dims[0]
+        for i, out in enumerate(dims[1:]):
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResidualBlock(w, out))
+                w = out
+            if i != len(mult) - 1:
+                blocks.append(UpResample(out, temporal[i]))
+                w = out // 2  # the upsample conv halves the width: the next level starts there
+        self.upsamples = nn.Sequential(*blocks)
+        self.head = Head(w, cfg.out_channels, clamp=True)
+
+    @property
+    def conv_in(self) -> CausalConv3d:
+        """The first conv under the name klvae's guard and AutoencoderKL read dtype and device from."""
+        return self.conv1
+
+    def layers(self) -> list:
+        """Every step in order: what forward runs, and what the tiled engines run band by band."""
+        return [self.conv1, *self.middle, *self.upsamples, self.head]
+
+    def forward(self, z):
+        for layer in self.layers():
+            z = layer(z)
+        return z
+
+
+class QwenImageVAE(nn.Module):
+    """The whole checkpoint, original/ComfyUI keys (load_state_dict(strict=True) takes the file):
+    encoder, conv1 (the quant conv, 2z -> 2z), conv2 (the post-quant conv, z -> z), decoder."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        z = cfg.latent_channels
+        self.encoder = Encoder(cfg)
+        self.conv1 = QuantConv(2 * z)
+        self.conv2 = QuantConv(z)
+        self.decoder = Decoder(cfg)
+
+    def moments(self, x):
+        """[B, 3, H, W] in [-1, 1] -> [B, 2z, H/8, W/8]: the posterior's mean, then its logvar."""
+        return self.conv1(self.encoder(x))
+
+    def decode(self, z):
+        """Raw latents [B, z, h, w] -> pixels [B, 3, 8h, 8w], clamped to [-1, 1]."""
+        return self.decoder(self.conv2(z))
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer types as the planner, both tiled engines and the fp16 guard see them.
+# ----------------------------------------------------------------------------------------------
+def _rms_temp(band_in: int, item: int) -> int:
+    """Band bytes an RMS norm adds to a conv's temporaries: its fp32 per-pixel norms (1/C of the
+    band: ignored) and, below fp32, two fp32 copies of the band (rms_into's input and result in
+    fp32 before the cast, on the CPU; an upper bound on the GPU)."""
+    return 2 * band_in * 4 // item if item < 4 else 0
+
+
+def _rms_prep(s, norm: RMSNorm, act: bool = True):
+    """A streamed op's prep: the held and new rows, RMS-normalised (and SiLU) into one warm buffer."""
+    def prep(parts) -> Tile:
+        data = rms_silu(norm, [p.data for p in parts], s.scratch, act=act)
+        return parts[-1]._replace(data=data, y0=parts[0].y0)
+    return prep
+
+
+class CausalConvStep(Step):
+    """A causal 3x3x3 conv on one frame (each network's conv1, no norm before it): the 3x3 conv
+    with the kernel's last time slice. Writes the residual stream."""
+
+    def segment(self, ctx, x, st, want, last):
+        out, _ = conv_pass(ctx, self.layer.frame(), x, stats=False, kind="device" if last else None)
+        ctx.free(x)
+        return out, None
+
+    def stream(self, s):
+        return s.conv(self.layer.frame())
+
+    @torch.no_grad()
+    def scale_stream(self, s):
+        _scale(self.layer, s)  # its output is the stream
+
+
+class ResidualStep(Step):
+    """RMS norm -> SiLU -> conv1 -> RMS norm -> SiLU -> conv2, plus the shortcut. Per-pixel norms:
+    each band is normalised on its own, nothing measured between the passes."""
+    passes, norms, keeps = 2, 2, 6
+
+    def shape(self):
+        return self.layer.conv1.out_channels, self.r_in
+
+    def need(self, px_in, px_out, item):
+        i, o = self.cin * px_in * item, self.cout * px_out * item
+        # stream + normed copy + conv1 out + ws, then stream + h + normed copy + conv2 out + ws
+        return int(max(2 * i + o * (1 + WORKSPACE), i + o * (3 + WORKSPACE)) + _rms_temp(max(i, o), item))
+
+    def exact_alive(self, i, o, last):
+        return i + o + (o if self.cin != self.cout else 0)   # stream, h, (a new stream)
+
+    def exact_temp(self, band_in, band_out, i, item, device_store):
+        extra = band_out if self.cin != self.cout else 0      # the shortcut projection
+        return super().exact_temp(band_in, band_out, i, item, device_store) + extra + _rms_temp(band_in, item)
+
+    def flops(self, B, n):
+        f = 2.0 * B * n * 9 * (self.cin * self.cout + self.cout * self.cout)
+        return f + (2.0 * B * n * self.cin * self.cout if self.cin != self.cout else 0)
+
+    def halo(self, need):
+        return need + 2
+
+    def lag(self, lag):
+        return lag + 2
+
+    def segment(self, ctx, x, st, want, last):
+        block = self.layer
+        B, _, H, W = x.shape
+        h, _ = conv_pass(ctx, block.conv1.frame(), x, stats=False,
+                         pre=lambda d: rms_silu(block.norm1, d, ctx.scratch))
+        # The residual stream is updated in place when the width stays; a new stream where it changes.
+        out = x if block.shortcut is None else ctx.new(B, self.cout, H, W)
+        conv2 = block.conv2.frame()
+        ctx.exchange(h)
+        for y0, y1 in ctx.bands(H, W, self.band_channels):
+            t = ctx.window(h, y0, y1)
+            y = conv3x3(conv2, t._replace(data=rms_silu(block.norm2, t.data, ctx.scratch))).rows(y0, y1)
+            del t
+            if out is x:
+                y = x.add_(y0, y)
+            else:
+                y = y.add_(block.shortcut(x.rows(y0, y1)))
+            ctx.put(None if out is x else out, y0, y, None)
+            del y
+        if out is not x:
+            ctx.free(x)
+        ctx.free(h)  # last: the spare for the next block's h
+        return out, None
+
+    def stream(self, s):
+        block = self.layer
+        conv1, conv2 = block.conv1.frame(), block.conv2.frame()
+        a = s.op(lambda t: conv3x3(conv1, t), need=lambda o: max(0, o - 1), prep=_rms_prep(s, block.norm1), counts=True)
+        b = s.op(lambda t: conv3x3(conv2, t), need=lambda o: max(0, o - 1), prep=_rms_prep(s, block.norm2), counts=True)
+        return s.residual(a, b, shortcut=block.skip)
+
+    @torch.no_grad()
+    def scale_stream(self, s):
+        # The stream's readers: norm1 (RMS: norm(s x) with eps * s is norm(x) with eps, as
+        # F.normalize's eps floors the norm itself) and the shortcut (linear: only its bias
+        # scales); conv2 writes into it. conv1's input is normalised, norm2 reads conv1's output.
+        block = self.layer
+        _scale(block.conv2, s)
+        block.norm1.eps *= s
+        if block.shortcut is not None:
+            _scale(block.shortcut, s, weight=False)
+
+
+class AttentionStep(Step):
+    """Single-head self-attention over every pixel of the frame (the middle's): global."""
+    passes, norms, is_global = 2, 1, True
+
+    def shape(self):
+        return self.cin, self.r_in
+
+    def need(self, px_in, px_out, item):
+        return 6 * self.cin * px_in * item  # stream, normalised copy, qkv, q, k, v (SDPA keeps the rest linear)
+
+    def exact_alive(self, i, o, last):
+        return i
+
+    def exact_temp(self, band_in, band_out, i, item, device_store):
+        return 3 * i + 5 * band_in + 2 * band_out  # q, k, v whole on the device; a band's qkv is 3 bands
+
+    def flops(self, B, n):
+        return 2.0 * B * n * 4 * self.cin * self.cin + 4.0 * B * n * n * self.cin
+
+    def segment(self, ctx, x, st, want, last):
+        """q, k, v live on the device token-major ([B, H, W, C], which is also [B, 1, H*W, C] for
+        SDPA); each band of queries attends over every key, then proj and the residual are added
+        to the stream in place. Distributed: each rank projects its own rows; the keys and values
+        are gathered from all ranks (as layers.AttnStep)."""
+        attn = self.layer
+        B, C, H, W = x.shape
+        lo, hi = ctx.own(H)
+        ctx.spare = None  # q, k and v are not stores: no spare held under them
+        q, k, v = (torch.empty(B, hi - lo, W, C, dtype=ctx.dtype, device=ctx.device) for _ in range(3))
+        for y0, y1 in ctx.bands(H, W, C):
+            qkv = attn.to_qkv(rms_silu(attn.norm, x.rows(y0, y1), ctx.scratch, act=False))
+            for part, dst in zip(qkv.chunk(3, dim=1), (q, k, v)):
+                dst[:, y0 - lo:y1 - lo] = part.permute(0, 2, 3, 1)
+            del qkv
+            ctx.progress.step()
+        if ctx.shard:
+            k, v = (ctx.shard.gather_rows(t, H, dim=1) for t in (k, v))
+        kk, vv = k.view(B, 1, H * W, C), v.view(B, 1, H * W, C)
+        for y0, y1 in ctx.bands(H, W, C):
+            o = F.scaled_dot_product_attention(q[:, y0 - lo:y1 - lo].reshape(B, 1, -1, C), kk, vv)
+            o = attn.proj(o.view(B, y1 - y0, W, C).permute(0, 3, 1, 2))
+            ctx.put(None, y0, x.add_(y0, o), None)
+            del o
+        return x, None
+
+    def stream(self, s):
+        raise KLVAEError("bounded mode streams the layers after the attention, never the attention itself")
+
+    @torch.no_grad()
+    def scale_stream(self, s):
+        _scale(self.layer.proj, s)   # writes into the stream
+        self.layer.norm.eps *= s     # reads it (F.normalize's eps floors the norm: scales by s)
+
+
+def upsample(up: UpResample, t: Tile) -> Tile:
+    """Nearest-exact 2x of a tile (a region of the upsampled image is the upsampled region), then its conv."""
+    u = Tile(upsample2x(t.data), 2 * t.y0, 2 * t.y1, 2 * t.x0, 2 * t.x1, 2 * t.H, 2 * t.W, 2 * t.s)
+    return conv3x3(up.conv, u)
+
+
+class UpStep(Step):
+    """Nearest-exact 2x, then a 3x3 conv that halves the width (no norm before it)."""
+
+    def shape(self):
+        return self.layer.conv.out_channels, 2 * self.r_in
+
+    def need(self, px_in, px_out, item):
+        # its input, the 2x copy (input width at the output resolution), the conv's output and workspace
+        return int(self.cin * (px_in + px_out) * item + self.cout * px_out * item * (1 + WORKSPACE))
+
+    def exact_temp(self, band_in, band_out, i, item, device_store):
+        return super().exact_temp(band_in, band_out, i, item, device_store) + 4 * band_in  # the 2x copy
+
+    def halo(self, need):
+        return -(-(need + 1) // 2)
+
+    def lag(self, lag):
+        return 2 * lag + 1
+
+    def segment(self, ctx, x, st, want, last):
+        B, C, H, W = x.shape
+        ctx.exchange(x)
+        out = ctx.new(B, self.cout, 2 * H, 2 * W, "device" if last else None)
+        for y0, y1 in ctx.bands(2 * H, 2 * W, self.band_channels):
+            la, lb = max(0, (y0 - 1) // 2), min(H, (y1 + 2) // 2)   # low-res rows covering [y0-1, y1+1)
+            y = upsample(self.layer, Tile(x.rows(la, lb), la, lb, 0, W, H, W, 1)).rows(y0, y1)
+            ctx.put(out, y0, y, None)
+            del y
+        ctx.free(x)
+        return out, None
+
+    def stream(self, s):
+        return s.op(lambda t: upsample(self.layer, t), need=lambda o: max(0, (o - 1) // 2))
+
+    @torch.no_grad()
+    def scale_stream(self, s):
+        _scale(self.layer.conv, s, weight=False)  # maps the stream to itself
+
+
+class DownStep(DownsampleStep):
+    """LDM's downsample exactly (pad right and bottom, 3x3 conv, stride 2; DownResample.conv is
+    where layers.downsample reads it): its shape, memory, halo, runners and scaling are
+    DownsampleStep's. Its own type so that the planner never mistakes one family's block for the other's."""
+
+
+class HeadStep(Step):
+    """RMS norm -> SiLU -> conv: the network's output (on the device, whatever the store);
+    the decoder's then clamps (per pixel: band by band, the untiled result)."""
+    norms = 1
+
+    def shape(self):
+        return self.layer.conv.out_channels, self.r_in
+
+    def exact_temp(self, band_in, band_out, i, item, device_store):
+        return super().exact_temp(band_in, band_out, i, item, device_store) + _rms_temp(band_in, item)
+
+    def segment(self, ctx, x, st, want, last):
+        head = self.layer
+        out, _ = conv_pass(ctx, head.conv.frame(), x, stats=False, kind="device" if last else None,
+                           pre=lambda d: rms_silu(head.norm, d, ctx.scratch))
+        head.finish(out.t)
+        ctx.free(x)
+        return out, None
+
+    def stream(self, s):
+        head = self.layer
+        conv = head.conv.frame()
+
+        def fn(t: Tile) -> Tile:
+            out = conv3x3(conv, t)
+            return out._replace(data=head.finish(out.data))
+        return s.op(fn, need=lambda o: max(0, o - 1), prep=_rms_prep(s, head.norm), counts=True)
+
+    @torch.no_grad()
+    def scale_stream(self, s):
+        self.layer.norm.eps *= s  # reads the stream; its output is the network's
+
+
+for _module, _step in ((CausalConv3d, CausalConvStep), (ResidualBlock, ResidualStep), (AttentionBlock, AttentionStep),
+                       (UpResample, UpStep), (DownResample, DownStep), (Head, HeadStep)):
+    register(_module, _step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys: the original release's (= ComfyUI's, this module's) and diffusers' AutoencoderKLQwenImage's.
+# ----------------------------------------------------------------------------------------------
+# A residual block's leaves (original -> diffusers); the attention's and a resample's are the same in both.
+RESNET_LEAVES = {"residual.0.gamma": "norm1.gamma", "residual.2.weight": "conv1.weight", "residual.2.bias": "conv1.bias",
+                 "residual.3.gamma": "norm2.gamma", "residual.6.weight": "conv2.weight", "residual.6.bias": "conv2.bias",
+                 "shortcut.weight": "conv_shortcut.weight", "shortcut.bias": "conv_shortcut.bias"}
+ATTENTION_LEAVES = ("norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias")
+RESAMPLE_LEAVES = ("resample.1.weight", "resample.1.bias", "time_conv.weight", "time_conv.bias")
+HEAD_LEAVES = {"head.0.gamma": "norm_out.gamma", "head.2.weight": "conv_out.weight", "head.2.bias": "conv_out.bias"}
+QUANT = {"conv1.weight": "quant_conv.weight", "conv1.bias": "quant_conv.bias",
+         "conv2.weight": "post_quant_conv.weight", "conv2.bias": "post_quant_conv.bias"}
+_INV = lambda d: {v: k for k, v in d.items()}
+
+
+def _unknown(k: str, layout: str) -> KLVAEError:
+    return KLVAEError(f"key {k[:100]!r} is not a Qwen-Image / Wan 2.1 VAE key in the {layout} layout "
+                      f"(attention inside the levels, attn_scales, is not supported: no released VAE has it)")
+
+
+def _decoder_stride(keys, layout: str):
+    """Entries per decoder level in the original flat `decoder.upsamples.N` (its resnets and its
+    upsample: num_res_blocks + 2), from either layout's keys; None for a decoder with one level."""
+    if layout == "original":
+        ups = [int(m[1]) for k in keys if (m := re.fullmatch(r"decoder\.upsamples\.(\d+)\.resample\.1\.weight", k))]
+        return min(ups) + 1 if ups else None
+    res = [int(m[1]) for k in keys if (m := re.fullmatch(r"decoder\.up_blocks\.0\.resnets\.(\d+)\..+", k))]
+    has_up = any(k.startswith("decoder.up_blocks.0.upsamplers.") for k in keys)
+    return max(res) + 2 if res and has_up else None
+
+
+def _to_diffusers_key(k: str, stride) -> str:
+    if k in QUANT:
+        return QUANT[k]
+    net, _, rest = k.partition(".")
+    if net not in ("encoder", "decoder"):
+        raise _unknown(k, "original")
+    if rest in ("conv1.weight", "conv1.bias"):
+        return f"{net}.conv_in.{rest[6:]}"
+    if rest in HEAD_LEAVES:
+        return f"{net}.{HEAD_LEAVES[rest]}"
+    if m := re.fullmatch(r"middle\.(\d+)\.(.+)", rest):
+        n, leaf = int(m[1]), m[2]
+        if n == 1 and leaf in ATTENTION_LEAVES:
+            return f"{net}.mid_block.attentions.0.{leaf}"
+        if n in (0, 2) and leaf in RESNET_LEAVES:
+            return f"{net}.mid_block.resnets.{n // 2}.{RESNET_LEAVES[leaf]}"
+    if net == "encoder" and (m := re.fullmatch(r"downsamples\.(\d+)\.(.+)", rest)):
+        n, leaf = int(m[1]), m[2]
+        if leaf in RESNET_LEAVES:
+            return f"encoder.down_blocks.{n}.{RESNET_LEAVES[leaf]}"
+        if leaf in RESAMPLE_LEAVES:
+            return f"encoder.down_blocks.{n}.{leaf}"
+    if net == "decoder" and (m := re.fullmatch(r"upsamples\.(\d+)\.(.+)", rest)):
+        n, leaf = int(m[1]), m[2]
+        i, j = divmod(n, stride) if stride else (0, n)
+        if leaf in RESNET_LEAVES and (stride is None or j < stride - 1):
+            return f"decoder.up_blocks.{i}.resnets.{j}.{RESNET_LEAVES[leaf]}"
+        if leaf in RESAMPLE_LEAVES and stride and j == stride - 1:
+            return f"decoder.up_blocks.{i}.upsamplers.0.{leaf}"
+    raise _unknown(k, "original")
+
+
+def _to_original_key(k: str, stride) -> str:
+    quant, head, resnet = _INV(QUANT), _INV(HEAD_LEAVES), _INV(RESNET_LEAVES)
+    if k in quant:
+        return quant[k]
+    net, _, rest = k.partition(".")
+    if net not in ("encoder", "decoder"):
+        raise _unknown(k, "diffusers")
+    if rest in ("conv_in.weight", "conv_in.bias"):
+        return f"{net}.conv1.{rest[8:]}"
+    if rest in head:
+        return f"{net}.{head[rest]}"
+    if (m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest)) and m[1] in ATTENTION_LEAVES:
+        return f"{net}.middle.1.{m[1]}"
+    if (m := re.fullmatch(r"mid_block\.resnets\.([01])\.(.+)", rest)) and m[2] in resnet:
+        return f"{net}.middle.{2 * int(m[1])}.{resnet[m[2]]}"
+    if net == "encoder" and (m := re.fullmatch(r"down_blocks\.(\d+)\.(.+)", rest)):
+        if m[2] in resnet:
+            return f"encoder.downsamples.{m[1]}.{resnet[m[2]]}"
+        if m[2] in RESAMPLE_LEAVES:
+            return f"encoder.downsamples.{m[1]}.{m[2]}"
+    if net == "decoder" and (m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", rest)):
+        i, j, leaf = int(m[1]), int(m[2]), m[3]
+        if leaf in resnet and (stride is None and i == 0 or stride and j < stride - 1):
+            return f"decoder.upsamples.{i * (stride or 0) + j}.{resnet[leaf]}"
+    if net == "decoder" and (m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", rest)):
+        if m[2] in RESAMPLE_LEAVES and stride:
+            return f"decoder.upsamples.{int(m[1]) * stride + stride - 1}.{m[2]}"
+    raise _unknown(k, "diffusers")
+
+
+def original_to_diffusers(sd: dict) -> dict:
+    """A state dict with original/ComfyUI keys -> diffusers AutoencoderKLQwenImage's (same tensors).
+
+    encoder.conv1 <-> encoder.conv_in, encoder.downsamples.N <-> encoder.down_blocks.N (resnet
+    leaves residual.0/2/3/6, shortcut <-> norm1, conv1, norm2, conv2, conv_shortcut; resample.1
+    and time_conv as they are), {en,de}coder.middle.0/1/2 <-> mid_block.resnets.0 /
+    attentions.0 / resnets.1, head.0/head.2 <-> norm_out/conv_out, top-level conv1/conv2 <->
+    quant_conv/post_quant_conv, and decoder.upsamples.N <-> decoder.up_blocks.i.resnets.j (N =
+    i * (num_res_blocks + 2) + j) or decoder.up_blocks.i.upsamplers.0 (the level's last N)."""
+    stride = _decoder_stride(sd.keys(), "original")
+    return {_to_diffusers_key(k, stride): v for k, v in sd.items()}
+
+
+def diffusers_to_original(sd: dict) -> dict:
+    """The inverse of original_to_diffusers (the same tensors)."""
+    stride = _decoder_stride(sd.keys(), "diffusers")
+    return {_to_original_key(k, stride): v for k, v in sd.items()}
+
+
+def config_from_shapes(shape, keys) -> dict:
+    """The network's shape (QwenImageShape's fields) from original-layout tensor shapes.
+    shape: key -> its shape; keys: the keys present. The base width from encoder.conv1, the
+    level widths from each encoder level's first conv2, the residual blocks counted before the
+    first downsample, the temporal flags from the time_convs present, z from decoder.conv1."""
+    keys = set(keys)
+    if "decoder.upsamples.0.upsamples.0.residual.2.weight" in keys:
+        raise KLVAEError("this is Wan 2.2's VAE (48 latent channels, 16x, patchified), a different architecture "
+                         "from Wan 2.1's / Qwen-Image's")
+    need = ("encoder.conv1.weight", "decoder.conv1.weight", "decoder.head.2.weight", "encoder.head.2.weight")
+    missing = [k for k in need if k not in keys]
+    if missing:
+        raise KLVAEError(f"Qwen-Image VAE weights incomplete: missing {', '.join(missing)}")
+    ch, in_ch = shape("encoder.conv1.weight")[:2]
+    z = shape("decoder.conv1.weight")[1]
+    out_ch = shape("decoder.head.2.weight")[0]
+    if shape("encoder.head.2.weight")[0] != 2 * z:
+        raise KLVAEError(f"the encoder's head gives {shape('encoder.head.2.weight')[0]} channels, the decoder takes "
+                         f"{z}: expected twice as many (mean and logvar)")
+    entries = sorted({int(m[1]) for k in keys if (m := re.match(r"encoder\.downsamples\.(\d+)\.", k))})
+    if entries != list(range(len(entries))) or not entries:
+        raise KLVAEError("the encoder's downsamples are missing or not numbered 0, 1, 2, ...: the file is damaged")
+    downs = [n for n in entries if f"encoder.downsamples.{n}.resample.1.weight" in keys]
+    per = downs[0] if downs else len(entries)          # residual blocks per level
+    levels = len(downs) + 1
+    if per < 1 or len(entries) != levels * per + len(downs) or downs != [(i + 1) * (per + 1) - 1 for i in range(len(downs))]:
+        raise KLVAEError(f"the encoder's levels are irregular (downsamples at {downs} of {len(entries)} entries)")
+    widths = [shape(f"encoder.downsamples.{i * (per + 1)}.residual.6.weight")[0] for i in range(levels)]
+    if any(w % ch for w in widths):
+        raise KLVAEError(f"level widths {widths} are not multiples of the first width {ch}")
+    temporal = tuple(f"encoder.downsamples.{n}.time_conv.weight" in keys for n in downs)
+    head = shape("decoder.head.0.gamma")[0] if "decoder.head.0.gamma" in keys else widths[0]
+    if shape("decoder.conv1.weight")[0] != widths[-1] or head != widths[0]:
+        raise KLVAEError(f"the decoder's widths ({shape('decoder.conv1.weight')[0]} at the latent) do not mirror the "
+                         f"encoder's {widths}: not a Wan 2.1-style VAE")
+    return dict(ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=per, latent_channels=z,
+                in_channels=in_ch, out_channels=out_ch, temporal_downsample=temporal)
+
+
+def diffusers_config(cfg) -> dict:
+    """The config.json diffusers' AutoencoderKLQwenImage needs for a network of this shape.
+    input_channels (also its output's) only where it is not 3, as in the released config; the
+    latent statistics are Qwen-Image's where the latent has its 16 channels."""
+    if cfg.in_channels != cfg.out_channels:
+        raise KLVAEError(f"diffusers' AutoencoderKLQwenImage decodes to its input's channels: {cfg.in_channels} in, "
+                         f"{cfg.out_channels} out has no diffusers config")
+    out = {"_class_name": "AutoencoderKLQwenImage", "base_dim": cfg.ch, "z_dim": cfg.latent_channels,
+           "dim_mult": list(cfg.ch_mult), "num_res_blocks": cfg.num_res_blocks, "attn_scales": [],
+           "temperal_downsample": list(cfg.temporal_downsample), "dropout": 0.0}
+    if cfg.in_channels != 3:
+        out["input_channels"] = cfg.in_channels
+    if cfg.latent_channels == len(LATENTS_MEAN):
+        out["latents_mean"], out["latents_std"] = list(LATENTS_MEAN), list(LATENTS_STD)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# klvae's AutoencoderKL names the quant convs quant_conv / post_quant_conv for every family; this
+# family's own files (and ComfyUI) call them top-level conv1 / conv2.
+# ----------------------------------------------------------------------------------------------
+KLVAE_QUANT = {"conv1.": "quant_conv.", "conv2.": "post_quant_conv."}
+
+
+def to_original(sd: dict) -> dict:
+    """klvae's keys -> the original/ComfyUI layout (the quant convs' top-level names)."""
+    return {next((o + k[len(n):] for o, n in KLVAE_QUANT.items() if k.startswith(n)), k): v for k, v in sd.items()}
+
+
+def from_original(sd: dict) -> dict:
+    """The original/ComfyUI layout -> klvae's keys."""
+    return {next((n + k[len(o):] for o, n in KLVAE_QUANT.items() if k.startswith(o)), k): v for k, v in sd.items()}
+
+
+def quant_convs(cfg) -> tuple:
+    """AutoencoderKL's quant_conv and post_quant_conv for this family."""
+    return QuantConv(2 * cfg.latent_channels), QuantConv(cfg.latent_channels)
+
+
+register_arch("qwenimage", ArchNames(classes=("AutoencoderKLQwenImage",), config=diffusers_config,
+                                     to_diffusers=lambda sd: original_to_diffusers(to_original(sd)),
+                                     from_diffusers=lambda sd: from_original(diffusers_to_original(sd))))

@@ -16,6 +16,7 @@ def comfy(tmp_path_factory):
                                       (full width because core's VAELoader assumes SD's widths)
     models/vae/flux_ae_small.safetensors  narrow 16-channel Flux-shaped VAE (our loader reads any width)
     models/vae/flux2-vae.safetensors  full-width Flux.2-shaped KL VAE (32 channels, latent BatchNorm), fp16
+    models/vae/qwen_image_vae.safetensors  Qwen-Image's VAE (Wan 2.1's) at 1/6 of its width, original keys
     models/vae/taesd.safetensors      a TAESD (core's VAELoader loads it; not a KL autoencoder)
     models/vae/unet.safetensors       a few UNet keys (not a VAE at all)
     models/vae/hostile.safetensors    a VAE whose key indices ask for 10^8 blocks
@@ -37,6 +38,9 @@ def comfy(tmp_path_factory):
              vae_dir / "sdxl_vae.safetensors")
     save_vae(klvae_from(calibrate(diffusers_vae("flux2", seed=5), test_image(64)), family="flux2", dtype="fp16"),
              vae_dir / "flux2-vae.safetensors")
+    # Qwen-Image's VAE as ComfyUI's own file has it (the original keys); core's loader reads the base
+    # width from the weights and assumes the released dim_mult (1, 2, 4, 4): 16 here, not 96
+    save_vae(klvae_from(diffusers_vae("qwenimage", seed=6, ch=16)), vae_dir / "qwen_image_vae.safetensors")
     small_flux = klvae_from(diffusers_vae("flux", seed=4, **NARROW), family="flux")
     save_vae(small_flux, vae_dir / "flux_ae_small.safetensors")
     hostile = {k: v.contiguous() for k, v in small_flux.state_dict().items()}

@@ -1,4 +1,5 @@
-"""klvae: KL autoencoder (SD1.x/2.x, SDXL, SD3, Flux.1 and Flux.2 VAE) library and ComfyUI node pack.
+"""klvae: KL autoencoder (SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2, Qwen-Image, HunyuanImage-2.1 VAE) library
+and ComfyUI node pack.
 
 ComfyUI imports this file when the repo sits in custom_nodes/ (or is installed from the Comfy
 Registry). It registers the nodes through the V3 API only, and lazily: nothing ComfyUI-specific is

@@ -1,4 +1,5 @@
-"""klvae.vae: the KL autoencoder library (plain torch + safetensors; never imports ComfyUI).
+"""klvae.vae: the KL autoencoder library (plain torch + safetensors; never imports ComfyUI): SD1.x/2.x,
+SDXL, SD3, Flux.1, Flux.2, Qwen-Image and HunyuanImage-2.1 VAEs.
 
 Modules, each one concern (imports run down this list, never up):
   errors.py            KLVAEError, the one exception bad input raises
@@ -11,6 +12,8 @@ Modules, each one concern (imports run down this list, never up):
   engine.py            exact tiling: stores, bands, the segment run
   bounded.py           bounded tiling: rows streamed in strips, statistics from a mosaic
   layers.py            the layer types: shape, memory, FLOPs, halo, runners, fp16 scaling (one class each)
+  model_qwenimage.py   Qwen-Image's VAE (Wan 2.1's), images as T = 1: modules, Steps, key maps
+  model_hunyuanimage.py  HunyuanImage-2.1's VAE: modules, Steps, key maps
   tiling.py            Tiling options, the plan and its memory model, execute(plan), the report
   precision.py         device and dtype policy, the fp16/bf16 overflow guard
   checkpoint.py        reading, checking and writing VAE files

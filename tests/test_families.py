@@ -171,3 +171,30 @@ def test_cli_info_names_the_family(pair, tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert re.search(rf"^family\s+{family}$", r.stdout, re.M) and re.search(r"^key layout\s+ldm$", r.stdout, re.M), r.stdout
+
+
+def test_tiny_qwen_image_pipelines_with_klvae_vae():
+    """QwenImagePipeline and QwenImageEditPipeline offline (no text encoder: prompt embeddings given;
+    a one-layer seeded transformer), built with klvae's VAE: the same images as with diffusers' VAE,
+    the edit pipeline's argmax encode of its reference image included."""
+    from PIL import Image
+    from diffusers import (FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    d = diffusers_vae("qwenimage", seed=11, **SMALL["qwenimage"])
+    k = klvae_from(d)
+    torch.manual_seed(0)
+    tr = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=16,
+                                     num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6))
+    pe = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1))
+    ref_img = Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(6)) * 255).byte().numpy())
+    for cls, extra in ((QwenImagePipeline, {}), (QwenImageEditPipeline, dict(image=ref_img))):
+        images = []
+        for vae in (d, k):
+            pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                       transformer=tr, **(dict(processor=None) if cls is QwenImageEditPipeline else {}))
+            pipe.set_progress_bar_config(disable=True)
+            images.append(pipe(prompt_embeds=pe, prompt_embeds_mask=torch.ones(1, 8, dtype=torch.long), height=64,
+                               width=64, num_inference_steps=2, true_cfg_scale=1.0, output_type="pt",
+                               generator=torch.Generator().manual_seed(0), **extra).images)
+        theirs, ours = images
+        assert ours.shape == (1, 3, 64, 64) and (ours - theirs).abs().max() <= 1e-4, (cls.__name__, (ours - theirs).abs().max())

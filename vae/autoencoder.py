@@ -147,6 +147,13 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         self.use_slicing = False
         return self
 
+    @property
+    def temperal_downsample(self) -> list:
+        """Qwen-Image's pipelines read this attribute of their VAE (diffusers' spelling) for its scale factor."""
+        if self.config.arch != "qwenimage":
+            raise AttributeError("temperal_downsample: a Qwen-Image VAE attribute")
+        return list(self.config.temporal_downsample)
+
     # -- where the model lives ---------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:

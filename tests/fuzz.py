@@ -47,9 +47,15 @@ BAD = ("foreign", "multiline", "hang", "memory", "crash", "payload", "leak")
 # Base material: one small valid VAE in every format (made by the worker, seeded).
 # -------------------------------------------------------------------------------------------------
 def base_files(base: Path):
-    if (base / "ok.safetensors").exists():
+    if (base / "hunyuan.safetensors").exists():
         return
     base.mkdir(parents=True, exist_ok=True)
+    # the two other networks' own layouts: Qwen-Image's original keys (3-D kernels), HunyuanImage's ComfyUI keys
+    save_file({k: v.contiguous() for k, v in klvae_from(diffusers_vae("qwenimage", seed=0, ch=8, ch_mult=(1, 2)))
+               .state_dict().items()}, str(base / "qwen.safetensors"))
+    save_file({k: v.contiguous() for k, v in klvae_from(diffusers_vae("hunyuanimage", seed=0, ch=32, ch_mult=(1, 2),
+                                                                      latent_channels=8)).state_dict().items()},
+              str(base / "hunyuan.safetensors"))
     d = diffusers_vae("sd1", seed=0, ch=32, ch_mult=(1, 2), norm_groups=8)  # 2 levels: small and fast
     vae = klvae_from(d, family="sd1")
     sd = {k: v.contiguous() for k, v in vae.state_dict().items()}
@@ -98,18 +104,23 @@ DTYPES = ["I8", "U8", "BOOL", "C64", "F8_E4M3", "F8_E5M2", "I64", "F64", "BF16",
 
 
 def safetensors_case(rng, i, base, work, f, header, data, names, cat="safetensors"):
-    """Malformed safetensors files: truncated, bit flips, header lengths, dtypes, shapes, offsets, key indices, dropped keys, values, junk JSON."""
+    """Malformed safetensors files: truncated, bit flips, header lengths, dtypes, shapes, offsets, key indices, dropped keys, values, junk JSON;
+    of an SD-style VAE, or of Qwen-Image's or HunyuanImage's in their own layouts."""
+    source = base / rng.choice(["ok.safetensors", "ok.safetensors", "qwen.safetensors", "hunyuan.safetensors"])
+    if source.name != "ok.safetensors":
+        header, data = read_safetensors(source)
+        names = [k for k in header if k != "__metadata__"]
     kind = rng.choice(["truncate", "flip", "length", "dtype", "shape", "offsets", "indices", "drop", "values",
                        "junk_json"])
     h = json.loads(json.dumps(header))
     raw_header = None
     k = rng.choice(names)
     if kind == "truncate":
-        blob = (base / "ok.safetensors").read_bytes()
+        blob = source.read_bytes()
         f.write_bytes(blob[:rng.randrange(0, len(blob))])
         return cat, kind, lambda: load_vae(f)
     if kind == "flip":
-        blob = bytearray((base / "ok.safetensors").read_bytes())
+        blob = bytearray(source.read_bytes())
         n = struct.unpack("<Q", bytes(blob[:8]))[0]
         for _ in range(rng.randint(1, 8)):
             pos = rng.randrange(0, 8 + n) if rng.random() < 0.7 else rng.randrange(0, len(blob))
@@ -117,7 +128,7 @@ def safetensors_case(rng, i, base, work, f, header, data, names, cat="safetensor
         f.write_bytes(bytes(blob))
         return cat, kind, lambda: load_vae(f)
     if kind == "length":
-        blob = (base / "ok.safetensors").read_bytes()
+        blob = source.read_bytes()
         n = rng.choice([0, 1, 7, 2**63 - 1, 2**40, len(blob), len(blob) * 3, 100_000_001])
         f.write_bytes(struct.pack("<Q", n) + blob[8:])
         return cat, kind, lambda: load_vae(f)

@@ -140,6 +140,10 @@ class VAEConfig(DiffusersNames):
             raise KLVAEError("latents_mean and latents_std come together: state both or neither")
         if self.latents_std is not None and min(self.latents_std) <= 0:
             raise KLVAEError(f"latents_std must be positive, got {min(self.latents_std)}")
+        if self.arch == "qwenimage" and (not isinstance(self.temporal_downsample, tuple) or len(
+                self.temporal_downsample) != len(self.ch_mult) - 1 or not all(isinstance(b, bool) for b in self.temporal_downsample)):
+            raise KLVAEError(f"temporal_downsample {str(self.temporal_downsample)[:60]}: Qwen-Image's VAE needs one flag "
+                             f"(True/False) per level transition, {len(self.ch_mult) - 1} here")
 
     @property
     def downscale(self) -> int:
@@ -178,4 +182,8 @@ def preset(family: str, **overrides) -> VAEConfig:
                     use_post_quant_conv=f.quant_conv, scaling_factor=f.scaling_factor,
                     shift_factor=f.shift_factor, force_upcast=f.force_upcast, batch_norm=f.batch_norm,
                     arch=f.arch, latents_mean=f.latents_mean, latents_std=f.latents_std, **dict(f.shape))
+    if f.arch == "qwenimage" and "ch_mult" in overrides and "temporal_downsample" not in overrides:
+        # the released flags belong to 4 levels; a narrowed test network keeps the last ones it has room for
+        levels = len(overrides["ch_mult"])
+        overrides["temporal_downsample"] = cfg.temporal_downsample[len(cfg.temporal_downsample) - levels + 1:] if levels > 1 else ()
     return replace(cfg, **overrides)

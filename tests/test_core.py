@@ -343,7 +343,7 @@ def test_video_vae_and_non_kl_diffusers_folder(tmp_path):
         load_vae(tmp_path / "video.safetensors")
     (tmp_path / "taesd").mkdir()
     (tmp_path / "taesd" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTiny"}))
-    with pytest.raises(KLVAEError, match="AutoencoderTiny, not an AutoencoderKL"):
+    with pytest.raises(KLVAEError, match="AutoencoderTiny, which klvae does not load: it loads AutoencoderKL, AutoencoderKLFlux2"):
         load_vae(tmp_path / "taesd")
 
 

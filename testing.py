@@ -10,6 +10,7 @@ hide), optionally *calibrated* (`calibrate`: every conv rescaled on a real forwa
 LSUV-style, to unit-std outputs with residual branches at 0.3), which gives activations and
 GroupNorm statistics of a realistic scale and spatial variation that plain random weights lack.
 """
+import json
 import os
 import socket
 import warnings
@@ -87,11 +88,15 @@ def diffusers_vae(family="sd1", seed=0, noise=0.1, **overrides):
 
 @torch.no_grad()
 def calibrate(vae, pixels: torch.Tensor):
-    """Rescale every conv of a diffusers.AutoencoderKL so its outputs have unit std on real input
-    (residual branches 0.3), in one forward pass per half: encoder on `pixels`, decoder on its mode."""
+    """Rescale every conv of a diffusers VAE so its outputs have unit std on real input (residual
+    branches 0.3), in one forward pass per half: encoder on `pixels`, decoder on its mode. Qwen-Image's
+    class takes [B, C, T, H, W] and has 3-D convs: one frame, and those too."""
+    video = type(vae).__name__ == "AutoencoderKLQwenImage"
+    pixels = pixels[:, :, None] if video else pixels
 
     def hook(name):
-        target = 0.3 if name.endswith(("conv2", "to_out.0", "conv_shortcut")) else 0.5 if name == "decoder.conv_out" else 1.0
+        target = 0.3 if name.endswith(("conv2", "to_out.0", "conv_shortcut", ".proj")) else \
+            0.5 if name == "decoder.conv_out" else 1.0
 
         def fn(mod, inp, out):
             a = target / max(out.float().std().item(), 1e-6)
@@ -101,7 +106,8 @@ def calibrate(vae, pixels: torch.Tensor):
             return out * a
         return fn
 
-    hooks = [m.register_forward_hook(hook(n)) for n, m in vae.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [m.register_forward_hook(hook(n)) for n, m in vae.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.Linear))]
     vae.decode(vae.encode(pixels).latent_dist.mode())
     for h in hooks:
         h.remove()
@@ -111,9 +117,11 @@ def calibrate(vae, pixels: torch.Tensor):
 def calibrated_vae(family="sd1", seed=0, image_size=64, cache=None, **overrides):
     """diffusers_vae(...) calibrated on test_image(image_size); cached as a diffusers folder when
     `cache` names one (the full-width benchmark VAE takes a minute to make)."""
-    from diffusers import AutoencoderKL as DAutoencoderKL  # optional dependency (tests, benchmarks)
+    import diffusers  # optional dependency (tests, benchmarks)
     if cache and os.path.exists(os.path.join(cache, "config.json")):
-        return DAutoencoderKL.from_pretrained(cache).eval()
+        with open(os.path.join(cache, "config.json")) as f:
+            cls = getattr(diffusers, json.load(f)["_class_name"])
+        return cls.from_pretrained(cache).eval()
     vae = calibrate(diffusers_vae(family, seed, **overrides), test_image(image_size, seed=seed))
     if cache:
         vae.save_pretrained(cache)

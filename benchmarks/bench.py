@@ -5,7 +5,7 @@
     python benchmarks/bench.py big             # a 4096x4096 exact decode (bf16 with AMX, else fp32); the 8192 plan
     python benchmarks/bench.py precision       # 1024 decode in fp32 and bf16 (CPU AMX), all systems
     python benchmarks/bench.py dist            # 1024 decode over 1, 2, 4 gloo ranks (1 thread each), and DistVAE
-    python benchmarks/bench.py qwenimage       # Qwen-Image's VAE at 1024: klvae's modes, diffusers untiled and tiled
+    python benchmarks/bench.py qwenimage       # Qwen-Image's VAE at 1024: klvae's modes, diffusers' and ComfyUI's untiled and tiled
     python benchmarks/bench.py hunyuanimage    # HunyuanImage-2.1's, the same
     python benchmarks/bench.py gpu --out DIR   # the GPU suite (CUDA tests, klvae/diffusers/ComfyUI at 1K-8K)
     python benchmarks/bench.py gpu --device cpu --sizes 256 --out DIR   # the same script end to end on the CPU

@@ -111,16 +111,17 @@ def cases(suite, sizes, systems):
                     yield "diffusers", op, size, "tiled", 512
                 if "comfy" in systems and size <= 1024:
                     yield "comfy", op, size, "tiled", 512
-    elif suite in FAMILY_SUITES:  # a family's VAE: klvae's modes against diffusers' untiled and tiled passes
+    elif suite in FAMILY_SUITES:  # a family's VAE: klvae's modes against diffusers' and ComfyUI's untiled and tiled passes
         for size in sizes or (1024,):
             for op in ("decode", "encode"):
                 yield "klvae", op, size, "untiled", 0
                 yield "klvae", op, size, "exact-device", 256
                 yield "klvae", op, size, "exact-device", 512
                 yield "klvae", op, size, "exact-disk", 256
-                if "diffusers" in systems:
-                    yield "diffusers", op, size, "untiled", 0
-                    yield "diffusers", op, size, "tiled", 512
+                for system in ("diffusers", "comfy"):
+                    if system in systems:
+                        yield system, op, size, "untiled", 0
+                        yield system, op, size, "tiled", 512
     elif suite == "big":  # the largest exact decode this machine runs: bf16, the store the plan picks
         yield "klvae", "decode", sizes[0] if sizes else 4096, f"{big_dtype()}-exact", 0
     elif suite == "dist":

@@ -175,7 +175,7 @@ def run_suite(suite, sizes, systems, modes):
     os.makedirs(OUT, exist_ok=True)
     family = suite if suite in FAMILY_SUITES else "sd1"
     shared_vae(family)  # make the shared weights once, outside the timed cases
-    results = []
+    results, failed = [], []  # a case that fails is a finding too: kept in the JSON and the table with its reason
     for system, op, size, mode, tile in cases(suite, sizes, systems):
         if modes and mode not in modes:
             continue
@@ -185,12 +185,16 @@ def run_suite(suite, sizes, systems, modes):
         line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
         if p.returncode or not line:
             print(f"{system} {op} {size} {mode}: FAILED\n{p.stderr[-1500:]}", file=sys.stderr)
-            continue
-        r = json.loads(line[0][7:])
-        results.append(r)
+            why = (p.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            if p.returncode < 0:  # SIGKILL here is the kernel's OOM killer: the case needed more than this machine has
+                why = f"killed by signal {-p.returncode}" + (" (out of memory)" if p.returncode == -9 else "")
+            failed.append(dict(system=system, op=op, size=size, mode=mode, tile=tile, error=why))
+        else:
+            r = json.loads(line[0][7:])
+            results.append(r)
+            print(f"{system:9} {op:6} {size:5} {mode:8} {r['seconds']:7.1f} s  peak {r['peak'] / 2**30:5.2f} GiB", flush=True)
         with open(os.path.join(OUT, f"{suite}.json"), "w") as f:  # as it goes: a stopped run keeps its cases
-            json.dump(results, f, indent=1)
-        print(f"{system:9} {op:6} {size:5} {mode:8} {r['seconds']:7.1f} s  peak {r['peak'] / 2**30:5.2f} GiB", flush=True)
+            json.dump(results + failed, f, indent=1)
     # fidelity and ratios against klvae untiled of the same op and size
     base = {(r["op"], r["size"]): r for r in results if r["system"] == "klvae" and r["mode"] == "untiled"}
     for r in results:
@@ -217,8 +221,10 @@ def run_suite(suite, sizes, systems, modes):
             r["ratio_time_vs_klvae"] = r["seconds"] / k["seconds"]
             r["ratio_peak_vs_klvae"] = r["peak"] / max(k["peak"], 1)
     with open(os.path.join(OUT, f"{suite}.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump(results + failed, f, indent=1)
     print(table(results, "tiling" if family != "sd1" else suite))
+    for r in failed:
+        print(f"failed: {r['system']} {r['op']} {r['size']} {r['mode']} {r['tile'] or ''}: {r['error']}")
     if suite == "tiling":
         for size in sorted({r["size"] for r in results if r["op"] == "decode"}):
             print("heat map:", *heatmaps(results, size))

@@ -289,11 +289,14 @@ def mix_both_ways(comfy, name: str, prefix: str, ours_tiled: bool = False):
     entry = comfy.run(g)
     assert entry["status"]["status_str"] == "success", error_of(entry)
     ours_of_core, core_of_core, core_of_ours, ours_of_ours = (comfy.images(entry, n)[0] for n in ("10", "11", "12", "13"))
-    assert ours_of_core.shape == (80, 96, 3)
+    lib = load_vae(comfy.base / "models" / "vae" / name)
+    f, (H, W) = lib.config.downscale, comfy.image.shape[1:3]  # both sides centre-crop the 96x80 picture to multiples of f
+    h, w = H // f * f, W // f * f
+    assert ours_of_core.shape == (h, w, 3)
     close(ours_of_core, core_of_core)
     close(core_of_ours, ours_of_ours)
-    lib = load_vae(comfy.base / "models" / "vae" / name)
-    z = lib.encode(comfy.image.movedim(-1, 1) * 2 - 1).mode()
+    pixels = comfy.image[:, (H - h) // 2:(H - h) // 2 + h, (W - w) // 2:(W - w) // 2 + w]
+    z = lib.encode(pixels.movedim(-1, 1) * 2 - 1).mode()
     close(ours_of_ours, to_png_bytes(((lib.decode(z) + 1) / 2).clamp(0, 1).movedim(1, -1)))
 
 
@@ -305,6 +308,11 @@ def test_flux2_latents_mix_with_core_nodes_both_ways(comfy):
 def test_qwen_image_latents_mix_with_core_nodes_both_ways(comfy):
     """Qwen-Image's VAE (Wan 2.1's) in ComfyUI: its LATENT is [B, 16, 1, h, w]; our decode tiled."""
     mix_both_ways(comfy, "qwen_image_vae.safetensors", "qwen", ours_tiled=True)
+
+
+def test_hunyuan_image_latents_mix_with_core_nodes_both_ways(comfy):
+    """HunyuanImage-2.1's VAE in ComfyUI: 64 channels at 1/32 (the picture is cropped to 64x96)."""
+    mix_both_ways(comfy, "hunyuan_image_2.1_vae.safetensors", "hunyuan")
 
 
 

@@ -27,6 +27,27 @@ def test_parity_with_diffusers_full_width(family):
         torch.testing.assert_close(k.decode(z), d.decode(z).sample, atol=1e-4, rtol=0)
 
 
+def test_untiled_groupnorm_keeps_fp32_precision_on_large_channels_last_tensors():
+    """klvae's activations are channels-last; PyTorch's channels-last CPU GroupNorm sums x and x^2
+    in fp32 over the image and loses ~1e-4 at 512^2 when channel means dwarf their spread. The
+    model's GroupNorm takes its statistics from Stats instead (float64, chunked deviations); under
+    autograd it is the kernel, so training keeps its backward."""
+    from klvae.vae.model import Normalize
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 64, 512, 512, generator=g) * 0.5 + torch.randn(1, 64, 1, 1, generator=g) * 20
+    x = x.contiguous(memory_format=torch.channels_last)
+    norm = Normalize(64, 32)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g), norm.bias.normal_(generator=g)
+        ref = torch.nn.functional.group_norm(x.double().contiguous(), 32, norm.weight.double(), norm.bias.double(), 1e-6)
+        y = norm(x)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    assert (y.double() - ref).abs().max() < 1e-5
+    small = x[:, :, :16, :16].clone().requires_grad_()
+    norm(small).square().sum().backward()
+    assert small.grad is not None and small.grad.abs().sum() > 0 and norm.weight.grad.abs().sum() > 0
+
+
 def test_config_read_from_shapes_not_assumed(tmp_path):
     d = diffusers_vae("flux", ch=32, ch_mult=(1, 2, 2, 2), norm_groups=8)
     d.save_pretrained(tmp_path / "f")  # norm_num_groups=8 lives only in config.json

@@ -5,10 +5,11 @@ Modules, each one concern (imports run down this list, never up):
   errors.py            KLVAEError, the one exception bad input raises
   diffusers_compat.py  diffusers' key names, config.json and call shapes
   config.py            VAEConfig (checked when made) and the family presets
+  groupnorm.py         GroupNorm statistics (float64, additive over bands) and the precise CPU GroupNorm
   model.py             the SD-style Encoder, Decoder and their blocks (module names = checkpoint keys)
   memory.py            free memory, peak measurement, glibc's mmap threshold
   distributed.py       a torch.distributed process group as bands of rows (halo rows, gathered statistics)
-  ops.py               what both tiled engines share: Tile and its 3x3 conv, GroupNorm statistics, progress
+  ops.py               what both tiled engines share: Tile and its 3x3 conv, warm buffers, progress
   engine.py            exact tiling: stores, bands, the segment run
   bounded.py           bounded tiling: rows streamed in strips, statistics from a mosaic
   layers.py            the layer types: shape, memory, FLOPs, halo, runners, fp16 scaling (one class each)

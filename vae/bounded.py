@@ -33,8 +33,9 @@ import time
 import torch
 
 from .errors import KLVAEError
+from .groupnorm import Stats
 from .memory import PeakMeter
-from .ops import Progress, Scratch, Stats, Tile, conv3x3, normed
+from .ops import Progress, Scratch, Tile, conv3x3, normed
 
 MOSAIC_CROP = 4   # latent px: each crop's side (why 4: docs/measurements.md)
 MOSAIC_CAP = 128  # latent px per side: the mosaic's decode is at most a 1024x1024 one
@@ -131,7 +132,7 @@ class Streamer:
                 if len(parts) != 1 or parts[0].y0 != 0 or parts[0].y1 != parts[0].H:
                     raise KLVAEError("bounded mode: recording statistics needs the whole input in one push")
                 st = Stats()
-                st.add(parts[0].data, Scratch())  # its fp32 deviations buffer freed at once
+                st.add(parts[0].data)  # its fp32 deviations buffer freed at once
                 self.stats.append(st)
             data = normed([p.data for p in parts], self.stats[i].affine(norm, parts[0].data.dtype), self.scratch)
             return parts[-1]._replace(data=data, y0=parts[0].y0)

@@ -51,8 +51,9 @@ import torch
 import torch.nn as nn
 
 from .errors import KLVAEError
+from .groupnorm import Stats
 from .memory import PeakMeter
-from .ops import Progress, Scratch, Stats, Tile, conv3x3, normed
+from .ops import Progress, Scratch, Tile, conv3x3, normed
 
 
 # ----------------------------------------------------------------------------------------------

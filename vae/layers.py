@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from .bounded import Streamer
 from .engine import Context, Store, conv_pass, rows_pass
 from .errors import KLVAEError
+from .groupnorm import STATS_CHUNK, Stats
 from .model import AttnBlock, Downsample, ResnetBlock, Tail, Upsample
-from .ops import STATS_CHUNK, Stats, Tile, conv3x3, normed
+from .ops import Tile, conv3x3, normed
 
 WORKSPACE = 1.0  # a conv's workspace, in units of its output (oneDNN on the CPU: measured)
 

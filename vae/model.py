@@ -13,11 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import VAEConfig
+from .groupnorm import GroupNorm
 
 
-def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
+def Normalize(channels: int, groups: int = 32) -> GroupNorm:
     # eps=1e-6 as in LDM and diffusers' VAE (not torch's default 1e-5).
-    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+    return GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
 def silu_(x: torch.Tensor) -> torch.Tensor:

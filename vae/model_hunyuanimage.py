@@ -37,12 +37,13 @@ import torch
 import torch.nn as nn
 
 from .bounded import Streamer
-from .engine import Context, Store
 from .diffusers_compat import ArchNames, register_arch
+from .engine import Context, Store
 from .errors import KLVAEError
+from .groupnorm import Stats
 from .layers import WORKSPACE, Step, _scale, register
 from .model import Level, Mid, Normalize, ResnetBlock, Tail, silu_
-from .ops import Stats, Tile, conv3x3, normed
+from .ops import Tile, conv3x3, normed
 
 # diffusers' HunyuanImagePipeline divides latents by vae.config.scaling_factor, which the released
 # diffusers config sets to 0.75289 (written by diffusers' scripts/convert_hunyuan_image_to_diffusers.py);

@@ -4,9 +4,8 @@
   the one place that knows a 3x3 convolution's halo: it pads only where the region meets the image
   border (where the untiled conv pads too) and marks one row or column less valid on every other
   side. The exact engine's full-width bands and bounded mode's strips are both Tiles.
-- `Stats`: a GroupNorm's statistics, per (batch item, channel) count, mean and squared deviations,
-  exactly additive over any partition of the pixels; `affine` turns them into the norm's
-  scale and shift; `normed` applies them (and SiLU) to a band in a warm buffer (`Scratch`).
+- `normed`: a GroupNorm's scale and shift (from groupnorm.Stats) and SiLU applied to a band, in a
+  warm buffer (`Scratch`).
 - `Progress`: one step per band pass, the caller's progress callback and interrupt check.
 """
 from typing import NamedTuple
@@ -17,9 +16,6 @@ import torch.nn.functional as F
 
 from .errors import Interrupted
 from .model import silu_
-
-STATS_CHUNK = 32 * 2**20  # bytes of fp32 deviations that Stats.add works on at a time
-
 
 class Tile(NamedTuple):
     """The *valid* values of rows [y0, y1) x cols [x0, x1) of an activation that is H x W in full;
@@ -54,62 +50,6 @@ def conv3x3(conv: nn.Conv2d, t: Tile) -> Tile:
     # with padding, output row i is input row i; without, input row i + 1
     out = out[:, :, ph and not top: h - (ph and not bottom), pw and not left: w - (pw and not right)]
     return Tile(out, t.y0 + (not top), t.y1 - (not bottom), t.x0 + (not left), t.x1 - (not right), t.H, t.W, t.s)
-
-
-# ----------------------------------------------------------------------------------------------
-# GroupNorm statistics: per (batch item, channel) count, mean and sum of squared deviations.
-# ----------------------------------------------------------------------------------------------
-class Stats:
-    """Exactly additive over any partition of the pixels (Chan et al.'s pairwise update), in float64.
-    Each chunk of a band contributes its own mean and squared deviations about it (two passes over
-    rows that are in cache), so no precision is lost when a channel's mean dwarfs its spread."""
-
-    def __init__(self):
-        self.n, self.mean, self.m2 = 0, None, None
-
-    def add(self, y: torch.Tensor, scratch: "Scratch") -> None:     # y: [B, C, rows, W]
-        """y's per-channel statistics added, STATS_CHUNK bytes of fp32 deviations at a time: the
-        four passes over a chunk (mean, deviations, square, sum) then hit the cache, not memory
-        (measured: docs/measurements.md)."""
-        B, C, H, W = y.shape
-        rows = max(1, STATS_CHUNK // max(1, B * C * W * 4))
-        for a in range(0, H, rows):
-            self._add(y[:, :, a:a + rows], scratch)
-
-    def _add(self, y: torch.Tensor, scratch: "Scratch") -> None:
-        n = y.shape[2] * y.shape[3]
-        if n == 0:
-            return
-        mean = y.mean(dim=(2, 3), keepdim=True, dtype=torch.float32)
-        d = torch.sub(y, mean, out=scratch.like("stats", y, torch.float32)).square_()
-        self.merge(n, mean.flatten(1).double(), d.sum(dim=(2, 3)).double())
-
-    def merge(self, n, mean, m2) -> None:
-        """Add another part's count, per-channel means and squared deviations (Chan's update)."""
-        if n == 0:
-            return
-        if self.mean is None or self.n == 0:
-            self.n, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.n + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta.square() * (self.n * n / total)
-        self.n = total
-
-    def affine(self, norm: nn.GroupNorm, dtype) -> tuple:
-        """GroupNorm as x * scale + shift with these statistics: ([B, C, 1, 1], [B, C, 1, 1])."""
-        B, C = self.mean.shape
-        G = norm.num_groups
-        cm, cm2 = self.mean.view(B, G, C // G), self.m2.view(B, G, C // G)
-        gmean = cm.mean(-1, keepdim=True)
-        gvar = (cm2.sum(-1, keepdim=True) + self.n * (cm - gmean).square().sum(-1, keepdim=True)) / (self.n * C // G)
-        rstd = torch.rsqrt(gvar + norm.eps)                                    # [B, G, 1]
-        w = norm.weight.to(rstd.device, torch.float64).view(1, G, C // G)
-        b = norm.bias.to(rstd.device, torch.float64).view(1, G, C // G)
-        scale = (rstd * w).reshape(B, C, 1, 1)
-        shift = (b - gmean * rstd * w).reshape(B, C, 1, 1)
-        return scale.to(dtype), shift.to(dtype)
 
 
 class Scratch:

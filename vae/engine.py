@@ -332,7 +332,9 @@ def _run_segments(steps, x, plan, shard, meter) -> tuple:
         bad = shard.all_gather((~torch.isfinite(out).flatten(1).all(1)).to(torch.uint8))
         out[torch.stack(bad).amax(0).bool()] = float("nan")
         notes.append(f"rank {shard.rank} of {shard.size}: rows {lo}..{hi} of {cur.H}")
-    return out, dict(statistics="exact: whole-image sums over the bands at every GroupNorm"
-                                + (f", all-gathered from {shard.size} ranks" if shard else ""),
+    statistics = ("exact: whole-image sums over the bands at every GroupNorm"
+                  + (f", all-gathered from {shard.size} ranks" if shard else "")
+                  if any(s.reads_stats for s in steps) else "none needed: no layer normalises over the image")
+    return out, dict(statistics=statistics,
                      store_bytes=ctx.store_peak, measured_peak=meter.peak(), seconds=time.perf_counter() - t0,
                      steps=ctx.progress.done, notes=notes, bytes_sent=shard.bytes_sent if shard else 0)

@@ -235,8 +235,9 @@ def example_reference(server, api: dict) -> np.ndarray:
         im = Image.fromarray(np.clip(np.float32(255.0) * a, 0, 255).astype(np.uint8)).resize(scale, Image.Resampling.LANCZOS)
         a = np.asarray(im).astype(np.float32) / 255.0
     x = torch.from_numpy(a)[None].movedim(-1, 1) * 2 - 1
-    # The graph's own tiling (exact tiles are closer to a float64 pass than the untiled fp32 one: at
-    # 2048^2 the two differ by up to 2 levels, while each is within 1 of the same computation).
+    # The graph's own tiling: the same computation as the graph's, whatever the untiled pass's
+    # float summation order (torch's channels-last CPU GroupNorm, used before vae/groupnorm.py,
+    # put the untiled pass up to 2 levels from the tiles at 2048^2).
     z = vae_of(enc["inputs"]["vae"]).encode(x, tiling=tiling_of(enc)).mode()
     y = vae_of(dec["inputs"]["vae"]).decode(z, tiling=tiling_of(dec))
     return to_png_bytes(((y + 1) / 2).clamp(0, 1).movedim(1, -1))

@@ -198,3 +198,31 @@ def test_tiny_qwen_image_pipelines_with_klvae_vae():
                                generator=torch.Generator().manual_seed(0), **extra).images)
         theirs, ours = images
         assert ours.shape == (1, 3, 64, 64) and (ours - theirs).abs().max() <= 1e-4, (cls.__name__, (ours - theirs).abs().max())
+
+
+def test_tiny_hunyuan_image_pipeline_with_klvae_vae():
+    """HunyuanImagePipeline offline (no text encoders: both prompt embeddings given; a one-layer
+    seeded transformer), built with klvae's VAE: the same image as with diffusers' VAE (the pipeline
+    reads the VAE's spatial_compression_ratio and scaling_factor and decodes its latent)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline, HunyuanImageTransformer2DModel
+    d = diffusers_vae("hunyuanimage", seed=12, **SMALL["hunyuanimage"])
+    k = klvae_from(d)
+    assert k.config.spatial_compression_ratio == d.config.spatial_compression_ratio == 8
+    torch.manual_seed(0)
+    tr = HunyuanImageTransformer2DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16,
+                                        num_layers=1, num_single_layers=1, num_refiner_layers=1, text_embed_dim=16,
+                                        text_embed_2_dim=16, rope_axes_dim=(8, 8))
+    g = torch.Generator().manual_seed(1)
+    pe, pe2 = torch.randn(1, 8, 16, generator=g), torch.randn(1, 4, 16, generator=g)
+    images = []
+    for vae in (d, k):
+        pipe = HunyuanImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=tr)
+        pipe.set_progress_bar_config(disable=True)
+        images.append(pipe(prompt_embeds=pe, prompt_embeds_mask=torch.ones(1, 8, dtype=torch.long),
+                           prompt_embeds_2=pe2, prompt_embeds_mask_2=torch.ones(1, 4, dtype=torch.long), height=64,
+                           width=64, num_inference_steps=2, output_type="pt",
+                           generator=torch.Generator().manual_seed(0)).images)
+    theirs, ours = images
+    assert ours.shape == (1, 3, 64, 64) and theirs.std() > 0.01
+    assert (ours - theirs).abs().max() <= 1e-4, (ours - theirs).abs().max()

@@ -231,6 +231,33 @@ def test_interrupt_leaves_no_spill_files(vae4, tmp_path):
     assert vae4.last_tiling.store == "disk" and vae4.last_tiling.store_bytes > 0 and list(tmp_path.iterdir()) == []
 
 
+def test_disk_store_reuses_a_freed_spill_file_like_the_device_store(vae4, tmp_path, monkeypatch):
+    """A freed store serves the next one of its shape on every store kind: a new spill file's
+    pages fault into the page cache on first write (1.14x -> 1.02x the device store's time on a
+    1024^2 Qwen-Image decode), so the disk store makes as many files as the device store makes
+    allocations, and the result is the same."""
+    from klvae.vae import engine
+    made = {"device": 0, "disk": 0}
+    store_init, spill = engine.Store.__init__, engine.spill_file
+
+    def counting_init(self, kind, *a, **k):
+        made[kind] += 1
+        store_init(self, kind, *a, **k)
+
+    monkeypatch.setattr(engine.Store, "__init__", counting_init)
+    files = []
+    monkeypatch.setattr(engine, "spill_file", lambda folder, n: files.append(n) or spill(folder, n))
+    z = latent(vae4, 1, 24, 24)
+    out, runs = {}, {}
+    for st in ("device", "disk"):  # (the attention's q, k, v are device stores in either run)
+        made.update(device=0, disk=0)
+        out[st] = vae4.decode(z, tiling=Tiling(mode="exact", tile_size=64, store=st, spill_dir=str(tmp_path)))
+        runs[st] = dict(made)
+    assert runs["disk"]["disk"] == len(files) == runs["device"]["device"] - runs["disk"]["device"] > 0
+    assert len(files) < vae4.last_tiling.steps // 4   # far fewer files than band passes, yet several
+    assert torch.equal(out["disk"], out["device"])
+
+
 def test_disk_store_refuses_unwritable_or_full_folders_before_running(vae4, tmp_path):
     z = latent(vae4, 1, 16, 16)
     called = []

@@ -77,8 +77,8 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm whose statistics come from `Stats` where PyTorch's own kernel loses precision:
     fp32, channels-last, on the CPU, with no autograd (training keeps the kernel and its backward).
     Elsewhere it is nn.GroupNorm. CUDA is left to its kernel: not measured there yet.
-    Time: 1.0-1.3x the kernel's per call, measured at 128-512 channels, 128^2-1024^2 (~3% of a
-    decode's time is GroupNorm)."""
+    Time: 1.2-2.2x the kernel's per call at 128-512 channels, 128^2-1024^2; +3% on a whole
+    1024^2 decode (docs/measurements.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or not self.affine

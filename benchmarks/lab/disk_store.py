@@ -8,9 +8,6 @@ Run each case in a fresh process, alternating stores, with nothing else on the C
 import argparse
 import os
 import sys
-import time
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402  (benchmarks/common.py)
@@ -31,12 +28,10 @@ a = ap.parse_args()
 os.makedirs(a.spill, exist_ok=True)
 vae = load_vae(common.shared_vae(a.family).state_dict(), family="sd1" if a.family == "sd1" else None)
 z = common.latent_for(a.size, a.family)
-with torch.inference_mode():
-    vae.decode(z[..., :16, :16])  # warm-up
-    d0, w0 = vmstat()
-    t0 = time.perf_counter()
-    vae.decode(z, tiling=Tiling(mode="exact", tile_size=256, store=a.store, spill_dir=a.spill))
-    seconds = time.perf_counter() - t0
-    d1, w1 = vmstat()
+common.timed(lambda: vae.decode(z[..., :16, :16]))  # warm-up
+d0, w0 = vmstat()
+_, seconds, _ = common.timed(lambda: vae.decode(z, tiling=Tiling(mode="exact", tile_size=256, store=a.store,
+                                                                  spill_dir=a.spill)))
+d1, w1 = vmstat()
 print(f"{a.family} {a.size} {a.store}: {seconds:.2f} s, dirtied {(d1 - d0) / 2**30:.2f} GiB, "
       f"written back {(w1 - w0) / 2**30:.2f} GiB; {vae.last_tiling}")

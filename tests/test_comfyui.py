@@ -339,12 +339,13 @@ def test_examples_and_help_pages_are_served(comfy):
     assert comfy.get_bytes("/extensions/klvae/docs/heatmap_decode_1024.png")[:4] == b"\x89PNG"
 
 
-def test_the_shipped_vae_is_offered_by_our_loader_only(comfy):
+def test_the_shipped_vaes_are_offered_by_our_loader_only(comfy):
     info = comfy.get("/object_info")
     options = lambda spec: spec[0] if isinstance(spec[0], list) else spec[1]["options"]  # V1 list, V3 "COMBO"
     ours = options(info["KLVAELoader"]["input"]["required"]["vae_name"])
     core = options(info["VAELoader"]["input"]["required"]["vae_name"])
-    assert "klvae-demo-f8c4.safetensors" in ours and "klvae-demo-f8c4.safetensors" not in core
+    for shipped in ("klvae-demo-f8c16.safetensors", "klvae-demo-f8c4.safetensors"):
+        assert shipped in ours and shipped not in core
     assert VAE in ours and VAE in core  # models/vae is listed by both
 
 

@@ -20,7 +20,7 @@ Modules, each one concern (imports run down this list, never up):
   checkpoint.py        reading, checking and writing VAE files
   metrics.py           psnr_vs_full, max_abs_vs_full, seam_ratio
   images.py            image files as [1, 3, H, W] tensors in [-1, 1], and back
-  shipped.py           the files that ship with klvae: DEMO_VAE, DEMO_PHOTO
+  shipped.py           the files that ship with klvae: DEMO_VAE (16 ch), DEMO_VAE_SD1 (4 ch), DEMO_PHOTO
   autoencoder.py       AutoencoderKL, its posterior, encode/decode, load_vae
 """
 from .autoencoder import AutoencoderKL, DiagonalGaussian, load_vae
@@ -31,10 +31,10 @@ from .errors import Interrupted, KLVAEError
 from .images import read_image, write_image
 from .metrics import max_abs_vs_full, psnr_vs_full, seam_ratio
 from .precision import resolve_device, resolve_dtype
-from .shipped import DEMO_PHOTO, DEMO_VAE
+from .shipped import DEMO_PHOTO, DEMO_VAE, DEMO_VAE_SD1
 from .tiling import DEFAULT_MODE, Plan, Tiling, TilingReport
 
-__all__ = ["AutoencoderKL", "DEFAULT_MODE", "DEMO_PHOTO", "DEMO_VAE", "DiagonalGaussian", "FAMILIES", "Interrupted",
-           "KLVAEError", "Plan", "Tiling", "TilingReport", "VAEConfig", "diffusers_config", "load_pipeline", "load_vae",
-           "max_abs_vs_full", "preset", "psnr_vs_full", "read_image", "resolve_device", "resolve_dtype", "save_pipeline",
-           "save_vae", "seam_ratio", "write_image"]
+__all__ = ["AutoencoderKL", "DEFAULT_MODE", "DEMO_PHOTO", "DEMO_VAE", "DEMO_VAE_SD1", "DiagonalGaussian", "FAMILIES",
+           "Interrupted", "KLVAEError", "Plan", "Tiling", "TilingReport", "VAEConfig", "diffusers_config",
+           "load_pipeline", "load_vae", "max_abs_vs_full", "preset", "psnr_vs_full", "read_image", "resolve_device",
+           "resolve_dtype", "save_pipeline", "save_vae", "seam_ratio", "write_image"]

@@ -1,9 +1,12 @@
-"""What ships with klvae, by name: the demo VAE (a small trained KL VAE: models/MODEL_CARD.md) and
+"""What ships with klvae, by name: the demo VAEs (small trained KL VAEs: models/MODEL_CARD.md) and
 the demo photo, so that examples, the nodes and a first script run with nothing downloaded."""
 from pathlib import Path
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-DEMO_VAE = MODELS / "klvae-demo-f8c4.safetensors"   # SD1 conventions: 4 latent channels, f8
+# The demo VAE: Flux.1's conventions (16 latent channels, f8, a shift), true colours on photographs.
+DEMO_VAE = MODELS / "klvae-demo-f8c16.safetensors"
+# SD 1.x's conventions (4 latent channels, f8, quant convs): what the SD-family tests load; it shifts hue.
+DEMO_VAE_SD1 = MODELS / "klvae-demo-f8c4.safetensors"
 DEMO_PHOTO = MODELS / "demo_photo.png"              # scikit-image's chelsea.png (CC0), held out from training
 
 

@@ -2,7 +2,8 @@
 served by the test server, loads each example_workflows/*.json through the page (as a user dropping
 the file on the canvas), queues it, and checks that no node is missing, that the saved image is the
 library's result for the same input and VAE, that the output reaches the page, and that the shipped
-API-format twin (example_workflows/api/) is what the frontend itself makes of the example.
+API-format twin (example_workflows/api/) is what the frontend itself makes of the example. The argmax
+round trip then runs on a photograph (the demo photo, uploaded with the node's own button).
 
 KLVAE_REGENERATE=1 rewrites what these runs produce: the API twins, the examples' thumbnails
 (example_workflows/*.jpg) and the README's screenshot (docs/comfyui_<example>.png)."""
@@ -16,6 +17,7 @@ import pytest
 
 from PIL import Image
 
+from klvae.vae import DEMO_PHOTO
 from comfy_host import close, error_of, example_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +70,15 @@ def test_example_loads_queues_and_outputs(comfy, page, path, tmp_path):
         twin.parent.mkdir(exist_ok=True)
         twin.write_text(json.dumps(api, indent=1) + "\n")
     assert json.loads(twin.read_text()) == api, f"{twin} is stale: run the browser test with KLVAE_REGENERATE=1"
+    if path.stem == "klvae_argmax_roundtrip":  # a user's own photograph, picked with the node's upload button
+        load = next(n["id"] for n in wf["nodes"] if n["type"] == "LoadImage")
+        with page.expect_file_chooser() as chooser:
+            page.evaluate(f"() => window.app.graph.getNodeById({load}).widgets.find(w => w.name === 'upload').callback()")
+        chooser.value.set_files(str(DEMO_PHOTO))
+        page.wait_for_function(f"""() => {{ const n = window.app.graph.getNodeById({load});
+            return n.widgets[0].value === '{DEMO_PHOTO.name}' && (n.imgs || []).length > 0 }}""", timeout=60_000)
+        api = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+        assert api[str(load)]["inputs"]["image"] == DEMO_PHOTO.name
     before = set(comfy.get("/history"))
     page.evaluate("async () => { await window.app.queuePrompt(0, 1) }")
     save = next(n["id"] for n in wf["nodes"] if n["type"] == "SaveImage")

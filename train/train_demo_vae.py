@@ -19,12 +19,15 @@ what gets saved and evaluated. A warm start from an existing file is `--init PAT
 
 They are demo/test models: small enough to commit (~10 MB fp16) and to run on a CPU in tests and
 examples, trained on 2-core CPUs (f8c4: 70 minutes from scratch; f8c16: widened from it, then 3000
-steps in the background, 345 wall-clock minutes with pauses, 0.63 steps/s when alone on an AVX-512
-BF16 CPU). Not a substitute for SD's VAE. The command that made f8c16 (see its model card):
+steps on 160 px crops in the background, 345 wall-clock minutes with pauses, 0.63 steps/s when alone
+on an AVX-512 BF16 CPU, then 1200 steps on 256 px crops). Not a substitute for SD's VAE. The
+commands that made f8c16 (see its model card):
 
     python train/train_demo_vae.py --latent-channels 16 --init models/klvae-demo-f8c4.safetensors \
-        --out models/klvae-demo-f8c16.safetensors --steps 3000 --lr 2e-4 --save-every 20 --work-dir DIR
+        --out f8c16-3000.safetensors --steps 3000 --lr 2e-4 --save-every 20 --work-dir DIR
     python train/train_demo_vae.py ... --resume        # continue that run from DIR/ckpt.pt
+    python train/train_demo_vae.py --latent-channels 16 --init f8c16-3000.safetensors \
+        --out models/klvae-demo-f8c16.safetensors --crop 256 --batch 3 --steps 1200 --lr 1e-4 --warmup 50
     python train/train_demo_vae.py --pilot              # fp32 vs bf16 step speed, then exit
     python train/train_demo_vae.py --eval-only --out FILE [--sizes 256]   # the held-out table for FILE
     python train/train_demo_vae.py --device cuda ...    # the same run on a GPU (bf16 autocast there too)

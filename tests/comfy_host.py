@@ -234,9 +234,11 @@ def example_reference(server, api: dict) -> np.ndarray:
     if scale:  # as comfy.utils.lanczos: back to 8 bits by truncation (float32), PIL's Lanczos, then / 255
         im = Image.fromarray(np.clip(np.float32(255.0) * a, 0, 255).astype(np.uint8)).resize(scale, Image.Resampling.LANCZOS)
         a = np.asarray(im).astype(np.float32) / 255.0
-    H, W = a.shape[0] // 8 * 8, a.shape[1] // 8 * 8  # the encode's centre crop to multiples of 8, as core's
-    a = a[(a.shape[0] - H) // 2:][:H, (a.shape[1] - W) // 2:][:, :W]
-    x = torch.from_numpy(np.ascontiguousarray(a))[None].movedim(-1, 1) * 2 - 1
+    # The encode's centre crop to multiples of 8, as core's VAE does; written out here, not taken
+    # from nodes/adapter.py, so that the reference checks the node's crop rather than repeating it.
+    h, w = a.shape[0] // 8 * 8, a.shape[1] // 8 * 8
+    y0, x0 = (a.shape[0] - h) // 2, (a.shape[1] - w) // 2
+    x = torch.from_numpy(np.ascontiguousarray(a[y0:y0 + h, x0:x0 + w]))[None].movedim(-1, 1) * 2 - 1
     # The graph's own tiling: the same computation as the graph's, whatever the untiled pass's
     # float summation order (torch's channels-last CPU GroupNorm, used before vae/groupnorm.py,
     # put the untiled pass up to 2 levels from the tiles at 2048^2).

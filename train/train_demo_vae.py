@@ -835,15 +835,14 @@ def write_eval(out: Path, result: dict) -> None:
     def cell(r, s):
         x = r[str(s)]
         up = f" (up {x['resize']:.2f}x)" if x["resize"] > 1 else ""
-        worst = f" ({x['ciede2000_worst_block']:.1f})" if "ciede2000_worst_block" in x else ""
-        return f"{x['psnr']:.2f} dB{up} | {x['ciede2000']:.2f}{worst}"
+        return f"{x['psnr']:.2f} dB{up} | {x['ciede2000']:.2f} ({x['ciede2000_worst_block']:.1f})"
 
     for name, r in result["results"].items():
         lines.append(f"| {name} | " + " | ".join(cell(r, s) for s in sizes) + " | " + " | ".join(
             f"{r[str(s)]['ref_bicubic8x_psnr']:.2f} / {r[str(s)]['ref_bicubic8x_ciede2000']:.2f}" for s in sizes) + " |")
     m = result["mean"]
     lines.append("| **mean** | " + " | ".join(f"**{m[str(s)]['psnr']:.2f} dB** | **{m[str(s)]['ciede2000']:.2f}** "
-                                            f"({m[str(s)].get('ciede2000_worst_block', float('nan')):.1f})" for s in sizes)
+                                            f"({m[str(s)]['ciede2000_worst_block']:.1f})" for s in sizes)
                  + " | " + " | ".join(f"{m[str(s)]['ref_bicubic8x_psnr']:.2f} / {m[str(s)]['ref_bicubic8x_ciede2000']:.2f}"
                                       for s in sizes) + " |")
     lines += ["", "Held-out photos:", ""]

@@ -13,6 +13,7 @@ models/MODEL_CARD.md). Errors are one line on stderr and a non-zero exit status.
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -20,15 +21,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .vae import DEMO_PHOTO, DEMO_VAE, DEFAULT_MODE, FAMILIES, KLVAEError, Tiling, images, load_vae, resolve_device, save_vae
+from .vae.checkpoint import stored_dtypes, write_safetensors
 from .vae.metrics import psnr_vs_full as psnr
 from .vae.distributed import init_from_env
 from .vae.memory import PeakMeter
 
 SHIPPED_VAE = DEMO_VAE  # the default of every --vae option
+DEMO_MAX_SIZE = 16384   # px: a 16K canvas is 3 GiB of pixels in fp32 before the VAE's activations
 LATENT_KEY = "latent"
 
 
@@ -44,17 +46,6 @@ def read_image(path) -> torch.Tensor:
 
 def write_image(x: torch.Tensor, path) -> None:
     images.write_image(x, path)
-
-
-def pad_to(x: torch.Tensor, f: int) -> torch.Tensor:
-    """Reflect-pad right/bottom to multiples of f (decode crops back to the stored size). Flux.2
-    pads to 16: its scaled latents are 2x2 patches of the 1/8 latent."""
-    H, W = x.shape[2:]
-    ph, pw = -H % f, -W % f
-    if ph or pw:
-        mode = "reflect" if ph < H and pw < W else "replicate"
-        x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
-    return x
 
 
 # -- VAE and tiling options ------------------------------------------------------------------------
@@ -111,7 +102,7 @@ def run_tiled(fn, args, desc, gather="rank0"):
 def encode_image(vae, x, args):
     # --distributed: the latent on every rank (small), so a round trip's decode has it everywhere
     post = run_tiled(lambda t: vae.encode(x, tiling=t), args, "encode", gather="all")
-    return post.mode() if args.mode == "argmax" else post.sample(seed=args.seed)
+    return post.mode() if args.mode == "argmax" else post.sample(seed=args.seed or 0)
 
 
 def not_rank0(args) -> bool:
@@ -120,6 +111,13 @@ def not_rank0(args) -> bool:
 
 
 # -- commands ----------------------------------------------------------------------------------------
+def make_parent(path) -> None:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"cannot write {path}: {e.strerror or e}") from e
+
+
 def must_exist(path):
     if not Path(path).exists():
         raise CLIError(f"{path}: no such file or folder")
@@ -129,7 +127,7 @@ def cmd_info(args):
     must_exist(args.file)
     vae = load_vae(args.file, device="cpu", dtype="fp32")
     c = vae.config
-    stored = _stored_dtypes(Path(args.file))
+    stored = ", ".join(stored_dtypes(args.file)).replace("pickle", "(pickle; see the tensors)")
     n = sum(p.numel() for p in vae.parameters())
     rows = [("file", str(args.file)), ("family", c.family), ("latent channels", c.latent_channels),
             ("scaling factor", c.scaling_factor), ("shift factor", c.shift_factor),
@@ -146,23 +144,11 @@ def cmd_info(args):
 
 def _stored_float_dtype(path: Path) -> str:
     """The dtype most of a file's weights are stored in ('fp16', 'bf16' or 'fp32'; pickles: fp32)."""
-    stored = _stored_dtypes(path).split(", ")
+    stored = stored_dtypes(path)
     for name, st in (("fp16", "F16"), ("bf16", "BF16")):
         if stored == [st]:
             return name
     return "fp32"
-
-
-def _stored_dtypes(path: Path) -> str:
-    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
-    seen = set()
-    for f in files:
-        if f.suffix != ".safetensors":
-            return "(pickle; see the tensors)"
-        with safe_open(str(f), "pt") as h:
-            for k in list(h.keys())[:64]:
-                seen.add(str(h.get_slice(k).get_dtype()))
-    return ", ".join(sorted(seen)) or "?"
 
 
 def cmd_encode(args):
@@ -172,7 +158,7 @@ def cmd_encode(args):
     img = read_image(args.image)
     H, W = img.shape[2:]
     t0 = time.perf_counter()
-    z = encode_image(vae, pad_to(img, vae.config.downscale * (2 if vae.config.batch_norm else 1)), args)
+    z = encode_image(vae, images.pad_to_multiple(img, vae.config.downscale * (2 if vae.config.batch_norm else 1)), args)
     if not_rank0(args):
         return
     kind = "scaled" if args.scaled else "raw"
@@ -180,12 +166,12 @@ def cmd_encode(args):
     c = vae.config
     meta = {"klvae.family": c.family, "klvae.scaling_factor": repr(c.scaling_factor),
             "klvae.shift_factor": repr(c.shift_factor), "klvae.latent": kind, "klvae.mode": args.mode,
-            "klvae.seed": str(args.seed) if args.mode == "sample" else "", "klvae.image_size": f"{W}x{H}",
+            "klvae.seed": str(args.seed or 0) if args.mode == "sample" else "", "klvae.image_size": f"{W}x{H}",
             "klvae.vae": Path(args.vae).name if args.vae else SHIPPED_VAE.name}
     if c.latents_mean is not None:
         meta["klvae.latents_mean"], meta["klvae.latents_std"] = json.dumps(c.latents_mean), json.dumps(c.latents_std)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    save_file({LATENT_KEY: out.float().contiguous().cpu()}, str(args.output), metadata=meta)
+    make_parent(args.output)
+    write_safetensors({LATENT_KEY: out.float().contiguous().cpu()}, args.output, meta)
     print(f"{args.image} ({W}x{H}) -> {args.output}: {kind} latent {list(out.shape)} ({args.mode}) "
           f"in {time.perf_counter() - t0:.1f} s")
 
@@ -236,7 +222,7 @@ def cmd_roundtrip(args):
     img = read_image(args.image)
     H, W = img.shape[2:]
     t0 = time.perf_counter()
-    z = encode_image(vae, pad_to(img, vae.config.downscale * (2 if vae.config.batch_norm else 1)), args)
+    z = encode_image(vae, images.pad_to_multiple(img, vae.config.downscale * (2 if vae.config.batch_norm else 1)), args)
     x = run_tiled(lambda t: vae.decode(z, tiling=t), args, "decode")
     if not_rank0(args):
         return
@@ -246,32 +232,63 @@ def cmd_roundtrip(args):
           f"PSNR vs input {psnr(x, img):.2f} dB")
 
 
+def _overwrites(src: Path, out: Path, layout: str) -> bool:
+    """Whether writing `out` would write over the input: the same file (links resolved), a file
+    inside the input folder, or the input weights inside an output folder."""
+    src, written = src.resolve(), out.resolve()
+    if layout == "diffusers" and out.suffix == "":
+        return written == src or written / "diffusion_pytorch_model.safetensors" == src
+    return written == src or (src.is_dir() and src in written.parents)
+
+
 def cmd_convert(args):
     must_exist(args.file)
-    out = Path(args.output)
-    if args.layout == "diffusers" and out.suffix == ".safetensors":
-        raise CLIError(f"{out}: a diffusers VAE is a folder (config.json + weights); give a folder path")
-    if args.layout == "ldm" and out.suffix != ".safetensors":
-        raise CLIError(f"{out}: an LDM VAE is one .safetensors file; give a path ending in .safetensors")
-    dtype = args.dtype if args.dtype != "keep" else _stored_float_dtype(Path(args.file))
-    vae = load_vae(args.file, device="cpu", dtype=dtype, family=args.family)
+    src = Path(args.file)
+    if args.in_place:
+        if args.output is not None:
+            raise CLIError("--in-place writes over FILE itself: give it without -o")
+        if (args.layout == "diffusers") != src.is_dir():
+            raise CLIError(f"--in-place keeps the file's form: {args.layout} layout is "
+                           f"{'a folder' if args.layout == 'diffusers' else 'one .safetensors file'} and {src} is not; "
+                           f"give -o OUT instead")
+        out = src
+    elif args.output is None:
+        raise CLIError("give -o OUT (a new path), or --in-place to replace FILE itself")
+    else:
+        out = Path(args.output)
+        if _overwrites(src, out, args.layout):
+            raise CLIError(f"{out} would write over the input {args.file}: give another -o path, or --in-place to replace it "
+                           f"(written to a temporary file first, then renamed over it)")
+        if args.layout == "diffusers" and out.suffix == ".safetensors":
+            raise CLIError(f"{out}: a diffusers VAE is a folder (config.json + weights); give a folder path")
+        if args.layout == "ldm" and out.suffix != ".safetensors":
+            raise CLIError(f"{out}: an LDM VAE is one .safetensors file; give a path ending in .safetensors")
+    dtype = args.dtype if args.dtype != "keep" else _stored_float_dtype(src)
+    vae = load_vae(src, device="cpu", dtype=dtype, family=args.family)
     save_vae(vae, out, layout=args.layout)
     c = vae.config
     print(f"{args.file} ({vae.source_layout}, {c.family}) -> {out} ({args.layout}, {vae.dtype}); "
-          f"scaling {c.scaling_factor}, shift {c.shift_factor}")
+          f"scaling {c.scaling_factor:g}, shift {c.shift_factor:g}\nhow inferred: {'; '.join(c.notes) or '-'}")
 
 
 def cmd_demo(args):
     """The shipped VAE on a large canvas: untiled and tiled round trips, written and compared."""
+    if not 8 <= args.size <= DEMO_MAX_SIZE or args.size % 8:
+        raise CLIError(f"--size {args.size}: give a positive multiple of 8 up to {DEMO_MAX_SIZE} (e.g. 2048)")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    vae = open_vae(args)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"cannot write {out}: {e.strerror or e}") from e
     if not DEMO_PHOTO.exists():
         raise CLIError(f"{DEMO_PHOTO}: the bundled demo photo is missing: reinstall klvae")
+    vae = open_vae(args)
     img = images.read_image(DEMO_PHOTO, size=args.size)  # centre square, Lanczos to size x size
+    side = min(Image.open(DEMO_PHOTO).size)
     write_image(img, out / "input.png")
     img = read_image(out / "input.png")  # what was written: 8-bit, as every other image here
-    print(f"klvae demo: {DEMO_PHOTO.name} upscaled to {args.size}x{args.size}, VAE {SHIPPED_VAE.name if not args.vae else args.vae} "
+    resized = "upscaled" if args.size > side else "downscaled" if args.size < side else "cropped"
+    print(f"klvae demo: {DEMO_PHOTO.name}'s centre square {resized} to {args.size}x{args.size}, VAE {SHIPPED_VAE.name if not args.vae else args.vae} "
           f"({vae.dtype}, {vae.device}), {torch.get_num_threads()} threads")
     results = {}
     for name in ("untiled", "tiled"):
@@ -314,8 +331,9 @@ def cmd_demo(args):
 
 # -- argument parsing ---------------------------------------------------------------------------------
 def _with_help(add_parser):
-    """Sub-commands formatted as the main parser: their defaults shown in --help."""
-    return lambda *a, **k: add_parser(*a, formatter_class=Help, **k)
+    """Sub-commands formatted as the main parser: their defaults shown in --help, and their one-line
+    help as the description of their own --help page."""
+    return lambda *a, **k: add_parser(*a, formatter_class=Help, description=k.get("help"), **k)
 
 
 class Parser(argparse.ArgumentParser):
@@ -346,7 +364,7 @@ def vae_options(p):
 def encode_options(p):
     p.add_argument("--mode", default="argmax", choices=["argmax", "sample"],
                    help="argmax: the posterior mode (deterministic); sample: mean + std * noise")
-    p.add_argument("--seed", type=int, default=0, help="noise seed for --mode sample")
+    p.add_argument("--seed", type=int, default=None, help="noise seed for --mode sample (default: 0)")
 
 
 class Help(argparse.RawDescriptionHelpFormatter):
@@ -354,7 +372,8 @@ class Help(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in h and action.option_strings:
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if shown and "(default:" not in h and action.option_strings:
             h += " (default: %(default)s)"
         return h
 
@@ -405,20 +424,60 @@ def build_parser():
 
     p = sub.add_parser("convert", help="rewrite a VAE in the LDM (one file) or diffusers (folder) layout")
     p.add_argument("file")
-    p.add_argument("-o", "--output", required=True, help="LDM: a .safetensors path; diffusers: a folder")
+    p.add_argument("-o", "--output", help="LDM: a .safetensors path; diffusers: a folder (never the input itself)")
+    p.add_argument("--in-place", action="store_true",
+                   help="replace FILE itself (written to a temporary file first, renamed over it when complete)")
     p.add_argument("--layout", required=True, choices=["ldm", "diffusers"])
-    p.add_argument("--family", choices=list(FAMILIES), help="when the file cannot say")
+    p.add_argument("--family", choices=list(FAMILIES),
+                   help="names the family when the file cannot say; fills only what the file does not state "
+                        "(its own scale and shift win); a family the file contradicts is an error")
     p.add_argument("--dtype", default="keep", choices=["keep", "fp32", "fp16", "bf16"],
                    help="stored dtype (keep: the input file's)")
     p.set_defaults(fn=cmd_convert)
     return ap
 
 
+# The library's errors name its arguments; on the command line the same advice names the flags.
+API_TO_FLAGS = ((r"Tiling\(spill_dir=\.\.\.\)", "--spill-dir"), (r"an image is what encode takes", "for images: klvae encode"),
+                (r"\btile_size (\d+)", r"--tile \1"),
+                (r"mode='exact' with store='disk'", "--tiling exact --store disk"),
+                (r"mode='(exact|bounded|auto)'", r"--tiling \1"), (r"tiling='(\w+)' \(or '(\w+)'\)", r"--tiling \1 (or \2)"),
+                (r", raise Tiling\(memory_budget=\.\.\.\)", ""), (r"Tiling overlap=", "--overlap "))
+
+
+def in_flags(message: str) -> str:
+    for pattern, flags in API_TO_FLAGS:
+        message = re.sub(pattern, flags, message)
+    return message
+
+
+def ignored_options(args) -> list[str]:
+    """Options this call gives that the others make meaningless: said, not silently dropped."""
+    said = []
+    if getattr(args, "mode", None) == "argmax" and args.seed is not None:
+        said.append(f"--seed {args.seed} is ignored with --mode argmax (the posterior mode draws no noise); "
+                    f"use --mode sample")
+    if getattr(args, "tiling", None) == "none":
+        extra = [f for f, v, unset in (("--tile", args.tile, 0), ("--overlap", args.overlap, 0),
+                                       ("--store", args.store, "auto"), ("--spill-dir", args.spill_dir, None))
+                 if v != unset]
+        if extra:
+            said.append(f"{', '.join(extra)} {'is' if len(extra) == 1 else 'are'} ignored with --tiling none "
+                        f"(the untiled pass)")
+    return said
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.threads:
+            cores = os.cpu_count() or 1
+            if not 1 <= args.threads <= 4 * cores:
+                raise CLIError(f"--threads {args.threads}: give 1 to {4 * cores} (this machine has {cores} cores), "
+                               f"or 0 for all cores")
             torch.set_num_threads(args.threads)
+        for note in ignored_options(args):
+            print(f"klvae: note: {note}", file=sys.stderr)
         args.group = None
         if getattr(args, "distributed", False):
             args.group = init_from_env(resolve_device(args.device))
@@ -429,7 +488,7 @@ def main(argv=None) -> int:
                 torch.distributed.destroy_process_group()
         return 0
     except (CLIError, KLVAEError) as e:
-        print(f"klvae: error: {e}", file=sys.stderr)
+        print(f"klvae: error: {in_flags(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("klvae: interrupted", file=sys.stderr)

@@ -15,18 +15,44 @@ the 2x2-patchified, BatchNorm-normalised 128-channel latent at 1/16, which the l
 sides are not multiples of 8 are centre-cropped as core does.
 """
 import dataclasses
+import functools
 import logging
+import re
 import warnings
 import weakref
 
 import torch
 
-from ..vae import DEFAULT_MODE, KLVAEError, Tiling, load_vae, resolve_device, resolve_dtype
+from ..vae import DEFAULT_MODE, FAMILIES, KLVAEError, Tiling, load_vae, resolve_device, resolve_dtype
 from ..vae.tiling import UNLIMITED
 
 log = logging.getLogger("klvae")
 
 POSTERIORS = ("argmax", "sample")
+
+# The library's errors name its Python arguments; in a graph the same advice names inputs and settings.
+API_TO_NODES = ((r"Tiling\(spill_dir=\.\.\.\) or \$KLVAE_SPILL_DIR", "the KLVAE_SPILL_DIR environment variable "
+                 "(before ComfyUI starts)"),
+                (r"mode='exact' with store='disk'", "tiling 'exact' (its plan moves to the disk store)"),
+                (r"mode='(exact|bounded|auto)'", r"tiling '\1'"),
+                (r"pass tiling='auto' \(or 'exact'\)", "use VAE Decode (Tiled, klvae) with tiling 'auto'"),
+                (r", raise Tiling\(memory_budget=\.\.\.\)", ""), (r"Tiling overlap=", "overlap "))
+
+
+def in_node_words(fn):
+    """A KLVAEError raised inside `fn` re-worded for a graph (inputs, not Python arguments)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KLVAEError as e:
+            said = str(e)
+            for pattern, words in API_TO_NODES:
+                said = re.sub(pattern, words, said)
+            if said == str(e):
+                raise
+            raise KLVAEError(said) from e
+    return run
 
 
 class Host:
@@ -103,6 +129,7 @@ class KLVAE:
         return self.host.output_device()
 
     # -- what klvae's nodes call ---------------------------------------------------------------
+    @in_node_words
     def encode_latent(self, image: torch.Tensor, posterior: str = "argmax", seed: int = 0,
                       tiling: Tiling | None = None) -> torch.Tensor:
         """IMAGE [B, H, W, C] in [0, 1] -> the graph's latent [B, z, H/8, W/8] (posterior mode or seeded
@@ -123,6 +150,7 @@ class KLVAE:
             z = z.unsqueeze(2)  # one frame
         return z.to(self.output_device, torch.float32)
 
+    @in_node_words
     def decode_image(self, latent: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
         """The graph's latent [B, z, h, w] -> IMAGE [B, 8h, 8w, 3] in [0, 1] (Flux.2: [B, 128, h, w] -> 16h x 16w)."""
         if torch.is_tensor(latent) and latent.dim() == 5:
@@ -226,6 +254,7 @@ def _as_image(image) -> torch.Tensor:
 
 
 # -- loading and accepting the host's own VAE objects ------------------------------------------------
+@in_node_words
 def load(path, dtype: str = "auto", device: str = "auto", host: Host = PLAIN, name: str = "") -> KLVAE:
     dev = host.device(device)
     model = load_vae(path, device=host.offload_device(dev), dtype=host.dtype(dtype, dev))
@@ -280,8 +309,7 @@ def as_klvae(vae, what: str = "klvae", host: Host = PLAIN, dtype: str = "auto", 
     if isinstance(vae, KLVAE):
         return vae
     if not is_kl(vae):
-        raise KLVAEError(f"{what} only supported for AutoencoderKL (KL VAEs: SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2, Qwen-Image, "
-                         f"HunyuanImage-2.1); got "
+        raise KLVAEError(f"{what} only supported for AutoencoderKL (KL VAEs: {', '.join(FAMILIES)}); got "
                          f"{describe(vae)}: connect a KL VAE, or use the core VAE nodes for this one")
     # "auto" follows the host VAE's own placement and precision.
     dev = host.device(device) if device != "auto" else torch.device(getattr(vae, "device", "cpu"))

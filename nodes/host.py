@@ -13,7 +13,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import adapter
 from .adapter import KLVAE
-from ..vae import DEFAULT_MODE, Tiling
+from ..vae import DEFAULT_MODE, FAMILIES, Tiling
 from ..vae.shipped import shipped_vaes
 from ..vae.tiling import MODES
 
@@ -39,9 +39,10 @@ class ComfyHost(adapter.Host):
         return mm.intermediate_device()
 
     def manage(self, vae: KLVAE):
-        # A plain module holding ours: the patcher sets `.device` on what it manages, which on
-        # AutoencoderKL is a read-only property.
-        holder = torch.nn.Module()
+        # A module holding ours: the patcher sets `.device` on what it manages, which on
+        # AutoencoderKL is a read-only property. Its class name is what the log's "Requested to load"
+        # line shows (core shows AutoencoderKL, WanVAE, ...).
+        holder = KLVAEAutoencoder()
         holder.vae = vae.model
         return comfy.model_patcher.ModelPatcher(holder, load_device=vae.load_device, offload_device=vae.model.device)
 
@@ -62,9 +63,23 @@ class ComfyHost(adapter.Host):
 HOST = ComfyHost()
 
 
+class KLVAEAutoencoder(torch.nn.Module):
+    """klvae's VAE as ComfyUI's model manager holds it (a named holder, see ComfyHost.manage)."""
+
+
+def _validate_tiling(tile_size, overlap) -> bool | str:
+    """Checked when the prompt is queued (the schema's step is the frontend's, not the server's): a
+    multiple of 8 (every family's tile is; a 32x family's finer rule is checked when it runs), or 0."""
+    if not 0 <= tile_size <= 8192 or tile_size % 8:
+        return f"tile_size {tile_size}: use 0 (the largest that fits) or a multiple of 8 up to 8192, e.g. 512"
+    if not 0 <= overlap <= 1024:
+        return f"overlap {overlap}: use 0 (the receptive field) to 1024"
+    return True
+
+
 def _tiling_inputs():
     return [
-        io.Int.Input("tile_size", default=512, min=0, max=8192, step=64,
+        io.Int.Input("tile_size", default=512, min=0, max=8192, step=8,
                      tooltip="A tile's side in image pixels (multiple of 8); 0: the largest that fits in memory. Exact "
                              "mode runs full-width bands holding as many values as one such tile (1024 px wide, 256: "
                              "bands of 64 rows); the log says how many bands of how many rows."),
@@ -159,8 +174,8 @@ class KLVAEEncodeArgMax(io.ComfyNode):
         return io.Schema(
             node_id="KLVAEEncodeArgMax", display_name="VAE Encode (ArgMax, klvae)", category=CATEGORY,
             description="Encodes to the posterior mode: the deterministic argmax latent (what IC-Light style "
-                        "conditioning needs), for 4- and 16-channel KL VAEs. Tiles exactly only when the memory "
-                        "plan says the untiled pass would not fit.",
+                        f"conditioning needs), for every KL VAE family klvae loads ({', '.join(FAMILIES)}). Tiles "
+                        "exactly only when the memory plan says the untiled pass would not fit.",
             inputs=[io.Image.Input("pixels", tooltip="Image to encode; sides are centre-cropped to multiples of 8."),
                     _vae_input()],
             outputs=[io.Latent.Output(tooltip="Raw (unscaled) latent, as core's VAEEncode returns.")],
@@ -207,6 +222,10 @@ class KLVAEEncodeTiled(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, tile_size, overlap) -> bool | str:
+        return _validate_tiling(tile_size, overlap)
+
+    @classmethod
     def execute(cls, pixels, vae, tile_size, overlap, tiling, posterior, seed) -> io.NodeOutput:
         t = Tiling(mode=tiling, tile_size=tile_size, overlap=overlap)
         return io.NodeOutput(adapter.encode(vae, pixels, posterior, seed, t, HOST, what="VAE Encode (Tiled)"))
@@ -242,6 +261,10 @@ class KLVAEDecodeTiled(io.ComfyNode):
                     _vae_input(), *_tiling_inputs()],
             outputs=[io.Image.Output(tooltip="Decoded image, [0, 1].")],
         )
+
+    @classmethod
+    def validate_inputs(cls, tile_size, overlap) -> bool | str:
+        return _validate_tiling(tile_size, overlap)
 
     @classmethod
     def execute(cls, samples, vae, tile_size, overlap, tiling) -> io.NodeOutput:

@@ -77,6 +77,9 @@ def test_help_for_every_command(capsys):
         out = capsys.readouterr().out
         assert e.value.code == 0 and f"usage: klvae {cmd}" in out
         assert cmd == "info" or re.search(r"\(default: (auto|keep)\)", out)  # defaults are shown
+        assert out.split("\n\n")[1].strip()  # a description under the usage (info had none)
+        if cmd in ("encode", "roundtrip"):
+            assert "--mode sample (default: 0)" in out
 
 
 def test_info(files):
@@ -154,14 +157,75 @@ def test_convert_to_diffusers_folder_loads_offline_and_decodes_the_same(files):
     (["info", "img.png"], "img.png is a PNG image, not a VAE"),
     (["roundtrip", "img.png", "-o", "out.bmpx", "--vae", "vae.safetensors"], "unknown image format '.bmpx'"),
     (["encode", "img.png", "-o", "z.pt", "--vae", "vae.safetensors"], "a latent is written as .safetensors"),
+    (["roundtrip", "img.png", "-o", "out.gifx", "--vae", "vae.safetensors"], ".webp"),  # every format it writes
+    (["encode", "img.png", "-o", "z.safetensors", "--vae", "vae.safetensors", "--tiling", "exact", "--tile", "36"],
+     "--tile 36 is not a positive multiple of 8"),  # the flag, not the API's tile_size
+    (["decode", "z.safetensors", "-o", "x.png", "--vae", "vae.safetensors", "--tiling", "exact", "--store", "disk",
+      "--spill-dir", "no_such_folder"], "spill folder no_such_folder does not exist: create it, or set --spill-dir"),
+    (["demo", "--size", "250"], "--size 250: give a positive multiple of 8"),
+    (["demo", "--size", "0"], "--size 0: give a positive multiple of 8"),
+    (["info", "notes.md"], "notes.md is a text (Markdown, YAML, ...) file, not a VAE"),
+    (["info", "config.json"], "config.json is a JSON file, not a VAE"),
+    (["--threads", "-3", "info", "vae.safetensors"], "--threads -3: give 1 to"),
+    (["--threads", "100000", "info", "vae.safetensors"], "--threads 100000: give 1 to"),
+    (["convert", "vae.safetensors", "-o", "vae.safetensors", "--layout", "ldm"], "would write over the input"),
+    (["convert", "vae.safetensors", "--layout", "ldm"], "give -o OUT (a new path), or --in-place"),
 ])
 def test_bad_arguments_are_one_line_errors(files, args, words, monkeypatch):
     monkeypatch.chdir(files)
+    (files / "notes.md").write_text("# a README, not a VAE\n")
+    (files / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    if not (files / "z.safetensors").exists():
+        klvae("encode", "img.png", "-o", "z.safetensors", "--vae", "vae.safetensors")
     r = klvae(*args, check=False)
     assert r.returncode == 2, r
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("klvae: error:") and words in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_convert_never_writes_over_its_input_unless_asked_and_then_atomically(files, tmp_path):
+    """`convert X -o X` used to rewrite X in place without a word (its other metadata dropped, mode
+    0600). Now: refused for the same file, a link to it, or a file inside the input folder; --in-place
+    writes a temporary file and renames it over X, keeping X's other metadata and the usual mode."""
+    import os
+    from safetensors.torch import save_file
+    vae = tmp_path / "vae.safetensors"
+    lib = load_vae(files / "vae.safetensors")
+    save_file({k: v.contiguous() for k, v in lib.state_dict().items()}, str(vae),
+              metadata={"modelspec.title": "kept", "klvae.family": "sdxl"})
+    before = vae.read_bytes()
+    (tmp_path / "link.safetensors").symlink_to(vae)
+    for out in (vae, tmp_path / "link.safetensors"):
+        r = klvae("convert", vae, "-o", out, "--layout", "ldm", check=False)
+        assert r.returncode == 2 and "would write over the input" in r.stderr, r.stderr
+    klvae("convert", vae, "-o", tmp_path / "folder", "--layout", "diffusers")
+    r = klvae("convert", tmp_path / "folder", "-o", tmp_path / "folder" / "diffusion_pytorch_model.safetensors",
+              "--layout", "ldm", check=False)
+    assert r.returncode == 2 and "would write over the input" in r.stderr, r.stderr
+    assert vae.read_bytes() == before
+    r = klvae("convert", vae, "--in-place", "--layout", "ldm", "--dtype", "fp16")
+    assert "family sdxl from klvae metadata; scale 0.13025 and shift 0: the sdxl preset" in r.stdout, r.stdout
+    with safe_open(str(vae), "pt") as h:
+        meta, dtypes = h.metadata(), {h.get_slice(k).get_dtype() for k in h.keys()}
+    assert dtypes == {"F16"} and meta["modelspec.title"] == "kept" and meta["klvae.family"] == "sdxl"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for written in (vae, tmp_path / "folder" / "diffusion_pytorch_model.safetensors", tmp_path / "folder" / "config.json"):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask, written  # safetensors alone writes 0600
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_contradictory_options_are_said_not_dropped(files):
+    r = klvae("encode", files / "img.png", "-o", files / "zs.safetensors", "--vae", files / "vae.safetensors",
+              "--seed", "5")
+    assert "klvae: note: --seed 5 is ignored with --mode argmax" in r.stderr, r.stderr
+    r = klvae("roundtrip", files / "img.png", "-o", files / "rn.png", "--vae", files / "vae.safetensors",
+              "--tiling", "none", "--store", "disk", "--tile", "64")
+    assert "klvae: note: --tile, --store are ignored with --tiling none" in r.stderr, r.stderr
+    r = klvae("encode", files / "img.png", "-o", files / "zs.safetensors", "--vae", files / "vae.safetensors",
+              "--mode", "sample", "--seed", "5")
+    assert "note" not in r.stderr, r.stderr
 
 
 def test_wrong_family_latent_is_a_clear_error(files):
@@ -245,3 +309,23 @@ def test_flux2_scaled_latents_round_trip(files):
     x = lib.decode(lib.from_scaled(z))[:, :, :52, :70]
     ref = ((x[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     assert out.shape == (52, 70, 3) and np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_cli_fuzz_every_flag_and_file_argument(files, tmp_path):
+    """The CLI's own fuzz cases (tests/cli_fuzz.py), made from its parser: absurd numbers for every
+    numeric option, hostile files for every file argument, outputs that cannot or must not be
+    written. Each ends in exit 0 or one `klvae: error:` line (exit 2): no traceback, crash or hang.
+    (--threads 100000 was a segmentation fault, 10000 a hang, a truncated file to convert a traceback.)"""
+    import shutil
+    import cli_fuzz
+    from klvae.cli import build_parser
+    for name in ("vae.safetensors", "img.png"):
+        shutil.copy(files / name, tmp_path / name)
+    klvae("encode", tmp_path / "img.png", "-o", tmp_path / "z.safetensors", "--vae", tmp_path / "vae.safetensors")
+    results = cli_fuzz.run(tmp_path, build_parser())
+    assert len(results) > 60 and {label.split()[0] for label, _ in results} >= {
+        "--threads", "info", "encode", "decode", "roundtrip", "convert", "demo"}
+    broken = [f"{label}: {why}" for label, outcome in results if (why := cli_fuzz.bad(outcome))]
+    assert not broken, "\n".join(broken)
+    assert (tmp_path / "vae.safetensors").read_bytes() == (files / "vae.safetensors").read_bytes()  # never rewritten
+    assert not list(tmp_path.glob(".*.partial")) and not list(Path("/proc").glob("klvae-fuzz*"))

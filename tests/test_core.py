@@ -1,12 +1,15 @@
 """The core library: parity with diffusers, layouts, round trips, the posterior, and every bad input."""
 import json
+import os
+from dataclasses import replace
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from klvae.testing import NARROW, diffusers_vae, klvae_from
-from klvae.vae import KLVAEError, load_vae
+from klvae.vae import KLVAEError, load_vae, save_vae
 from klvae.vae.diffusers_compat import ldm_to_diffusers
 
 
@@ -382,3 +385,50 @@ def test_ldm_to_diffusers_keys_match_diffusers_exactly():
     ref = d.state_dict()
     assert conv.keys() == ref.keys()
     assert all(conv[n].shape == ref[n].shape and torch.equal(conv[n], ref[n]) for n in ref)
+
+
+def test_a_family_argument_never_overrides_what_the_file_states(tmp_path):
+    """The file's own scale and shift win; a family argument only names the family and fills what
+    the file cannot say (and says so); one the file contradicts is a one-line error. (It used to
+    write Flux.1's preset over a 16-channel file's calibrated numbers for any family asked for.)"""
+    k = klvae_from(diffusers_vae("flux", **NARROW), family="flux")
+    k.config = replace(k.config, scaling_factor=0.5378, shift_factor=-0.1968)  # calibrated, not the preset
+    save_vae(k, tmp_path / "own.safetensors")
+    for fam in ("flux", None):
+        c = load_vae(tmp_path / "own.safetensors", family=fam).config
+        assert (c.family, c.scaling_factor, c.shift_factor) == ("flux", 0.5378, -0.1968), fam
+        assert "scale 0.5378 and shift -0.1968 from klvae metadata" in c.notes, c.notes
+    for fam in ("sdxl", "sd1", "sd3", "flux2", "qwenimage", "hunyuanimage"):
+        with pytest.raises(KLVAEError, match=f"says it is a flux VAE \\(klvae metadata\\), not {fam}") as e:
+            load_vae(tmp_path / "own.safetensors", family=fam)
+        assert "\n" not in str(e.value)
+    bare = {n: v.contiguous() for n, v in k.state_dict().items()}
+    save_file(bare, str(tmp_path / "bare.safetensors"))  # no metadata: the family fills scale and shift
+    c = load_vae(tmp_path / "bare.safetensors", family="flux").config
+    assert (c.scaling_factor, c.shift_factor) == (0.3611, 0.1159)
+    assert "scale 0.3611 and shift 0.1159: the flux preset (the file states none)" in c.notes, c.notes
+    with pytest.raises(KLVAEError, match="not a sdxl VAE: sdxl has 4 latent channels with quant convs, this file 16 "
+                                         "without quant convs: drop the family argument or use sd3 / flux"):
+        load_vae(tmp_path / "bare.safetensors", family="sdxl")
+    with pytest.raises(KLVAEError, match="not a qwenimage VAE: the file holds an SD-style network"):
+        load_vae(tmp_path / "bare.safetensors", family="qwenimage")
+    k.save(tmp_path / "folder", layout="diffusers")  # config.json states the scale: it wins too
+    (tmp_path / "folder" / "diffusion_pytorch_model.safetensors").write_bytes(
+        (tmp_path / "bare.safetensors").read_bytes())  # weights without klvae metadata
+    c = load_vae(tmp_path / "folder", family="sd3").config
+    assert (c.family, c.scaling_factor, c.shift_factor) == ("sd3", 0.5378, -0.1968), c
+    assert any("from config.json" in n for n in c.notes), c.notes
+
+
+def test_save_keeps_the_files_other_metadata_and_writes_readable_files(tmp_path):
+    k = klvae_from(diffusers_vae("sd1", **NARROW), family="sd1")
+    save_file({n: v.contiguous() for n, v in k.state_dict().items()}, str(tmp_path / "a.safetensors"),
+              metadata={"modelspec.title": "my vae", "klvae.family": "sd1"})
+    load_vae(tmp_path / "a.safetensors").save(tmp_path / "b.safetensors")
+    with safe_open(str(tmp_path / "b.safetensors"), "pt") as h:
+        meta = h.metadata()
+    assert meta["modelspec.title"] == "my vae" and meta["klvae.family"] == "sd1"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "b.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # safetensors alone: 0600
+    assert not list(tmp_path.glob(".*partial"))

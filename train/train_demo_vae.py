@@ -425,12 +425,21 @@ def train_step_loss(model, x, args):
     dlab = (lab_r - lab_x).abs().mean()
     dab_lp = (F.avg_pool2d(lab_r[:, 1:], 4) - F.avg_pool2d(lab_x[:, 1:], 4)).abs().mean()
     loss = loss + args.w_lab * dlab + args.w_chroma * dab_lp
+    # The worst blocks: a mean hides a local fault (the cat's pupils went dark red with a good
+    # mean), so the Lab error of the worst 16x16 blocks of each crop gets a vote of its own.
+    worst = lab_x.new_zeros(())
+    if args.w_worst > 0:
+        blocks = F.avg_pool2d((lab_r - lab_x).abs().mean(1, keepdim=True), 16).flatten(1)  # [B, blocks]
+        k = max(1, round(args.worst_frac * blocks.shape[1]))
+        worst = blocks.topk(k, dim=1).values.mean()
+        loss = loss + args.w_worst * worst
     # KL to N(0, I), summed over latent elements. LDM's kl-f8 weighs it 1e-6 against a
     # reconstruction loss summed over pixels; dividing by 3*H*W keeps that ratio for a per-pixel
     # mean. It only keeps the posterior from drifting (mean scale, logvar), not a real prior.
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
     loss = loss + args.kl_weight * kl / (3 * x.shape[2] * x.shape[3])
-    parts = {"mse": mse.detach(), "l1": l1.detach(), "dlab": dlab.detach(), "dab_lp": dab_lp.detach(), "kl": kl.detach()}
+    parts = {"mse": mse.detach(), "l1": l1.detach(), "dlab": dlab.detach(), "dab_lp": dab_lp.detach(), "kl": kl.detach(),
+             "worst": worst.detach()}
     return loss, parts
 
 
@@ -880,6 +889,9 @@ def main():
     # gradient is 98-99.9 % chroma (the pixel terms' is 55 %).
     ap.add_argument("--w-lab", type=float, default=0.004, help="weight of the CIELAB L1 (mean of |dL*|,|da*|,|db*|, Lab units)")
     ap.add_argument("--w-chroma", type=float, default=0.003, help="weight of the L1 on 4x4-pooled a*, b* (Lab units)")
+    ap.add_argument("--w-worst", type=float, default=0.0,
+                    help="weight of the mean Lab L1 of the worst --worst-frac of 16x16 blocks per crop (0: off)")
+    ap.add_argument("--worst-frac", type=float, default=0.02, help="the share of blocks --w-worst averages")
     ap.add_argument("--kl-weight", type=float, default=1e-6)
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay (the EMA weights are saved and evaluated)")
     ap.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false",

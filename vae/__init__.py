@@ -28,7 +28,7 @@ from .checkpoint import save_vae
 from .config import FAMILIES, VAEConfig, preset
 from .diffusers_compat import diffusers_config, load_pipeline, save_pipeline
 from .errors import Interrupted, KLVAEError
-from .images import read_image, write_image
+from .images import pad_to_multiple, read_image, write_image
 from .metrics import max_abs_vs_full, psnr_vs_full, seam_ratio
 from .precision import resolve_device, resolve_dtype
 from .shipped import DEMO_PHOTO, DEMO_VAE, DEMO_VAE_SD1
@@ -36,5 +36,5 @@ from .tiling import DEFAULT_MODE, Plan, Tiling, TilingReport
 
 __all__ = ["AutoencoderKL", "DEFAULT_MODE", "DEMO_PHOTO", "DEMO_VAE", "DEMO_VAE_SD1", "DiagonalGaussian", "FAMILIES",
            "Interrupted", "KLVAEError", "Plan", "Tiling", "TilingReport", "VAEConfig", "diffusers_config",
-           "load_pipeline", "load_vae", "max_abs_vs_full", "preset", "psnr_vs_full", "read_image", "resolve_device",
+           "load_pipeline", "load_vae", "max_abs_vs_full", "pad_to_multiple", "preset", "psnr_vs_full", "read_image", "resolve_device",
            "resolve_dtype", "save_pipeline", "save_vae", "seam_ratio", "write_image"]

@@ -105,6 +105,10 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         # CPU, SD decode at 512x512: 0.64 GiB peak instead of 1.08, and 8% faster).
         channels_last(model).requires_grad_(False).eval()
         model.source_layout, model.source_name = ckpt.layout, ckpt.source.name
+        # The file's other metadata (modelspec.*, a trainer's notes): save() writes it back, so a
+        # conversion keeps what the file said of itself; klvae's own keys are written anew.
+        model.source_metadata = {k: v for k, v in ckpt.source.metadata.items()
+                                 if isinstance(k, str) and isinstance(v, str) and not k.startswith("klvae.")}
         return model
 
     # -- what the last tiled call did ----------------------------------------------------------
@@ -127,6 +131,8 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         """Tile every later encode/decode: a mode ("exact", "bounded", "auto") or a Tiling, plus
         Tiling fields (tile_size=512, memory_budget=...). Unlike diffusers' enable_tiling, exact
         tiles give the untiled result."""
+        if tiling == "none":
+            return self.disable_tiling()
         t = Tiling.of(tiling)
         unknown = sorted(set(options) - set(Tiling.__dataclass_fields__))
         if unknown:
@@ -137,6 +143,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
 
     def disable_tiling(self):
         self.tiling = None
+        return self
         return self
 
     def enable_slicing(self):
@@ -218,6 +225,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     def _plan(self, net, direction, in_channels, shape, tiling) -> Plan:
         if isinstance(tiling, Plan):
             return tiling
+        tiling = None if tiling == "none" else tiling
         t = Tiling(mode="auto", memory_budget=UNLIMITED) if tiling is None else Tiling.of(tiling)
         p = make_plan(net, direction, in_channels, shape, self.dtype, self.device, t, self.config.downscale,
                       allow_untiled=t.mode == "auto")
@@ -234,10 +242,10 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor, tiling=None, return_dict: bool = True) -> DiagonalGaussian:
         """[B, 3, H, W] in [-1, 1] -> posterior over raw latents [B, z, H/8, W/8].
-        tiling: None (the enable_tiling() default; untiled unless enabled), a mode, a Tiling, or a
-        Plan from plan_encode. return_dict=False: a 1-tuple, as diffusers."""
+        tiling: None (the enable_tiling() default; untiled unless enabled), "none" (untiled), a mode,
+        a Tiling, or a Plan from plan_encode. return_dict=False: a 1-tuple, as diffusers."""
         self._offload_hook()
-        tiling = tiling if tiling is not None else self.tiling
+        tiling = untiled_if_none(tiling, self.tiling)
         pixels, frames = self._one_frame(pixels, "pixels")
         self.check_pixels(pixels)
         moments = self._sliced(self._encode, pixels, tiling)
@@ -279,11 +287,12 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, tiling=None, return_dict: bool | None = None, generator=None):
         """Raw latents [B, z, h, w] -> pixels [B, 3, 8h, 8w] in [-1, 1] (not clamped).
-        tiling: None (the enable_tiling() default), a mode, a Tiling, or a Plan from plan_decode.
+        tiling: None (the enable_tiling() default), "none" (untiled), a mode, a Tiling, or a Plan
+        from plan_decode.
         return_dict: None gives the tensor (which also answers `.sample`); True an object with
         `.sample` and `[0]`, False a 1-tuple (diffusers' call shapes; `generator` is unused)."""
         self._offload_hook()
-        tiling = tiling if tiling is not None else self.tiling
+        tiling = untiled_if_none(tiling, self.tiling)
         latents, frames = self._one_frame(latents, "latents")
         self.check_latents(latents)
         x = self._sliced(self._decode, latents, tiling)
@@ -399,6 +408,14 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     def save(self, path, layout: str = "ldm") -> None:
         """Write a .safetensors file (or, for layout='diffusers' and a folder path, a diffusers folder)."""
         checkpoint.save_vae(self, path, layout=layout)
+
+
+def untiled_if_none(tiling, default):
+    """A call's tiling: "none" is the plain pass even when enable_tiling() set a default; None
+    takes the default (diffusers' convention)."""
+    if isinstance(tiling, str) and tiling == "none":
+        return None
+    return default if tiling is None else tiling
 
 
 def channels_last(module: nn.Module) -> nn.Module:

@@ -17,6 +17,7 @@ shift) from file metadata, a diffusers config.json or the file name, and when no
 ambiguity is reported, never hidden.
 """
 import json
+import os
 import pickle
 import re
 import warnings
@@ -25,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import model_hunyuanimage, model_qwenimage
@@ -75,14 +76,18 @@ def source_from_dict(sd: dict, name="state dict", metadata=None) -> Source:
     return Source(name, sd.keys(), lambda k: tuple(sd[k].shape), sd.__getitem__, metadata)
 
 
+def unreadable(path: Path, e: BaseException) -> KLVAEError:
+    return KLVAEError(f"{path.name} is not a readable .safetensors file ({_first_line(e)}): it is probably "
+                      f"truncated or corrupt; download it again")
+
+
 def _safetensors(path: Path) -> Source:
     try:
         f = safe_open(str(path), framework="pt", device="cpu")  # mmap: nothing is read until get_tensor
         keys = list(f.keys())
         metadata = f.metadata() or {}
     except Exception as e:  # the safetensors parser's errors (SafetensorError, OSError, ...)
-        raise KLVAEError(f"{path.name} is not a readable .safetensors file ({_first_line(e)}): it is probably "
-                         f"truncated or corrupt; download it again") from e
+        raise unreadable(path, e) from e
 
     def shape(k):
         try:
@@ -157,7 +162,13 @@ def open_path(path) -> Source:
         ("WebP" if head[:4] == b"RIFF" and head[8:12] == b"WEBP" else None)
     if kind:
         raise KLVAEError(f"{path.name} is a {kind} image, not a VAE: pass a VAE file (.safetensors, .ckpt) or a "
-                         f"diffusers folder (for images: klvae encode / roundtrip)")
+                         f"diffusers folder (an image is what encode takes)")
+    # A safetensors file starts with its header's length (eight bytes, the high ones zero), a
+    # checkpoint with PK or 0x80: twelve printable characters are a text file someone passed instead.
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        what = "a JSON" if head.lstrip()[:1] in (b"{", b"[") else "a text (Markdown, YAML, ...)"
+        raise KLVAEError(f"{path.name} is {what} file, not a VAE: pass the weights (.safetensors, .ckpt) or the "
+                         f"diffusers folder that holds them")
     # safetensors begin with a little-endian header length; zip (torch.save) with PK; old pickles with 0x80.
     if path.suffix == ".safetensors" or (head[:2] != b"PK" and head[:1] != b"\x80"):
         return _safetensors(path)
@@ -240,10 +251,18 @@ def _count(keys, pattern) -> int:
     return max(found) + 1 if found else 0
 
 
+def _layout_words(quant_conv: bool, batch_norm: bool) -> str:
+    return (f" {'with' if quant_conv else 'without'} quant convs" +
+            (" and a latent BatchNorm" if batch_norm else ""))
+
+
 def infer_config(name, shape, keys, hints=(), stated=None) -> VAEConfig:
     """VAEConfig from LDM-named tensor shapes. `hints`: (family, where-from) pairs, strongest first;
-    `stated`: config fields the file states itself (scale, shift, groups, latent statistics)."""
+    `stated`: config fields the file states itself (scale, shift, groups, latent statistics), which
+    win over a family's preset: a family argument only names the family and fills what the file
+    cannot say, and one whose latent layout the file contradicts is an error."""
     stated = dict(stated or {})
+    stated_from = stated.pop("_from", None)
     need = ["encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight", "encoder.conv_out.weight",
             "encoder.down.0.block.0.conv2.weight"]
     missing = [k for k in need if k not in keys]
@@ -286,10 +305,19 @@ def infer_config(name, shape, keys, hints=(), stated=None) -> VAEConfig:
     # GroupNorm's group count leaves no trace in the shapes: 32 in every released VAE, otherwise
     # stated by the file (klvae metadata, diffusers norm_num_groups).
     cfg["norm_groups"] = stated.pop("norm_groups", 32)
-    candidates = [f for f, spec in FAMILIES.items() if spec.latent_channels == z and
+    candidates = [f for f, spec in FAMILIES.items() if spec.arch == "sd" and spec.latent_channels == z and
                   spec.quant_conv == cfg["use_quant_conv"] and spec.batch_norm == batch_norm]
     notes, family = [], None
     for fam, where in hints:
+        if where == EXPLICIT and fam not in candidates:
+            spec = FAMILIES[fam]
+            if spec.arch != "sd":
+                raise KLVAEError(f"{name}: not a {fam} VAE: the file holds an SD-style network, {fam} is "
+                                 f"{spec.note}: drop the family argument")
+            raise KLVAEError(f"{name}: not a {fam} VAE: {fam} has {spec.latent_channels} latent channels"
+                             f"{_layout_words(spec.quant_conv, spec.batch_norm)}, this file "
+                             f"{z}{_layout_words(cfg['use_quant_conv'], batch_norm)}: drop the family argument"
+                             f"{' or use ' + ' / '.join(candidates) if candidates else ''}")
         if fam in candidates or (fam in FAMILIES and "scaling_factor" in stated):
             family = fam
             notes.append(f"family {fam} from {where}")
@@ -309,6 +337,13 @@ def infer_config(name, shape, keys, hints=(), stated=None) -> VAEConfig:
             notes.append(f"no released family has {z} latent channels with quant_conv={cfg['use_quant_conv']}"
                          f"{' and a latent BatchNorm' if batch_norm else ''}; scale 1.0, shift 0.0 unless the file "
                          f"says otherwise")
+    if "scaling_factor" in stated:
+        notes.append(f"scale {stated['scaling_factor']:g} and shift {stated.get('shift_factor', 0.0):g} from "
+                     f"{stated_from or 'the file'}")
+    elif family is not None:
+        f = FAMILIES[family]
+        notes.append(f"scale {f.scaling_factor:g} and shift {f.shift_factor:g}: the {family} preset (the file states "
+                     f"none)")
     try:
         config = VAEConfig(**cfg, notes=tuple(notes))
         if family is not None:
@@ -318,23 +353,31 @@ def infer_config(name, shape, keys, hints=(), stated=None) -> VAEConfig:
         raise KLVAEError(f"{name}: {e}") from e
 
 
+EXPLICIT = "the family argument"
+
+
 def family_hints(src: Source, explicit=None):
-    """(family, where-from) pairs, strongest first, plus the config fields the file states."""
+    """(family, where-from) pairs, strongest first, plus the config fields the file states (its own
+    scale and shift win over any family's, a named one's too; `_from` says where they were read)."""
     hints, stated = [], {}
     if explicit is not None:
         if not isinstance(explicit, str) or explicit not in FAMILIES:
             raise KLVAEError(f"unknown family {str(explicit)[:40]!r}: use one of {', '.join(FAMILIES)}")
-        hints.append((explicit, "the family argument"))
+        hints.append((explicit, EXPLICIT))
     md = {k: v for k, v in src.metadata.items() if isinstance(k, str) and isinstance(v, str)}
     if "klvae.family" in md:
         fam = md["klvae.family"]
         if fam not in FAMILIES and fam != CUSTOM:
             raise KLVAEError(f"{src.name}: metadata klvae.family is {fam[:40]!r}, not a family klvae knows "
                              f"({', '.join(FAMILIES)}): the file is damaged or from a newer klvae")
+        if explicit is not None and fam not in (explicit, CUSTOM):
+            raise KLVAEError(f"{src.name} says it is a {fam} VAE (klvae metadata), not {explicit}: drop the family "
+                             f"argument (the file's own family, scale and shift are kept)")
         hints.append((fam, "klvae metadata"))
-        if "klvae.scaling_factor" in md and explicit is None:
+        if "klvae.scaling_factor" in md:
             stated["scaling_factor"] = number(md["klvae.scaling_factor"], f"{src.name}: metadata klvae.scaling_factor")
             stated["shift_factor"] = number(md.get("klvae.shift_factor", "0"), f"{src.name}: metadata klvae.shift_factor")
+            stated["_from"] = "klvae metadata"
     if "klvae.norm_groups" in md:
         stated["norm_groups"] = integer(md["klvae.norm_groups"], f"{src.name}: metadata klvae.norm_groups")
     for k in ("latents_mean", "latents_std"):
@@ -358,11 +401,8 @@ def family_hints(src: Source, explicit=None):
             for fam, spec in FAMILIES.items():
                 if abs(spec.scaling_factor - s) < 1e-4 and abs(spec.shift_factor - sh) < 1e-4:
                     hints.append((fam, "config.json scaling_factor"))
-            if explicit is not None:  # the caller named the family: its scale and shift win
-                fields.pop("scaling_factor")
-                fields.pop("shift_factor", None)
-            else:
-                fields.setdefault("shift_factor", 0.0)
+            fields.setdefault("shift_factor", 0.0)
+            fields["_from"] = "config.json"
         stated.update(fields)
     name = src.name.lower()
     for pattern, fam in ((r"flux[._-]?2", "flux2"), (r"flux|(^|/)ae\.safetensors", "flux"), (r"sd3|sd35|sd_3", "sd3"),
@@ -501,13 +541,66 @@ def fill(model, ckpt: Checkpoint, device, dtype) -> None:
     model.load_state_dict(sd, strict=True, assign=True)
 
 
+def stored_dtypes(path) -> list[str]:
+    """The dtypes a VAE file (or a diffusers folder's weights) stores its tensors in, from the
+    headers alone ('F16', 'BF16', 'F32', ...); ['pickle'] for .ckpt/.pt/.bin files."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+    seen = set()
+    for f in files:
+        if f.suffix != ".safetensors":
+            return ["pickle"]
+        try:
+            with safe_open(str(f), "pt") as h:
+                for k in list(h.keys())[:64]:
+                    seen.add(str(h.get_slice(k).get_dtype()))
+        except Exception as e:
+            raise unreadable(f, e) from e
+    return sorted(seen)
+
+
+def file_mode() -> int:
+    """The mode a new file gets from this process (0666 less the umask), read without changing the
+    umask where Linux shows it (os.umask sets it, briefly, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_safetensors(tensors: dict, path, metadata=None) -> None:
+    """save_file, made safe for files users keep: written to a temporary file beside `path` and
+    renamed over it only when complete (a full disk or an interrupt leaves the old file, or none,
+    and no half file), with the mode the process gives its other files (safetensors creates 0600,
+    which a ComfyUI service user or a shared models folder cannot read)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, SafetensorError)):
+            # safetensors words an OS error as "Error while serializing: I/O error: <strerror> (os error N) ..."
+            why = getattr(e, "strerror", None) or (re.search(r"I/O error: (.+?) \(os error", str(e)) or [0, None])[1]
+            raise KLVAEError(f"cannot write {path}: {why or _first_line(e)}") from e
+        raise
+
+
 def save_vae(model, path, layout: str = "ldm") -> None:
     """LDM or diffusers keys in a .safetensors file; a diffusers folder when `path` has no suffix."""
     if layout not in ("ldm", "diffusers"):
         raise KLVAEError(f"unknown layout {layout!r}: use 'ldm' or 'diffusers'")
     cfg = model.config
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict(layout=layout).items()}
-    meta = {"klvae.family": cfg.family, "klvae.scaling_factor": repr(cfg.scaling_factor),
+    meta = dict(getattr(model, "source_metadata", None) or {})
+    meta |= {"klvae.family": cfg.family, "klvae.scaling_factor": repr(cfg.scaling_factor),
             "klvae.shift_factor": repr(cfg.shift_factor), "klvae.layout": layout,
             "klvae.norm_groups": str(cfg.norm_groups), "klvae.force_upcast": str(cfg.force_upcast).lower()}
     if cfg.batch_norm:
@@ -519,10 +612,10 @@ def save_vae(model, path, layout: str = "ldm") -> None:
     try:
         if layout == "diffusers" and path.suffix == "":
             path.mkdir(parents=True, exist_ok=True)
+            write_safetensors(sd, path / WEIGHT_NAMES[0], meta)
             (path / "config.json").write_text(json.dumps(diffusers_config(cfg), indent=2))
-            save_file(sd, str(path / WEIGHT_NAMES[0]), metadata=meta)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(sd, str(path), metadata=meta)
+            write_safetensors(sd, path, meta)
     except OSError as e:
         raise KLVAEError(f"cannot write {path}: {e.strerror or _first_line(e)}") from e

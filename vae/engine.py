@@ -90,8 +90,8 @@ def spill_file(folder: str, nbytes: int) -> np.memmap:
         fd, path = tempfile.mkstemp(prefix="klvae-store-", suffix=".bin", dir=folder)
     except OSError as e:
         raise KLVAEError(f"cannot create the disk store in the spill folder {folder} ({e.strerror or e}; removed or "
-                         f"made read-only during the run?): pass Tiling(spill_dir=...) (--spill-dir, $KLVAE_SPILL_DIR) "
-                         f"for a writable folder, or use mode='bounded'") from e
+                         f"made read-only during the run?): set Tiling(spill_dir=...) or $KLVAE_SPILL_DIR "
+                         f"to a writable folder, or use mode='bounded'") from e
     try:
         os.posix_fallocate(fd, 0, nbytes)
         return np.memmap(path, dtype=np.uint8, mode="r+", shape=(nbytes,))
@@ -99,10 +99,10 @@ def spill_file(folder: str, nbytes: int) -> np.memmap:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise KLVAEError(f"spill folder {folder} is full: the disk store needs {nbytes / 2**20:.1f} MiB more for its next "
                              f"activation, {_free_mib(folder)} MiB are free (it filled up during the run): free space there, "
-                             f"pass Tiling(spill_dir=...) (--spill-dir, $KLVAE_SPILL_DIR) on a larger disk, or use "
+                             f"set Tiling(spill_dir=...) or $KLVAE_SPILL_DIR to a folder on a larger disk, or use "
                              f"mode='bounded'") from e
-        raise KLVAEError(f"disk store in the spill folder {folder} failed ({e.strerror or e}): pass "
-                         f"Tiling(spill_dir=...) for another folder, or use mode='bounded'") from e
+        raise KLVAEError(f"disk store in the spill folder {folder} failed ({e.strerror or e}): set "
+                         f"Tiling(spill_dir=...) or $KLVAE_SPILL_DIR to another folder, or use mode='bounded'") from e
     finally:
         os.close(fd)
         os.unlink(path)

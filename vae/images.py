@@ -12,8 +12,9 @@ FORMATS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def read_image(path, size: int | None = None) -> torch.Tensor:
-    """An image file as [1, 3, H, W] in [-1, 1] (alpha dropped, greyscale replicated); `size`:
-    centre-cropped to a square and resized to size x size (Lanczos)."""
+    """An image file as [1, 3, H, W] in [-1, 1] (alpha dropped, greyscale replicated), at its own
+    size. With `size`: a square, size x size: the image's centre square (the longer side's ends are
+    cut off) resized with Lanczos. Sides that are not multiples of 8: pad_to_multiple."""
     try:
         im = Image.open(path)
         im.load()
@@ -30,11 +31,25 @@ def read_image(path, size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(a).permute(2, 0, 1)[None].contiguous()
 
 
+def pad_to_multiple(x: torch.Tensor, f: int = 8) -> torch.Tensor:
+    """[B, C, H, W] padded at the right and bottom to multiples of f, by reflection (replication where
+    the image is too small to reflect), so encode takes it; crop the decode back with [..., :H, :W].
+    f is vae.config.downscale (8; Flux.2's scaled latents are 2x2 patches: 16)."""
+    if not isinstance(f, int) or isinstance(f, bool) or f < 1:
+        raise KLVAEError(f"pad_to_multiple: f={f!r}, expected a positive whole number (the VAE's downscale, e.g. 8)")
+    H, W = x.shape[-2:]
+    ph, pw = -H % f, -W % f
+    if ph or pw:
+        mode = "reflect" if ph < H and pw < W else "replicate"
+        x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
+    return x
+
+
 def check_image_path(path) -> Path:
     """A path an image can be written to (its suffix a format Pillow writes), checked before any work."""
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
-        raise KLVAEError(f"{path}: unknown image format {path.suffix or '(none)'!r}; use {', '.join(FORMATS[:3])}")
+        raise KLVAEError(f"{path}: unknown image format {path.suffix or '(none)'!r}; use {', '.join(FORMATS)}")
     return path
 
 

@@ -119,7 +119,8 @@ class Tiling:
             return cls(mode=tiling)
         if tiling is True:
             return cls()
-        raise KLVAEError(f"unknown tiling {str(tiling)[:40]!r}: use None, {', '.join(repr(m) for m in MODES)} "
+        raise KLVAEError(f"unknown tiling {str(tiling)[:40]!r}: use None or 'none' (untiled), "
+                         f"{', '.join(repr(m) for m in MODES)} "
                          f"or klvae.vae.Tiling(...)")
 
 
@@ -249,26 +250,34 @@ def flops(steps, B, h, w) -> float:
 # ----------------------------------------------------------------------------------------------
 # Choosing a plan.
 # ----------------------------------------------------------------------------------------------
-def _gib(b):
-    return f"{b / 2**30:.2f} GiB"
 
 
 def spill_folder(tiling: Tiling) -> str:
     return str(tiling.spill_dir or os.environ.get("KLVAE_SPILL_DIR") or tempfile.gettempdir())
 
 
+def missing_spill_folder(folder: str) -> KLVAEError | None:
+    if os.path.isdir(folder):
+        return None
+    what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+    return KLVAEError(f"spill folder {folder} {what}: create it, or set Tiling(spill_dir=...) or "
+                      f"$KLVAE_SPILL_DIR to a folder on a disk with room")
+
+
 def check_spill_folder(folder: str, need: int) -> None:
     """Fail before any work if the disk store cannot be written or cannot hold `need` bytes."""
+    if missing := missing_spill_folder(folder):
+        raise missing
     try:
         with tempfile.TemporaryFile(dir=folder) as f:
             f.write(b"klvae")
         free = shutil.disk_usage(folder).free
     except OSError as e:
-        raise KLVAEError(f"spill folder {folder} is not writable ({e.strerror or e}): pass "
-                         f"Tiling(spill_dir=...) or set KLVAE_SPILL_DIR to a writable folder") from e
+        raise KLVAEError(f"spill folder {folder} is not writable ({e.strerror or e}): set "
+                         f"Tiling(spill_dir=...) or $KLVAE_SPILL_DIR to a writable folder") from e
     if free < need:
         raise KLVAEError(f"spill folder {folder} has {_gib(free)} free, the disk store needs {_gib(need)}: "
-                         f"free space there or pass Tiling(spill_dir=...) on a larger disk")
+                         f"free space there, or set Tiling(spill_dir=...) or $KLVAE_SPILL_DIR to a folder on a larger disk")
 
 
 def make_plan(net, direction: str, in_channels: int, shape, dtype, device, tiling: Tiling, downscale: int,
@@ -349,17 +358,19 @@ def make_plan(net, direction: str, in_channels: int, shape, dtype, device, tilin
     fits = [p for p in tried if p.predicted <= budget]
     if fits:  # memory was not the problem: the store's room was (exact plans only reach here)
         p = min(fits, key=lambda p: p.store_bytes)
+        if p.store == "disk" and (missing := missing_spill_folder(spill_folder(tiling))):
+            raise missing
         room = store_room(p.store, tiling)
         place = f"the spill folder {spill_folder(tiling)}" if p.store == "disk" else "host memory"
         raise KLVAEError(f"{direction} of {w * f}x{h * f} px in exact mode needs {_gib(p.store_bytes)} in its "
-                         f"{p.store} store, but {place} has {_gib(room)} free: point Tiling(spill_dir=...) "
-                         f"(--spill-dir, $KLVAE_SPILL_DIR) at a larger disk, or use mode='bounded'")
+                         f"{p.store} store, but {place} has {_gib(room)} free: set Tiling(spill_dir=...) "
+                         f"or $KLVAE_SPILL_DIR to a folder on a larger disk, or use mode='bounded'")
     where = f" with the {smallest.store} store" if smallest.store else ""
     smaller = ("use smaller tiles, " if smallest.tile_size > TILE_CANDIDATES[-1] else "")
     raise KLVAEError(f"{direction} of {w * f}x{h * f} px needs {_gib(smallest.predicted)} of device memory even "
                      f"in {smallest.mode} mode{where} with {smallest.tile_size} px tiles, over the budget of "
                      f"{_gib(budget)}: free memory, {smaller}raise Tiling(memory_budget=...)"
-                     + ("" if tiling.mode == "exact" else ", or use mode='exact' with store='disk'"))
+                     + ("" if any(p.store == "disk" for p in tried) else ", or use mode='exact' with store='disk'"))
 
 
 def store_room(store, tiling) -> int:

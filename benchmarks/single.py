@@ -89,7 +89,7 @@ def heatmaps(results, size):
     """|tiled - untiled| per system and mode, side by side, labelled (system, mode, psnr_vs_full),
     one colour scale: docs/heatmap_decode_<size>.png."""
     ref = torch.load(os.path.join(OUT, "outputs", f"klvae_decode_{size}_untiled_0.pt"))
-    panels, seen = [], set()
+    panels, keys, seen = [], [], set()
     for c in results:  # one panel per mode: exact (the first store and tile size run), bounded, each anchor's tiled
         key = (c["system"], c["mode"].split("-")[0])
         if c["op"] == "decode" and c["size"] == size and key[1] in ("exact", "bounded", "tiled") and key not in seen:
@@ -98,8 +98,14 @@ def heatmaps(results, size):
             d = ((y.clamp(-1, 1) - ref.clamp(-1, 1)).abs().mean(1)[0] / 2).numpy()
             name = {"klvae": "klvae", "diffusers": "diffusers 0.42.1", "comfy": "ComfyUI 0.3.75"}[c["system"]]
             panels.append((f"{name} {key[1]}\n{c['tile']} px tiles, psnr_vs_full {psnr_vs_full(y, ref):.1f} dB", d))
+            keys.append(f"{c['system']} {c['mode']} {c['tile']}")
     path = os.path.join(OUT, f"heatmap_decode_{size}.png")
-    images.heat_map(panels, scale=0.05, note=f"{size}x{size} decode").save(path)
+    # Each panel's figure also in the PNG's text chunks (klvae.psnr_vs_full.<system> <mode>), so a test
+    # holds the shipped picture to the table printed by the same run (tests/test_docs.py).
+    text = {f"klvae.psnr_vs_full.{key}": title.rsplit("psnr_vs_full ", 1)[1].split(" dB")[0]
+            for key, (title, _) in zip(keys, panels)}
+    text["klvae.command"] = f"python benchmarks/bench.py tiling --sizes {size}"
+    images.save_png(images.heat_map(panels, scale=0.05, note=f"{size}x{size} decode"), path, text)
     return path, [name for name, _ in panels]
 
 

@@ -289,6 +289,11 @@ def test_demo_writes_its_outputs(tmp_path):
     assert np.asarray(Image.open(tmp_path / "tiled.png")).shape == (256, 256, 3)
     tiled_line = next(line for line in r.stdout.splitlines() if line.startswith("tiled"))
     assert re.search(r"peak \+\d+\.\d\d GiB", tiled_line) and re.search(r"psnr_vs_full (\d+\.\d|inf) dB", tiled_line)
+    # one definition of "max" in the terminal and the picture (they differed: 1.6e-6 printed, 4.1e-7 drawn)
+    printed = re.search(r"psnr_vs_full (\S+) dB, max_abs_vs_full (\S+)", tiled_line).groups()
+    drawn = Image.open(tmp_path / "heatmap.png").text
+    assert printed == (drawn["klvae.psnr_vs_full"], drawn["klvae.max_abs_vs_full"]), (printed, drawn)
+    assert Image.open(tmp_path / "side_by_side.png").size == (3 * 768 + 2 * 8, 768 + 34)  # captions above
     # exact tiling: the tiled round trip equals the untiled one to 8-bit rounding
     a = np.asarray(Image.open(tmp_path / "tiled.png")).astype(int)
     b = np.asarray(Image.open(tmp_path / "untiled.png")).astype(int)

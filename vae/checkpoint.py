@@ -164,7 +164,7 @@ def open_path(path) -> Source:
         raise KLVAEError(f"{path.name} is a {kind} image, not a VAE: pass a VAE file (.safetensors, .ckpt) or a "
                          f"diffusers folder (an image is what encode takes)")
     # A safetensors file starts with its header's length (eight bytes, the high ones zero), a
-    # checkpoint with PK or 0x80: twelve printable characters are a text file someone passed instead.
+    # checkpoint with PK or 0x80: first bytes that are all printable are a text file passed instead.
     if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
         what = "a JSON" if head.lstrip()[:1] in (b"{", b"[") else "a text (Markdown, YAML, ...)"
         raise KLVAEError(f"{path.name} is {what} file, not a VAE: pass the weights (.safetensors, .ckpt) or the "

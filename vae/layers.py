@@ -16,7 +16,7 @@ answers for its layer type alone:
 The planner, the memory model, both engines and the guard are plain loops over steps.
 
 Adding a layer type (a new family's block): write its nn.Module, subclass Step with the answers
-above, `register(Module, ItsStep)`. Nothing else changes: see README "Adding a layer type".
+above, `register(Module, ItsStep)`. Nothing else changes: see docs/architecture.md, "Adding a layer type".
 """
 import math
 

@@ -44,7 +44,7 @@ def resolve_device(device) -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AMX tiles, or AVX-512 BF16 instructions), from
     /proc/cpuinfo's flags; elsewhere bf16 is emulated and several times slower than fp32
-    (measurements: README, Precision)."""
+    (measurements: docs/precision.md)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())

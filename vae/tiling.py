@@ -259,9 +259,9 @@ def spill_folder(tiling: Tiling) -> str:
 def missing_spill_folder(folder: str) -> KLVAEError | None:
     if os.path.isdir(folder):
         return None
-    what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
-    return KLVAEError(f"spill folder {folder} {what}: create it, or set Tiling(spill_dir=...) or "
-                      f"$KLVAE_SPILL_DIR to a folder on a disk with room")
+    what = "is a file, not a folder:" if os.path.exists(folder) else "does not exist: create it, or"
+    return KLVAEError(f"spill folder {folder} {what} set Tiling(spill_dir=...) or $KLVAE_SPILL_DIR to a folder "
+                      f"on a disk with room")
 
 
 def check_spill_folder(folder: str, need: int) -> None:

@@ -9,17 +9,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from klvae.testing import NARROW, diffusers_vae, klvae_from
-from klvae.vae import KLVAEError, load_vae, save_vae
+from klvae.vae import AutoencoderKL, KLVAEError, load_vae, save_vae
 from klvae.vae.diffusers_compat import ldm_to_diffusers
 
 
 # ---- parity with diffusers at full width ------------------------------------------------------
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux"])  # flux2: tests/test_flux2.py
-def test_parity_with_diffusers_full_width(family):
-    d = diffusers_vae(family, seed=3)
-    k = klvae_from(d, family=family)
+# Flux.2 twice: full width, and its narrower "small decoder" (decoder_block_out_channels), whose
+# group count lives only in diffusers' config (so it comes through from_diffusers).
+FLUX2_SMALL_DECODER = dict(ch=32, ch_mult=(1, 2, 4, 4), decoder_ch=24, norm_groups=8)
+
+
+@pytest.mark.parametrize("family,overrides", [("sd1", {}), ("sdxl", {}), ("sd3", {}), ("flux", {}), ("flux2", {}),
+                                              ("flux2", FLUX2_SMALL_DECODER)], ids=lambda v: "small" if v else None)
+def test_parity_with_diffusers_full_width(family, overrides):
+    d = diffusers_vae(family, seed=3, **overrides)
+    k = AutoencoderKL.from_diffusers(d) if overrides else klvae_from(d, family=family)
     assert k.config.family == family and k.config.latent_channels == {"sd3": 16, "flux": 16, "flux2": 32}.get(family, 4)
-    assert (k.quant_conv is None) == (family in ("sd3", "flux"))
+    assert (k.quant_conv is None) == (family in ("sd3", "flux")) and k.config.decoder_ch == overrides.get("decoder_ch")
     x = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         ref = d.encode(x).latent_dist
@@ -28,6 +34,9 @@ def test_parity_with_diffusers_full_width(family):
         torch.testing.assert_close(post.logvar, ref.logvar, atol=1e-4, rtol=0)
         z = ref.mean
         torch.testing.assert_close(k.decode(z), d.decode(z).sample, atol=1e-4, rtol=0)
+    back = k.to_diffusers()  # and back: the same class and widths diffusers started with
+    assert type(back).__name__ == type(d).__name__
+    assert back.config.get("decoder_block_out_channels") == d.config.get("decoder_block_out_channels")
 
 
 def test_untiled_groupnorm_keeps_fp32_precision_on_large_channels_last_tensors():

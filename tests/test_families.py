@@ -95,12 +95,17 @@ def test_exact_and_bounded_tiling_equal_untiled(pair, tmp_path):
     family, d, k = pair
     z = torch.randn(1, k.config.latent_channels, 9, 7, generator=torch.Generator().manual_seed(2))
     full = k.decode(z)
-    for t in (Tiling(mode="exact", tile_size=8), Tiling(mode="exact", tile_size=16, store="disk", spill_dir=str(tmp_path)),
-              Tiling(mode="bounded", tile_size=8, mosaic_size=None if family == "qwenimage" else 4)):
+    for t in (Tiling(mode="exact", tile_size=8), Tiling(mode="exact", tile_size=16, store="disk", spill_dir=str(tmp_path))):
         out = k.decode(z, tiling=t)
-        assert k.last_tiling.mode == t.mode and (t.mode == "bounded" or k.last_tiling.grid[0] > 1), k.last_tiling
-        tol = 1e-4 if t.mode == "exact" or family == "qwenimage" else 0.5  # HunyuanImage's bounded mode estimates
-        assert (out - full).abs().max() <= tol, (t, (out - full).abs().max())
+        assert k.last_tiling.mode == "exact" and k.last_tiling.grid[0] > 1, k.last_tiling
+        assert (out - full).abs().max() <= 1e-4, (t, (out - full).abs().max())
+    # Bounded mode through AutoencoderKL: a latent this small is its own statistics mosaic (one pass with
+    # exact statistics), so it equals untiled. Its streaming (bands and strips equal one pass given a
+    # mosaic) and the mosaic estimate's bound in dB are tests/test_hunyuanimage.py's and
+    # tests/test_qwenimage.py's; this test used to accept an error of 0.5 for HunyuanImage here.
+    out = k.decode(z, tiling=Tiling(mode="bounded", tile_size=8))
+    assert k.last_tiling.mode == "bounded" and k.last_tiling.mosaic_lattice is None, k.last_tiling
+    assert (out - full).abs().max() <= 1e-4, (out - full).abs().max()
     x = image(H=72, W=56, seed=3)
     mean = k.encode(x).mean
     assert (k.encode(x, tiling=Tiling(mode="exact", tile_size=8)).mean - mean).abs().max() <= 1e-4

@@ -1,5 +1,6 @@
-"""Flux.2's VAE: every layout it ships in, diffusers parity, the pipelines' latent normalisation,
-exact tiling, ComfyUI's latent form in the nodes, and a tiny offline Flux2Pipeline."""
+"""Flux.2's VAE: every layout it ships in, the pipelines' latent normalisation, exact tiling,
+ComfyUI's latent form in the nodes, and a tiny offline Flux2Pipeline (diffusers parity, full width
+and the small decoder: tests/test_core.py, with the other SD-style families)."""
 import torch
 from safetensors.torch import save_file
 
@@ -35,23 +36,6 @@ def test_every_layout_loads_as_flux2(pair, tmp_path):
         v = load_vae(tmp_path / name)
         assert (v.config.family, v.source_layout) == ("flux2", layout), name
         assert torch.equal(v.bn.running_mean, k.bn.running_mean) and torch.equal(v.decode(z), ref), name
-
-
-def test_parity_with_diffusers_and_its_small_decoder():
-    """Full width and the narrower "small decoder" (decoder_block_out_channels) variant."""
-    for overrides in ({}, dict(ch=32, ch_mult=(1, 2, 4, 4), decoder_ch=24, norm_groups=8)):
-        d = diffusers_vae("flux2", seed=3, **overrides)
-        k = AutoencoderKL.from_diffusers(d)
-        assert k.config.decoder_ch == overrides.get("decoder_ch")
-        x = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
-        with torch.no_grad():
-            ref = d.encode(x).latent_dist
-            post = k.encode(x)
-            torch.testing.assert_close(post.mean, ref.mean, atol=1e-4, rtol=0)
-            torch.testing.assert_close(post.logvar, ref.logvar, atol=1e-4, rtol=0)
-            torch.testing.assert_close(k.decode(ref.mean), d.decode(ref.mean).sample, atol=1e-4, rtol=0)
-        back = k.to_diffusers()
-        assert type(back).__name__ == "AutoencoderKLFlux2" and back.config.decoder_block_out_channels == d.config.decoder_block_out_channels
 
 
 def test_scaled_latents_are_the_pipelines_normalised_patches(pair):

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from . import model_hunyuanimage, model_qwenimage
 from .config import CUSTOM, FAMILIES, VAEConfig
-from .diffusers_compat import (ARCHS, config_fields, diffusers_config, diffusers_key_to_ldm, flag, integer,
+from .diffusers_compat import (DIFFUSERS_NAMES, config_fields, diffusers_config, diffusers_key_to_ldm, flag, integer,
                                is_attention_projection, is_diffusers_layout, levels_of, number,
                                read_config_json, vector)
 from .errors import KLVAEError
@@ -130,7 +130,7 @@ def _diffusers_folder(path: Path) -> Source:
         raise KLVAEError(f"folder {path} has no config.json file: pass a diffusers VAE folder or a weights file")
     cfg = read_config_json(cfg_file)
     cls = cfg.get("_class_name", "AutoencoderKL")
-    known = ("AutoencoderKL", "AutoencoderKLFlux2") + tuple(c for a in ARCHS.values() for c in a.classes)
+    known = ("AutoencoderKL", "AutoencoderKLFlux2") + tuple(c for a in DIFFUSERS_NAMES.values() for c in a.classes)
     if cls not in known:
         raise KLVAEError(f"{path} holds a diffusers {str(cls)[:40]}, which klvae does not load: it loads "
                          f"{', '.join(known)}")

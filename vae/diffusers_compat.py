@@ -102,7 +102,7 @@ def ldm_to_diffusers(sd: dict, arch: str = "sd") -> dict:
     """A state dict with klvae's keys -> diffusers' (SD-style: attention projections as Linear [C, C];
     another family: its own map, registered by its model module)."""
     if arch != "sd":
-        return ARCHS[arch].to_diffusers(sd)
+        return DIFFUSERS_NAMES[arch].to_diffusers(sd)
     levels = levels_of(sd, "ldm")
     return {ldm_key_to_diffusers(k, levels): v.reshape(v.shape[:2]) if is_attention_projection(k) else v
             for k, v in sd.items()}
@@ -118,11 +118,11 @@ class ArchNames(NamedTuple):
 
 # A family whose network is not SD-style registers its diffusers side here (model_<family>.py), as its
 # layer types register with layers.register.
-ARCHS = {}
+DIFFUSERS_NAMES = {}
 
 
 def register_arch(arch: str, names: ArchNames) -> None:
-    ARCHS[arch] = names
+    DIFFUSERS_NAMES[arch] = names
 
 
 # -- config.json -----------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def diffusers_config(cfg) -> dict:
     (AutoencoderKLFlux2's for a VAE with a latent BatchNorm: no scale or shift, the BatchNorm's eps;
     another family's own class and config)."""
     if getattr(cfg, "arch", "sd") != "sd":
-        return ARCHS[cfg.arch].config(cfg)
+        return DIFFUSERS_NAMES[cfg.arch].config(cfg)
     n = len(cfg.ch_mult)
     if cfg.batch_norm:
         return {"_class_name": "AutoencoderKLFlux2", "act_fn": "silu", "in_channels": cfg.in_channels,

@@ -39,7 +39,7 @@ Layer types -> Steps (layers.py; registered at the bottom of this file)
   ResidualBlock    ResidualStep     RMS norm -> SiLU -> conv, twice, plus the shortcut
   AttentionBlock   AttentionStep    RMS norm, to_qkv, single-head attention over every pixel, proj
   UpResample       UpStep           nearest-exact 2x, 3x3 conv to half the width
-  DownResample     DownStep         LDM's pad right/bottom + 3x3 stride 2 (layers.DownsampleStep)
+  DownResample     DownsampleStep   LDM's pad right/bottom + 3x3 stride 2: layers.DownsampleStep as it is
   Head             HeadStep         RMS norm -> SiLU -> conv (decoder: then the clamp)
 None of them reads statistics (`reads_stats = False`): the RMS norm is the `pre` of a conv pass
 (engine.conv_pass) and the prep of a streamed op (bounded.Streamer.op).
@@ -572,12 +572,6 @@ class UpStep(Step):
         _scale(self.layer.conv, s, weight=False)  # maps the stream to itself
 
 
-class DownStep(DownsampleStep):
-    """LDM's downsample exactly (pad right and bottom, 3x3 conv, stride 2; DownResample.conv is
-    where layers.downsample reads it): its shape, memory, halo, runners and scaling are
-    DownsampleStep's. Its own type so that the planner never mistakes one family's block for the other's."""
-
-
 class HeadStep(Step):
     """RMS norm -> SiLU -> conv: the network's output (on the device, whatever the store);
     the decoder's then clamps (per pixel: band by band, the untiled result)."""
@@ -612,7 +606,7 @@ class HeadStep(Step):
 
 
 for _module, _step in ((CausalConv3d, CausalConvStep), (ResidualBlock, ResidualStep), (AttentionBlock, AttentionStep),
-                       (UpResample, UpStep), (DownResample, DownStep), (Head, HeadStep)):
+                       (UpResample, UpStep), (DownResample, DownsampleStep), (Head, HeadStep)):
     register(_module, _step)
 
 

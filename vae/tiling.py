@@ -170,8 +170,12 @@ class Plan:
         return f"Plan({self})"
 
     def __str__(self):
+        return self.sentence()
+
+    def sentence(self, store_bytes: int = 0) -> str:
+        """What the plan does, in one sentence (its report's begins so, with the store bytes it measured)."""
         f = self.downscale
-        store = f", {self.store} store {_gib(self.store_bytes)}" if self.store else ""
+        store = f", {self.store} store {_gib(store_bytes or self.store_bytes)}" if self.store else ""
         return (f"{self.mode} {self.direction} of {self.w * f}x{self.h * f} px: {self.describe()}{store}, "
                 f"predicted peak {_gib(self.predicted)}")
 
@@ -203,11 +207,8 @@ class TilingReport:
         return f"TilingReport({self})"
 
     def __str__(self):
-        p = self.plan
         peak = "" if self.measured_peak is None else f", measured {_gib(self.measured_peak)}"
-        store = f", {p.store} store {_gib(self.store_bytes or p.store_bytes)}" if p.store else ""
-        return (f"{p.mode} {p.direction} of {p.w * p.downscale}x{p.h * p.downscale} px: {p.describe()}{store}, "
-                f"predicted peak {_gib(p.predicted)}{peak}, {self.seconds:.1f} s"
+        return (self.plan.sentence(self.store_bytes) + f"{peak}, {self.seconds:.1f} s"
                 + "".join(f"; {n}" for n in self.notes))
 
 

@@ -214,6 +214,9 @@ def test_convert_never_writes_over_its_input_unless_asked_and_then_atomically(fi
     for written in (vae, tmp_path / "folder" / "diffusion_pytorch_model.safetensors", tmp_path / "folder" / "config.json"):
         assert written.stat().st_mode & 0o777 == 0o666 & ~umask, written  # safetensors alone writes 0600
     assert not list(tmp_path.glob(".*partial"))
+    klvae("convert", tmp_path / "link.safetensors", "--in-place", "--layout", "ldm", "--dtype", "fp32")
+    with safe_open(str(vae), "pt") as h:  # the file behind the link was rewritten; the link is still a link
+        assert {h.get_slice(k).get_dtype() for k in h.keys()} == {"F32"} and (tmp_path / "link.safetensors").is_symlink()
 
 
 def test_contradictory_options_are_said_not_dropped(files):

@@ -579,6 +579,8 @@ def write_safetensors(tensors: dict, path, metadata=None) -> None:
     and no half file), with the mode the process gives its other files (safetensors creates 0600,
     which a ComfyUI service user or a shared models folder cannot read)."""
     path = Path(path)
+    if path.is_symlink():  # write through a link, as cp does, rather than replace the link with a file
+        path = path.resolve()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         save_file(tensors, str(tmp), metadata=metadata)

@@ -13,7 +13,6 @@ models/MODEL_CARD.md). Errors are one line on stderr and a non-zero exit status.
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from .vae import DEMO_PHOTO, DEMO_VAE, DEFAULT_MODE, FAMILIES, KLVAEError, Tiling, images, load_vae, resolve_device, save_vae
 from .vae.checkpoint import stored_dtypes, write_safetensors
+from .vae.errors import reworded
 from .vae.metrics import max_abs_vs_full, psnr_vs_full as psnr
 from .vae.distributed import init_from_env
 from .vae.memory import PeakMeter
@@ -271,12 +271,6 @@ def cmd_convert(args):
           f"scaling {c.scaling_factor:g}, shift {c.shift_factor:g}\nhow inferred: {'; '.join(c.notes) or '-'}")
 
 
-def max_line(x, full) -> str:
-    """The one definition of "max" the demo prints and draws: max_abs_vs_full (the largest difference
-    of any pixel's channel, pixels in [-1, 1], as the benchmark tables' column)."""
-    return f"max_abs_vs_full {max_abs_vs_full(x, full):.1e} (any channel, pixels in [-1, 1])"
-
-
 def cmd_demo(args):
     """The shipped VAE on a large canvas: untiled and tiled round trips, written and compared."""
     if not 8 <= args.size <= DEMO_MAX_SIZE or args.size % 8:
@@ -316,14 +310,16 @@ def cmd_demo(args):
         line = (f"{name:8} {seconds:6.1f} s   peak +{(peak or 0) / 2**30:.2f} GiB   "
                 f"PSNR vs input {psnr(x, img):5.2f} dB")
         if name == "tiled":
-            r = vae.last_tiling
-            full = results["untiled"]
+            r, full = vae.last_tiling, results["untiled"]
+            # the one definition of "max" the demo prints and draws: max_abs_vs_full (the largest
+            # difference of any pixel's channel, pixels in [-1, 1], as the benchmark tables' column)
+            figures = {"klvae.psnr_vs_full": f"{psnr(x, full):.1f}", "klvae.max_abs_vs_full": f"{max_abs_vs_full(x, full):.1e}"}
             line += (f"   {r.mode}: decode {r.describe()}, encode {enc_report.describe()}; "
-                     f"psnr_vs_full {psnr(x, full):.1f} dB, {max_line(x, full)}")
+                     f"psnr_vs_full {figures['klvae.psnr_vs_full']} dB, max_abs_vs_full "
+                     f"{figures['klvae.max_abs_vs_full']} (any channel, pixels in [-1, 1])")
         print(line, flush=True)
     tiled, full = results["tiled"], results["untiled"]
     diff = ((tiled.clamp(-1, 1) - full.clamp(-1, 1)).abs().mean(1)[0] / 2).numpy()
-    figures = {"klvae.psnr_vs_full": f"{psnr(tiled, full):.1f}", "klvae.max_abs_vs_full": f"{max_abs_vs_full(tiled, full):.1e}"}
     title = (f"klvae {args.tiling} tiles ({args.tile} px) against untiled\n"
              f"psnr_vs_full {figures['klvae.psnr_vs_full']} dB, max_abs_vs_full {figures['klvae.max_abs_vs_full']}")
     images.save_png(images.heat_map([(title, diff)], args.heat_scale, panel_px=512,
@@ -454,12 +450,6 @@ API_TO_FLAGS = ((r"Tiling\(spill_dir=\.\.\.\)", "--spill-dir"), (r"an image is w
                 (r", raise Tiling\(memory_budget=\.\.\.\)", ""), (r"Tiling overlap=", "--overlap "))
 
 
-def in_flags(message: str) -> str:
-    for pattern, flags in API_TO_FLAGS:
-        message = re.sub(pattern, flags, message)
-    return message
-
-
 def ignored_options(args) -> list[str]:
     """Options this call gives that the others make meaningless: said, not silently dropped."""
     said = []
@@ -497,7 +487,7 @@ def main(argv=None) -> int:
                 torch.distributed.destroy_process_group()
         return 0
     except (CLIError, KLVAEError) as e:
-        print(f"klvae: error: {in_flags(str(e))}", file=sys.stderr)
+        print(f"klvae: error: {reworded(str(e), API_TO_FLAGS)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("klvae: interrupted", file=sys.stderr)

@@ -17,13 +17,13 @@ sides are not multiples of 8 are centre-cropped as core does.
 import dataclasses
 import functools
 import logging
-import re
 import warnings
 import weakref
 
 import torch
 
 from ..vae import DEFAULT_MODE, FAMILIES, KLVAEError, Tiling, load_vae, resolve_device, resolve_dtype
+from ..vae.errors import reworded
 from ..vae.tiling import UNLIMITED
 
 log = logging.getLogger("klvae")
@@ -46,9 +46,7 @@ def in_node_words(fn):
         try:
             return fn(*args, **kwargs)
         except KLVAEError as e:
-            said = str(e)
-            for pattern, words in API_TO_NODES:
-                said = re.sub(pattern, words, said)
+            said = reworded(str(e), API_TO_NODES)
             if said == str(e):
                 raise
             raise KLVAEError(said) from e

@@ -225,7 +225,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     def _plan(self, net, direction, in_channels, shape, tiling) -> Plan:
         if isinstance(tiling, Plan):
             return tiling
-        tiling = None if tiling == "none" else tiling
+        tiling = untiled_if_none(tiling, None)
         t = Tiling(mode="auto", memory_budget=UNLIMITED) if tiling is None else Tiling.of(tiling)
         p = make_plan(net, direction, in_channels, shape, self.dtype, self.device, t, self.config.downscale,
                       allow_untiled=t.mode == "auto")

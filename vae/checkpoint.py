@@ -256,13 +256,13 @@ def _layout_words(quant_conv: bool, batch_norm: bool) -> str:
             (" and a latent BatchNorm" if batch_norm else ""))
 
 
-def infer_config(name, shape, keys, hints=(), stated=None) -> VAEConfig:
+def infer_config(name, shape, keys, hints=(), stated=None, stated_from=None) -> VAEConfig:
     """VAEConfig from LDM-named tensor shapes. `hints`: (family, where-from) pairs, strongest first;
     `stated`: config fields the file states itself (scale, shift, groups, latent statistics), which
     win over a family's preset: a family argument only names the family and fills what the file
-    cannot say, and one whose latent layout the file contradicts is an error."""
+    cannot say, and one whose latent layout the file contradicts is an error. `stated_from`: where
+    the file states its scale (for the notes)."""
     stated = dict(stated or {})
-    stated_from = stated.pop("_from", None)
     need = ["encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight", "encoder.conv_out.weight",
             "encoder.down.0.block.0.conv2.weight"]
     missing = [k for k in need if k not in keys]
@@ -357,9 +357,9 @@ EXPLICIT = "the family argument"
 
 
 def family_hints(src: Source, explicit=None):
-    """(family, where-from) pairs, strongest first, plus the config fields the file states (its own
-    scale and shift win over any family's, a named one's too; `_from` says where they were read)."""
-    hints, stated = [], {}
+    """(family, where-from) pairs, strongest first, the config fields the file states (its own scale
+    and shift win over any family's, a named one's too), and where it states its scale (or None)."""
+    hints, stated, stated_from = [], {}, None
     if explicit is not None:
         if not isinstance(explicit, str) or explicit not in FAMILIES:
             raise KLVAEError(f"unknown family {str(explicit)[:40]!r}: use one of {', '.join(FAMILIES)}")
@@ -377,7 +377,7 @@ def family_hints(src: Source, explicit=None):
         if "klvae.scaling_factor" in md:
             stated["scaling_factor"] = number(md["klvae.scaling_factor"], f"{src.name}: metadata klvae.scaling_factor")
             stated["shift_factor"] = number(md.get("klvae.shift_factor", "0"), f"{src.name}: metadata klvae.shift_factor")
-            stated["_from"] = "klvae metadata"
+            stated_from = "klvae metadata"
     if "klvae.norm_groups" in md:
         stated["norm_groups"] = integer(md["klvae.norm_groups"], f"{src.name}: metadata klvae.norm_groups")
     for k in ("latents_mean", "latents_std"):
@@ -402,7 +402,7 @@ def family_hints(src: Source, explicit=None):
                 if abs(spec.scaling_factor - s) < 1e-4 and abs(spec.shift_factor - sh) < 1e-4:
                     hints.append((fam, "config.json scaling_factor"))
             fields.setdefault("shift_factor", 0.0)
-            fields["_from"] = "config.json"
+            stated_from = "config.json"
         stated.update(fields)
     name = src.name.lower()
     for pattern, fam in ((r"flux[._-]?2", "flux2"), (r"flux|(^|/)ae\.safetensors", "flux"), (r"sd3|sd35|sd_3", "sd3"),
@@ -411,7 +411,7 @@ def family_hints(src: Source, explicit=None):
         if re.search(pattern, name):
             hints.append((fam, "the file name"))
             break
-    return hints, stated
+    return hints, stated, stated_from
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,8 +456,8 @@ def read(src, family=None, config_json=None, name=None) -> Checkpoint:
     else:
         names = dict(zip(sub, raw_keys))
         layout = "ldm"
-    hints, stated = family_hints(source, family)
-    cfg = infer_config(source.name, lambda k: source.shape(names[k]), names.keys(), hints, stated)
+    hints, stated, stated_from = family_hints(source, family)
+    cfg = infer_config(source.name, lambda k: source.shape(names[k]), names.keys(), hints, stated, stated_from)
     return Checkpoint(source, cfg, names, layout)
 
 

@@ -134,3 +134,97 @@ def klvae_from(dvae, family=None, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load_vae(dvae if isinstance(dvae, dict) else dvae.state_dict(), family=family, **kw)
+
+
+# -- a network whose residuals span several layers (the engines' test of verbs.residual) ----------------
+# Wan 2.2's and Qwen-Image 2.1's blocks are `x + shortcut(x)` around two or three resnets and a
+# resample, the shortcut a space-to-channel mean (down) or a channel repeat then channel-to-space
+# (up). This network has such blocks in both directions, with GroupNorm resnets ("group": the
+# exact engine carries statistics through the block) or RMS-norm ones ("rms": nothing is
+# estimated, so bounded mode streams exactly too).
+class SpanBlock(nn.Module):
+    """x + shortcut(x) around two resnets and a 2x resample (`up` or down)."""
+
+    def __init__(self, cin: int, cout: int, up: bool, kind: str):
+        super().__init__()
+        from .vae import model, model_qwenimage as qi
+        resnet = (lambda a, b: model.ResnetBlock(a, b, 4)) if kind == "group" else qi.ResidualBlock
+        self.up, self.cin, self.cout = up, cin, cout
+        self.resnets = nn.ModuleList([resnet(cin, cout), resnet(cout, cout)])
+        self.resample = model.Upsample(cout) if up else model.Downsample(cout)
+
+    def layers(self) -> list:
+        return [*self.resnets, self.resample]
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        from .vae.model_hunyuanimage import channel_mean, channel_to_space, space_to_channel
+        if self.up:
+            return channel_to_space(x.repeat_interleave(4 * self.cout // self.cin, dim=1))
+        return channel_mean(space_to_channel(x), 4 * self.cin // self.cout)
+
+    def forward(self, x):
+        h = x
+        for layer in self.layers():
+            h = layer(h)
+        return h + self.shortcut(x)
+
+
+def _span_step():
+    """SpanBlock's Step: its shortcut in verbs, a row op over whole 2x2 cells (no halo)."""
+    from .vae import layers, verbs
+    from .vae.ops import Tile
+
+    class SpanBlockStep(layers.SpanStep):
+        def shortcut(self):
+            block = self.layer
+            if block.up:
+                def fn(t: Tile) -> Tile:
+                    return Tile(block.shortcut(t.data), 2 * t.y0, 2 * t.y1, 2 * t.x0, 2 * t.x1, 2 * t.H, 2 * t.W, 2 * t.s)
+                return verbs.rows(fn, self.cout, up=2, above=0, below=0)
+
+            def fn(t: Tile) -> Tile:  # whole cells only: a strip may start on an odd column
+                y0, y1, x0, x1 = t.y0 + t.y0 % 2, t.y1 - t.y1 % 2, t.x0 + t.x0 % 2, t.x1 - t.x1 % 2
+                return Tile(block.shortcut(t.crop(y0, y1, x0, x1).data), y0 // 2, y1 // 2, x0 // 2, x1 // 2,
+                            t.H // 2, t.W // 2, t.s // 2)
+            return verbs.rows(fn, self.cout, down=2, above=0, below=0)
+    layers.register(SpanBlock, SpanBlockStep)
+
+
+class SpanNet(nn.Module):
+    """decode: latent [B, z, h, w] -> [B, 3, 4h, 4w]; encode: [B, 3, H, W] -> [B, 2z, H/4, W/4]."""
+
+    def __init__(self, direction: str, kind: str = "group", z: int = 4, seed: int = 0):
+        super().__init__()
+        from .vae import model, model_qwenimage as qi
+        _span_step()
+        torch.manual_seed(seed)
+        group = kind == "group"
+        resnet = (lambda a, b: model.ResnetBlock(a, b, 4)) if group else qi.ResidualBlock
+        attn = (lambda c: model.AttnBlock(c, 4)) if group else qi.AttentionBlock
+        if direction == "decode":
+            self.conv_in = nn.Conv2d(z, 16, 3, padding=1)
+            body = [resnet(16, 16), attn(16), SpanBlock(16, 8, True, kind), SpanBlock(8, 8, True, kind)]
+            cout, self.downscale = 3, 1
+        else:
+            self.conv_in = nn.Conv2d(3, 8, 3, padding=1)
+            body = [SpanBlock(8, 16, False, kind), SpanBlock(16, 16, False, kind), resnet(16, 16), attn(16)]
+            cout, self.downscale = 2 * z, 4
+        self.body = nn.ModuleList(body)
+        width = 8 if direction == "decode" else 16
+        if group:
+            self.norm_out, self.conv_out = model.Normalize(width, 4), nn.Conv2d(width, cout, 3, padding=1)
+            self.tail = model.Tail(self.norm_out, self.conv_out)
+        else:
+            self.tail = qi.Head(width, cout)
+        with torch.no_grad():  # no identity layers: every norm and bias is seeded noise
+            for name, p in self.named_parameters():
+                if name.endswith("bias") or "norm" in name or "gamma" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+
+    def layers(self) -> list:
+        return [self.conv_in, *self.body, self.tail]
+
+    def forward(self, x):
+        for layer in self.layers():
+            x = layer(x)
+        return x

@@ -101,7 +101,7 @@ class KLVAE:
         self.downscale_ratio = self.upscale_ratio = cfg.downscale * (2 if cfg.batch_norm else 1)
         self.latent_channels = cfg.scaled_channels
         # Qwen-Image's LATENT is ComfyUI's Wan 2.1 form, [B, 16, T, h, w] (T = 1 for an image)
-        self.video_shaped = cfg.arch == "qwenimage"
+        self.video_shaped = cfg.network.video_shaped
         self.latent_dim = 3 if self.video_shaped else 2
         self.output_channels = cfg.out_channels
         self.crop_input = True

@@ -14,6 +14,7 @@ from comfy_api.latest import ComfyExtension, io
 from . import adapter
 from .adapter import KLVAE
 from ..vae import DEFAULT_MODE, FAMILIES, Tiling
+from ..vae.config import family_titles
 from ..vae.shipped import shipped_vaes
 from ..vae.tiling import MODES
 
@@ -121,7 +122,7 @@ class KLVAELoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="KLVAELoader", display_name="Load VAE (klvae)", category=CATEGORY,
-            description="Loads a KL autoencoder (SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2, Qwen-Image, HunyuanImage-2.1) from the models/vae folder (or "
+            description=f"Loads a KL autoencoder ({family_titles()}) from the models/vae folder (or "
                         "the demo VAE this pack ships): LDM, "
                         "ComfyUI or diffusers layout, prefixed checkpoints included; the config is read from the "
                         "weights. A file that is not a VAE fails here, with what it is.",

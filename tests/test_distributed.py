@@ -47,6 +47,36 @@ try:
                                band=(band - full[:, :, lo:lo + band.shape[2]]).abs().max().item(),
                                band_rows=band.shape[2], rank0=None if rank0 is None else (rank0 - full).abs().max().item(),
                                sent=r.bytes_sent)
+        # the families with their own layer types: RMS norms and causal convs (Qwen-Image), pixel
+        # shuffles with parameter-free shortcuts (HunyuanImage-2.1), at small widths
+        small = {"qwenimage": dict(ch=16, ch_mult=(1, 2, 2, 2)),
+                 "hunyuanimage": dict(ch=32, ch_mult=(1, 2, 2, 4), latent_channels=8)}
+        for family, kw in small.items():
+            vae = klvae_from(diffusers_vae(family, seed=3, **kw))
+            g = torch.Generator().manual_seed(5)
+            z = torch.randn(1, vae.config.latent_channels, 13, 10, generator=g)
+            x = torch.rand(1, 3, 104, 72, generator=g) * 2 - 1
+            t = Tiling(mode="exact", tile_size=16, process_group=dist.group.WORLD)
+            out[family] = dict(decode=(vae.decode(z, tiling=t) - vae.decode(z)).abs().max().item(),
+                               encode=(vae.encode(x, tiling=t).mean - vae.encode(x).mean).abs().max().item())
+        # residuals that span several layers (klvae.testing.SpanNet), through the engine with a Shard
+        from klvae.testing import SpanNet
+        from klvae.vae.distributed import Shard
+        from klvae.vae.tiling import execute, make_plan
+        g = torch.Generator().manual_seed(6)
+        for direction, x in (("decode", torch.randn(1, 4, 13, 10, generator=g)),
+                             ("encode", torch.rand(1, 3, 52, 40, generator=g) * 2 - 1)):
+            net = SpanNet(direction).eval()
+            f = 1 if direction == "decode" else 4
+            shape = (1, 4, x.shape[2] // f, x.shape[3] // f)
+            with torch.no_grad():
+                full = net(x)
+                p = make_plan(net, direction, x.shape[1], shape, x.dtype, x.device,
+                              Tiling(mode="exact", tile_size=8, process_group=dist.group.WORLD), 4)
+                shard = Shard(dist.group.WORLD, shape[2])
+                band, _ = execute(net, x, p, shard)
+                whole = shard.gather_rows(band, full.shape[2])
+            out["span_" + direction] = (whole - full).abs().max().item()
     elif scenario == "mismatch":
         vae = own_vae()
         z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(rank))  # a different latent per rank
@@ -101,7 +131,9 @@ def launch(world: int, scenario: str, timeout=240) -> list:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_exact_decode_and_encode_equal_untiled(world):
-    """2 and 3 ranks, 4- and 16-channel VAEs, 13 latent rows (bands of 6/7 or 4/4/5 rows)."""
+    """2 and 3 ranks, 13 latent rows (bands of 6/7 or 4/4/5 rows): every family klvae loads (SD's
+    4- and 16-channel VAEs, Qwen-Image's, HunyuanImage-2.1's) and a network whose residuals span
+    several layers and resample (klvae.testing.SpanNet)."""
     results = launch(world, "exact")
     for rank, (rc, res, err) in enumerate(results):
         assert rc == 0 and res and "error" not in res, (rc, res, err)
@@ -111,6 +143,9 @@ def test_sharded_exact_decode_and_encode_equal_untiled(world):
             assert r["sent"] > 0 and r["band_rows"] == ((rank + 1) * 13 // world - rank * 13 // world) * 8
             assert (r["rank0"] is None) == (rank != 0) and (rank != 0 or r["rank0"] <= 1e-4)
             assert (res[family + "_sliced"] is None) == (rank != 0) and (rank != 0 or res[family + "_sliced"] <= 1e-4)
+        for family in ("qwenimage", "hunyuanimage"):
+            assert res[family]["decode"] <= 1e-4 and res[family]["encode"] <= 1e-4, (family, res[family])
+        assert res["span_decode"] <= 1e-5 and res["span_encode"] <= 1e-5, res
 
 
 def test_mismatched_inputs_are_refused_on_every_rank():

@@ -251,8 +251,8 @@ def _stream(step, x, chunks, x0, x1, s):
     H, W = x.shape[2:]
     whole = Tile(x, 0, H, 0, W, H, W, s)
     stats = []
-    rec = step.stream(Streamer(stats, True, Progress(0), Scratch())).push(whole)
-    op = step.stream(Streamer(stats, False, Progress(0), Scratch()))
+    rec = Streamer(stats, True, Progress(0), Scratch()).build(step.describe()).push(whole)
+    op = Streamer(stats, False, Progress(0), Scratch()).build(step.describe())
     parts, y, n = [], 0, 0
     while y < H:
         y1 = min(H, y + chunks[n % len(chunks)])

@@ -4,17 +4,20 @@ SDXL, SD3, Flux.1, Flux.2, Qwen-Image and HunyuanImage-2.1 VAEs.
 Modules, each one concern (imports run down this list, never up):
   errors.py            KLVAEError, the one exception bad input raises
   diffusers_compat.py  diffusers' key names, config.json and call shapes
-  config.py            VAEConfig (checked when made) and the family presets
+  config.py            VAEConfig (checked when made); the registry of networks and their families
   groupnorm.py         GroupNorm statistics (float64, additive over bands) and the precise CPU GroupNorm
-  model.py             the SD-style Encoder, Decoder and their blocks (module names = checkpoint keys)
+  ops.py               what the networks and both tiled engines share: SiLU, Tile and its 3x3 conv,
+                       warm buffers, progress
+  model.py             the SD-style Encoder, Decoder and their blocks (module names = checkpoint keys),
+                       its families and their registration (config.Network)
   memory.py            free memory, peak measurement, glibc's mmap threshold
   distributed.py       a torch.distributed process group as bands of rows (halo rows, gathered statistics)
-  ops.py               what both tiled engines share: Tile and its 3x3 conv, warm buffers, progress
-  engine.py            exact tiling: stores, bands, the segment run
-  bounded.py           bounded tiling: rows streamed in strips, statistics from a mosaic
-  layers.py            the layer types: shape, memory, FLOPs, halo, runners, fp16 scaling (one class each)
-  model_qwenimage.py   Qwen-Image's VAE (Wan 2.1's), images as T = 1: modules, Steps, key maps
-  model_hunyuanimage.py  HunyuanImage-2.1's VAE: modules, Steps, key maps
+  verbs.py             the verbs a layer type describes its computation in (conv, rows, residual, attention)
+  engine.py            exact tiling: stores, bands, the interpreter of descriptions
+  bounded.py           bounded tiling: descriptions streamed in strips, statistics from a mosaic
+  layers.py            the layer types: description, shape, memory, FLOPs, fp16 scaling (one class each)
+  model_qwenimage.py   Qwen-Image's VAE (Wan 2.1's), images as T = 1: modules, Steps, key maps, its Network
+  model_hunyuanimage.py  HunyuanImage-2.1's VAE: modules, Steps, key maps, its Network
   tiling.py            Tiling options, the plan and its memory model, execute(plan), the report
   precision.py         device and dtype policy, the fp16/bf16 overflow guard
   checkpoint.py        reading, checking and writing VAE files
@@ -23,6 +26,7 @@ Modules, each one concern (imports run down this list, never up):
   shipped.py           the files that ship with klvae: DEMO_VAE (16 ch), DEMO_VAE_SD1 (4 ch), DEMO_PHOTO
   autoencoder.py       AutoencoderKL, its posterior, encode/decode, load_vae
 """
+from . import model, model_qwenimage, model_hunyuanimage  # noqa: F401 -- the networks, registered in this order
 from .autoencoder import AutoencoderKL, DiagonalGaussian, load_vae
 from .checkpoint import save_vae
 from .config import FAMILIES, VAEConfig, preset

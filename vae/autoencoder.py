@@ -15,19 +15,15 @@ import torch.nn as nn
 
 from . import checkpoint
 from .distributed import Shard
-from .config import FAMILIES_BY_CHANNELS, VAEConfig
+from .config import VAEConfig, families_with
 from .diffusers_compat import Decoded, DecoderOutput, DiffusersVAE, ldm_to_diffusers
 from .errors import KLVAEError
 from .memory import free_memory, return_freed_memory_to_os
-from . import model, model_hunyuanimage, model_qwenimage
 from .precision import Guard, resolve_device, resolve_dtype
 from .tiling import UNLIMITED, Plan, Tiling, TilingReport, make_plan
 
 
 PIXEL_SLACK = 1.5  # pixels beyond +-1.5 are a wrong range (0..255), not resampling overshoot (~1.1)
-
-
-NETWORKS = {"sd": model, "qwenimage": model_qwenimage, "hunyuanimage": model_hunyuanimage}
 
 
 class DiagonalGaussian:
@@ -76,7 +72,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         super().__init__()
         self.config = config
         z = config.latent_channels
-        net = NETWORKS[config.arch]  # the family's network: model.py or model_<family>.py
+        net = config.network.module  # the family's network: model.py or model_<family>.py
         self.encoder = net.Encoder(config)
         self.decoder = net.Decoder(config)
         self.quant_conv, self.post_quant_conv = net.quant_convs(config)
@@ -157,8 +153,8 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     @property
     def temperal_downsample(self) -> list:
         """Qwen-Image's pipelines read this attribute of their VAE (diffusers' spelling) for its scale factor."""
-        if self.config.arch != "qwenimage":
-            raise AttributeError("temperal_downsample: a Qwen-Image VAE attribute")
+        if self.config.temporal_downsample is None:
+            raise AttributeError("temperal_downsample: an attribute of VAEs that take video-shaped tensors")
         return list(self.config.temporal_downsample)
 
     # -- where the model lives ---------------------------------------------------------------
@@ -200,7 +196,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
                        "this is the patchified, normalised form (ComfyUI's LATENT, to_scaled's): from_scaled first")
                 raise KLVAEError(f"latent has {C} channels, this {c.family} VAE's "
                                  f"{'scaled' if scaled else 'raw'} latents have {want}: {fix}")
-            hint = FAMILIES_BY_CHANNELS.get(C, "another model family")
+            hint = families_with(C)
             raise KLVAEError(f"latent has {C} channels but this {c.family} VAE takes {want}: "
                              f"{C} channels suggests {hint}; decode it with a matching VAE")
         if finite:
@@ -255,9 +251,10 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         return post if return_dict else (post,)
 
     def _one_frame(self, t, what) -> tuple:
-        """Qwen-Image's VAE takes video-shaped [B, C, T, H, W] as its pipelines pass them: an image is
-        T = 1, run as [B, C, H, W] (the answer is given back in the shape asked in). (t, was 5-D)."""
-        if self.config.arch != "qwenimage" or not torch.is_tensor(t) or t.dim() != 5:
+        """A video network's VAE (Qwen-Image's) takes video-shaped [B, C, T, H, W] as its pipelines pass
+        them: an image is T = 1, run as [B, C, H, W] (the answer is given back in the shape asked in).
+        (t, was 5-D)."""
+        if not self.config.network.video_shaped or not torch.is_tensor(t) or t.dim() != 5:
             return t, False
         if t.shape[2] != 1:
             raise KLVAEError(f"{what} of shape {tuple(t.shape)} hold {t.shape[2]} frames: klvae runs Qwen-Image's VAE "
@@ -400,7 +397,8 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         (layout='diffusers')."""
         sd = super().state_dict(*args, **kwargs)
         if layout == "ldm":
-            return model_qwenimage.to_original(sd) if self.config.arch == "qwenimage" else sd
+            to_file = self.config.network.to_file
+            return to_file(sd) if to_file is not None else sd
         if layout == "diffusers":
             return ldm_to_diffusers(sd, self.config.arch)
         raise KLVAEError(f"unknown layout {layout!r}: use 'ldm' or 'diffusers'")
@@ -445,8 +443,8 @@ def load_vae(src, device="cpu", dtype="auto", family: str | None = None) -> Auto
     """A ready AutoencoderKL (eval, no grad) from a path, a diffusers folder or a state dict.
 
     device: "auto" | "cpu" | "gpu" | "cuda:N"; dtype: "auto" (bf16 on GPUs that have it, fp16 on
-    older ones, fp32 on the CPU) | "fp32" | "fp16" | "bf16"; family: "sd1" | "sdxl" | "sd3" | "flux"
-    when the file cannot say. On glibc, the first CPU model fixes malloc's mmap threshold so that
+    older ones, fp32 on the CPU) | "fp32" | "fp16" | "bf16"; family: a name of config.FAMILIES
+    ("sd1", "sdxl", ...) when the file cannot say. On glibc, the first CPU model fixes malloc's mmap threshold so that
     freed activations go back to the OS (memory.py; KLVAE_KEEP_MALLOC=1 opts out)."""
     return AutoencoderKL.load(src, device, dtype, family)
 

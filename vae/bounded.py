@@ -35,7 +35,8 @@ import torch
 from .errors import KLVAEError
 from .groupnorm import Stats
 from .memory import PeakMeter
-from .ops import Progress, Scratch, Tile, conv3x3, normed
+from . import verbs
+from .ops import Progress, Scratch, Tile, normed
 
 MOSAIC_CROP = 4   # latent px: each crop's side (why 4: docs/measurements.md)
 MOSAIC_CAP = 128  # latent px per side: the mosaic's decode is at most a 1024x1024 one
@@ -77,55 +78,85 @@ class Rows:
             self.held = rows_from(parts, parts[0].y0)
             return None
         out = self.fn(self.prep(parts))
-        self.held = None if out.y1 == out.H else rows_from(parts, self.need(out.y1))
+        keep = self.need(out.y1)
+        # an op that reads no row beyond its outputs' own (a per-cell shortcut) may keep none
+        self.held = None if out.y1 == out.H or keep >= parts[-1].y1 else rows_from(parts, keep)
         return out
 
 
-class Residual:
-    """A block with a residual streamed: its branch ops, and its input rows held until the branch
-    has produced their outputs (two rows later). The shortcut is added part by part, so the block's
-    input is never concatenated."""
+class Chain:
+    """Ops one after the other: what one op completes is pushed into the next."""
 
-    def __init__(self, branch: list, shortcut):
-        self.branch, self.shortcut, self.skip = branch, shortcut, None
+    def __init__(self, ops: list):
+        self.ops = ops
 
     def push(self, t):
-        h = t
-        for op in self.branch:
-            h = op.push(h)
-        parts = [p for p in (self.skip, t) if p is not None]
+        for op in self.ops:
+            t = op.push(t)
+        return t
+
+
+class Residual:
+    """A residual streamed: the branch's ops, and the shortcut's rows (its input's, or a resampling
+    shortcut's outputs) held until the branch has produced the same rows (a few rows later: the
+    branch reads around its rows, the shortcut does not). `add(y, p)` adds held shortcut rows p
+    into branch rows y in place; parts are added one by one, so the block's input is never
+    concatenated."""
+
+    def __init__(self, branch, shortcut, add):
+        self.branch, self.shortcut, self.add, self.parts = branch, shortcut, add, []
+
+    def push(self, t):
+        h = self.branch.push(t)
+        s = t if self.shortcut is None else self.shortcut.push(t)
+        if s is not None:
+            self.parts.append(s)
         if h is None:
-            self.skip = rows_from(parts, parts[0].y0) if parts else None
             return None
-        for p in parts:
+        for p in self.parts:
             a0, a1 = max(h.y0, p.y0), min(h.y1, p.y1)
             if a0 < a1:
-                h.data[:, :, a0 - h.y0:a1 - h.y0].add_(self.shortcut(p.crop(a0, a1, h.x0, h.x1).data))
-        self.skip = None if h.y1 == h.H else rows_from(parts, h.y1)
+                self.add(h.data[:, :, a0 - h.y0:a1 - h.y0], p.crop(a0, a1, h.x0, h.x1).data)
+        rest = [p for p in self.parts if p.y1 > h.y1]
+        self.parts = [rows_from(rest, h.y1)] if rest and h.y1 < h.H else []
         return h
 
 
 class Streamer:
-    """What a Step builds its streaming op from (layers.Step.stream). Frozen statistics: the k-th
-    GroupNorm made uses stats[k]. record: the input is pushed whole, once, and each GroupNorm
-    measures its own input (exact statistics of that input) and appends them to stats."""
+    """Builds bounded mode's streamed ops from a layer's description (verbs.py). Frozen statistics:
+    the k-th GroupNorm met uses stats[k]. record: the input is pushed whole, once, and each
+    GroupNorm measures its own input (exact statistics of that input) and appends them to stats."""
 
     def __init__(self, stats: list, record: bool, progress: Progress, scratch: Scratch):
         self.stats, self.record, self.progress, self.scratch, self.k = stats, record, progress, scratch, 0
 
-    def op(self, fn, need, prep=joined, counts: bool = False) -> Rows:
-        """Any row op: fn maps a Tile of input rows to the Tile of valid outputs, need(o) is the first
-        input row output row o reads, prep makes fn's input from the held and new rows; `counts`: one
-        progress step per push (a layer type counts as many as its Step.norms says)."""
-        return Rows(fn, need, self.progress if counts else None, prep)
+    def build(self, d):
+        ops = [self.one(item) for item in verbs.sequence(d)]
+        return ops[0] if len(ops) == 1 else Chain(ops)
 
-    def conv(self, conv) -> Rows:
-        return Rows(lambda t: conv3x3(conv, t), lambda o: max(0, o - 1))
-
-    def norm_conv(self, norm, conv) -> Rows:
-        """GroupNorm -> SiLU -> 3x3 conv; the normalised rows (held and new) go straight into one
-        warm buffer."""
-        i, self.k = self.k, self.k + 1
+    def one(self, item):
+        if isinstance(item, verbs.Attention):
+            raise KLVAEError("bounded mode streams the layers after the attention, never the attention itself")
+        if isinstance(item, verbs.Residual):
+            branch = self.build(item.branch)  # first: the statistics are indexed in order
+            sc = item.shortcut
+            shortcut = self.one(sc) if isinstance(sc, verbs.Rows) else None
+            if item.add is not None:
+                add = item.add
+            elif sc is None or isinstance(sc, verbs.Rows):
+                add = lambda y, p: y.add_(p)
+            else:
+                add = lambda y, p: y.add_(sc(p))
+            return Residual(branch, shortcut, add)
+        norm = item.norm
+        if norm is None:
+            return Rows(item.fn, item.need)
+        if isinstance(norm, verbs.PerPixel):
+            def prep(parts) -> Tile:
+                data = norm.fn([p.data for p in parts], self.scratch)
+                return parts[-1]._replace(data=data, y0=parts[0].y0)
+            return Rows(item.fn, item.need, self.progress, prep)
+        i, self.k = self.k, self.k + 1  # GroupNorm -> (SiLU): the normalised rows go into one warm buffer
 
         def prep(parts) -> Tile:
             if self.record:
@@ -134,12 +165,10 @@ class Streamer:
                 st = Stats()
                 st.add(parts[0].data)  # its fp32 deviations buffer freed at once
                 self.stats.append(st)
-            data = normed([p.data for p in parts], self.stats[i].affine(norm, parts[0].data.dtype), self.scratch)
+            data = normed([p.data for p in parts], self.stats[i].affine(norm.norm, parts[0].data.dtype),
+                          self.scratch, act=norm.act)
             return parts[-1]._replace(data=data, y0=parts[0].y0)
-        return Rows(lambda t: conv3x3(conv, t), lambda o: max(0, o - 1), self.progress, prep)
-
-    def residual(self, *branch, shortcut) -> Residual:
-        return Residual(list(branch), shortcut)
+        return Rows(item.fn, item.need, self.progress, prep)
 
 
 def halo_of(steps) -> int:
@@ -293,7 +322,7 @@ def run(steps, x: torch.Tensor, p) -> tuple:
     def whole(src):  # one push of the whole input, recording exact statistics of it (own buffers: freed after)
         t = Tile(src, 0, src.shape[2], 0, src.shape[3], src.shape[2], src.shape[3], r0)
         streamer = Streamer(stats, True, progress, Scratch())
-        for op in [s.stream(streamer) for s in tiled]:
+        for op in [streamer.build(s.describe()) for s in tiled]:
             t = op.push(t)
         return t.data
 
@@ -309,7 +338,7 @@ def run(steps, x: torch.Tensor, p) -> tuple:
         for cx0, cx1 in zip(xs, xs[1:]):
             x0, x1 = max(0, cx0 * r0 - halo), min(W, cx1 * r0 + halo)
             streamer = Streamer(stats, False, progress, scratch)
-            ops = [s.stream(streamer) for s in tiled]
+            ops = [streamer.build(s.describe()) for s in tiled]
             for y0, y1 in zip(ys, ys[1:]):
                 t = Tile(x[:, :, y0 * r0:y1 * r0, x0:x1], y0 * r0, y1 * r0, x0, x1, H, W, r0)
                 for op in ops:

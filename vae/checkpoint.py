@@ -29,13 +29,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import model_hunyuanimage, model_qwenimage
-from .config import CUSTOM, FAMILIES, VAEConfig
+from .config import CUSTOM, FAMILIES, FLOATS, NETWORKS, VAEConfig, family_titles
 from .diffusers_compat import (DIFFUSERS_NAMES, config_fields, diffusers_config, diffusers_key_to_ldm, flag, integer,
                                is_attention_projection, is_diffusers_layout, levels_of, number,
                                read_config_json, vector)
 from .errors import KLVAEError
-from .precision import FLOATS
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
@@ -130,7 +128,7 @@ def _diffusers_folder(path: Path) -> Source:
         raise KLVAEError(f"folder {path} has no config.json file: pass a diffusers VAE folder or a weights file")
     cfg = read_config_json(cfg_file)
     cls = cfg.get("_class_name", "AutoencoderKL")
-    known = ("AutoencoderKL", "AutoencoderKLFlux2") + tuple(c for a in DIFFUSERS_NAMES.values() for c in a.classes)
+    known = tuple(c for a in DIFFUSERS_NAMES.values() for c in a.classes)
     if cls not in known:
         raise KLVAEError(f"{path} holds a diffusers {str(cls)[:40]}, which klvae does not load: it loads "
                          f"{', '.join(known)}")
@@ -203,15 +201,6 @@ def what_is_it(keys) -> str:
     return f"an unrecognised model (first keys: {', '.join(k[:60] for k in ks[:3])})"
 
 
-# Keys that tell a family's network apart (after the prefix): Qwen-Image's (Wan 2.1's) in its own
-# and in diffusers' layout, HunyuanImage-2.1's in ComfyUI's (an SD decoder's up.0 never upsamples)
-# and in diffusers' (flat down_blocks: resnets and resamples in one list).
-ARCH_MARKERS = (("qwenimage", "original", "decoder.middle.0.residual.0.gamma"),
-                ("qwenimage", "diffusers", "decoder.mid_block.resnets.0.norm1.gamma"),
-                ("hunyuanimage", "ldm", "decoder.up.0.upsample.conv.weight"),
-                ("hunyuanimage", "diffusers", "encoder.down_blocks.0.norm1.weight"))
-
-
 def find_prefix(src: Source) -> str:
     """'' for a lone VAE, 'first_stage_model.' or 'vae.' inside a whole checkpoint."""
     keys = set(src.keys)
@@ -219,19 +208,20 @@ def find_prefix(src: Source) -> str:
         first = [p + k for k in ("encoder.conv_in.weight", "decoder.conv_in.weight", "encoder.conv1.weight",
                                  "decoder.conv1.weight") if p + k in keys]
         if first:
-            qwen = any(p + marker in keys for arch, _, marker in ARCH_MARKERS if arch == "qwenimage")
-            if len(src.shape(first[0])) == 5 and not qwen:
-                raise KLVAEError(f"{src.name} is a video VAE (3-D convolutions) klvae does not load: it loads 2-D KL "
-                                 f"autoencoders (SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2, HunyuanImage-2.1) and "
-                                 f"Qwen-Image's (Wan 2.1's) for images")
+            video = NETWORKS[arch_of(k[len(p):] for k in keys if k.startswith(p))[0]].video_shaped
+            if len(src.shape(first[0])) == 5 and not video:
+                raise KLVAEError(f"{src.name} is a video VAE (3-D convolutions) klvae does not load: it loads the VAEs "
+                                 f"of {family_titles()} (Qwen-Image's, Wan 2.1's, for images)")
             return p
     raise KLVAEError(f"{src.name} is not a VAE: it looks like {what_is_it(src.keys)}")
 
 
 def arch_of(keys) -> tuple:
-    """(network, key layout) of a VAE's keys (after the prefix): ('sd', None) unless a marker says."""
+    """(network, key layout) of a VAE's keys (after the prefix): ('sd', None) unless a network's
+    marker keys (config.Network.markers) say."""
     keys = set(keys)
-    return next(((arch, layout) for arch, layout, marker in ARCH_MARKERS if marker in keys), ("sd", None))
+    return next(((net.name, layout) for net in NETWORKS.values() for layout, marker in net.markers if marker in keys),
+                ("sd", None))
 
 
 def check_indices(name: str, keys) -> None:
@@ -387,12 +377,12 @@ def family_hints(src: Source, explicit=None):
         stated["force_upcast"] = flag(md["klvae.force_upcast"], f"{src.name}: metadata klvae.force_upcast")
     if "klvae.batch_norm_eps" in md:
         stated["batch_norm_eps"] = number(md["klvae.batch_norm_eps"], f"{src.name}: metadata klvae.batch_norm_eps")
+    # The families' own words and file-name patterns, the last registered first: a later family's
+    # name holds an earlier one's (flux2's flux, sdxl's v2-era names), so it must be tried before it.
     arch = (md.get("modelspec.architecture", "") + " " + md.get("ss_base_model_version", "")).lower()
-    for word, fam in (("flux", "flux"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"), ("xl", "sdxl"),
-                      ("stable-diffusion-v1", "sd1"), ("sd_v1", "sd1"), ("v2", "sd1")):
-        if word in arch:
-            hints.append((fam, "file metadata"))
-            break
+    said = next((f.name for f in reversed(FAMILIES.values()) if any(w in arch for w in f.metadata_words)), None)
+    if said:
+        hints.append((said, "file metadata"))
     dc = src.config_json
     if dc:
         fields = config_fields(dc)
@@ -405,12 +395,9 @@ def family_hints(src: Source, explicit=None):
             stated_from = "config.json"
         stated.update(fields)
     name = src.name.lower()
-    for pattern, fam in ((r"flux[._-]?2", "flux2"), (r"flux|(^|/)ae\.safetensors", "flux"), (r"sd3|sd35|sd_3", "sd3"),
-                         (r"sdxl|(^|[^a-z])xl([^a-z]|$)|pony|illustrious", "sdxl"),
-                         (r"sd15|sd-?1|sd_?v?1|sd2|vae-ft-(mse|ema)|kl-f8|orangemix|anything", "sd1")):
-        if re.search(pattern, name):
-            hints.append((fam, "the file name"))
-            break
+    named = next((f.name for f in reversed(FAMILIES.values()) if f.file_names and re.search(f.file_names, name)), None)
+    if named:
+        hints.append((named, "the file name"))
     return hints, stated, stated_from
 
 
@@ -462,31 +449,18 @@ def read(src, family=None, config_json=None, name=None) -> Checkpoint:
 
 
 def read_family(source: Source, arch: str, layout: str, keys: dict, family=None) -> Checkpoint:
-    """A Qwen-Image or HunyuanImage-2.1 VAE: klvae's names for the source's keys (through the family's
-    own key maps), its shape from the tensors, its family's conventions."""
-    if family is not None and family != arch:
-        raise KLVAEError(f"{source.name} holds a {FAMILIES[arch].note} VAE, not a {str(family)[:40]} one: drop the "
+    """A VAE of a network with its own model file (Qwen-Image's, HunyuanImage-2.1's): klvae's names
+    for the source's keys and its shape, through the network's `read`; its family's conventions."""
+    net = NETWORKS[arch]
+    f = net.families[0]
+    if family is not None and family not in (p.name for p in net.families):
+        raise KLVAEError(f"{source.name} holds a {f.note} VAE, not a {str(family)[:40]} one: drop the "
                          f"family argument (the file's network says which it is)")
-    if arch == "qwenimage":
-        original = keys if layout == "original" else model_qwenimage.diffusers_to_original(keys)
-        shape = lambda k: source.shape(original[k])
-        fields = model_qwenimage.config_from_shapes(shape, original.keys())
-        names = model_qwenimage.from_original(original)
-    else:
-        names = keys if layout == "ldm" else {new: keys[old] for old, new in model_hunyuanimage.diffusers_to_comfy(keys).items()}
-        fields = model_hunyuanimage.config_from_shapes(lambda k: source.shape(names[k]), names.keys())
-        widths = fields.pop("block_out_channels")
-        if fields.pop("downscale") != 2 ** (len(widths) - 1):
-            raise KLVAEError(f"{source.name}: a HunyuanImage VAE that resamples at fewer levels than it has is not "
-                             f"supported (the released one resamples at each of its 6 levels but the last)")
-        fields.update(ch=widths[0], ch_mult=tuple(w // widths[0] for w in widths))
-        if any(w % widths[0] for w in widths):
-            raise KLVAEError(f"{source.name}: level widths {widths} are not multiples of the first")
-    f = FAMILIES[arch]
+    names, fields = net.read(source.name, source.shape, keys, layout)
     stated = config_fields(source.config_json) if source.config_json else {}
     try:
-        cfg = replace(VAEConfig(family=arch, arch=arch, use_quant_conv=f.quant_conv, use_post_quant_conv=f.quant_conv,
-                                notes=(f"{f.note}, {layout} key layout",), **fields).with_family(arch), **stated)
+        cfg = replace(VAEConfig(family=f.name, arch=arch, use_quant_conv=f.quant_conv, use_post_quant_conv=f.quant_conv,
+                                notes=(f"{f.note}, {layout} key layout",), **fields).with_family(f.name), **stated)
     except KLVAEError as e:
         raise KLVAEError(f"{source.name}: {e}") from e
     return Checkpoint(source, cfg, names, "diffusers" if layout == "diffusers" else "ldm")

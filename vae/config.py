@@ -1,4 +1,10 @@
-"""VAEConfig: the shape of a KL autoencoder, and the families that share one architecture.
+"""VAEConfig: the shape of a KL autoencoder; the registry of the networks klvae builds and their families.
+
+Each network's model file (model.py: SD1.x/2.x, SDXL, SD3, Flux.1, Flux.2; model_qwenimage.py;
+model_hunyuanimage.py) makes one `Network` (its builders, presets, file markers, key maps, diffusers
+names, its own checks) and registers it here (`register_network`); vae/__init__.py imports them in
+the order lists print them. `FAMILIES` and `NETWORKS` are what the loader, the presets, the CLI,
+the nodes and the error messages read: nothing outside a family's own file names it.
 
 The numbers come from the released VAEs (LDM `first_stage_config`, diffusers `config.json`):
 SD1.x/2.x and SDXL are 4-channel with quant convs, SD3 and Flux.1 are 16-channel without them,
@@ -11,23 +17,20 @@ naming the value, before a single module is built from it.
 """
 import math
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
-from .diffusers_compat import DiffusersNames
+import torch
+
+from .diffusers_compat import DiffusersNames, register_arch
 from .errors import KLVAEError
 
 
-ARCHS = ("sd", "qwenimage", "hunyuanimage")  # the networks: model.py, model_qwenimage.py, model_hunyuanimage.py
-
-# Qwen-Image's per-channel latent statistics (its VAE's config.json, ComfyUI's latent_formats.Wan21):
-# its pipelines hand the denoiser (raw - mean) / std.
-QWEN_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-QWEN_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-                    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes a VAE computes in
 
 
 @dataclass(frozen=True)
 class Family:
+    """A released VAE's conventions: what its pipelines scale latents by, its latent statistics."""
     name: str
     latent_channels: int
     scaling_factor: float
@@ -36,34 +39,63 @@ class Family:
     note: str = ""
     force_upcast: bool = False  # diffusers pipelines run it in fp32 when given fp16
     batch_norm: bool = False    # latents normalised by a BatchNorm over 2x2 patches (Flux.2)
-    arch: str = "sd"            # which network (ARCHS)
+    arch: str = "sd"            # which network (NETWORKS)
     latents_mean: tuple | None = None  # per-channel latent statistics its pipelines normalise with
     latents_std: tuple | None = None
     shape: tuple = ()           # the released network's shape: VAEConfig fields
+    sample_size: int = 512      # diffusers config.json's sample_size (its own tiling threshold)
+    metadata_words: tuple = ()  # words in a file's modelspec/ss_ metadata that name this family
+    file_names: str = ""        # a regular expression on file names that suggests this family
 
 
-FAMILIES = {
-    "sd1": Family("sd1", 4, 0.18215, 0.0, True, "Stable Diffusion 1.x/2.x"),
-    "sdxl": Family("sdxl", 4, 0.13025, 0.0, True, "SDXL (overflows fp16 in the decoder)", True),
-    "sd3": Family("sd3", 16, 1.5305, 0.0609, False, "Stable Diffusion 3 / 3.5"),
-    "flux": Family("flux", 16, 0.3611, 0.1159, False, "Flux.1"),
-    # Flux.2: no scale or shift; its pipelines normalise 2x2-patchified latents with the VAE's
-    # BatchNorm running statistics instead (to_scaled / from_scaled).
-    "flux2": Family("flux2", 32, 1.0, 0.0, True, "Flux.2 (BatchNorm-normalised 2x2 patches)", batch_norm=True),
-    # Qwen-Image (and its Edit models): Wan 2.1's causal video VAE, run on single frames (T = 1).
-    "qwenimage": Family("qwenimage", 16, 1.0, 0.0, True, "Qwen-Image (Wan 2.1's VAE, images as T = 1)",
-                        arch="qwenimage", latents_mean=QWEN_LATENTS_MEAN, latents_std=QWEN_LATENTS_STD,
-                        shape=(("ch", 96), ("temporal_downsample", (False, True, True)))),
-    # HunyuanImage-2.1: GroupNorm resnets, 32x down by space-to-channel, 64 latent channels.
-    "hunyuanimage": Family("hunyuanimage", 64, 0.75289, 0.0, False, "HunyuanImage-2.1 (32x, 64 channels)",
-                           arch="hunyuanimage", shape=(("ch", 128), ("ch_mult", (1, 2, 4, 4, 8, 8)))),
-}
+@dataclass(frozen=True)
+class Network:
+    """One network klvae builds, everything about it in one object. Its model file (model.py,
+    model_<family>.py) makes it and calls `register_network`; nothing outside that file compares a family
+    or network name. Adding a family is one new model file and one line in vae/__init__.py."""
+    name: str
+    module: object                   # the model file: Encoder(cfg), Decoder(cfg), quant_convs(cfg)
+    families: tuple                  # its presets (Family), in the order lists print them
+    markers: tuple = ()              # (layout, key): keys (after any prefix) only its files have
+    read: Callable | None = None     # (name, shape, keys, layout) -> ({klvae key: file key}, VAEConfig fields)
+    to_file: Callable | None = None  # klvae's keys -> its own file layout (None: the same keys)
+    diffusers: object = None         # its diffusers_compat.ArchNames (class names, config, key maps)
+    video_shaped: bool = False       # its pipelines pass [B, C, T, H, W] (an image is T = 1)
+    group_norms: bool = True         # its norms are GroupNorms: norm_groups must divide every width
+    check: Callable | None = None    # its own VAEConfig checks: check(cfg) raises a KLVAEError
+    narrow: Callable | None = None   # (preset config, overrides) -> overrides, for narrowed networks
+
+
+NETWORKS = {}   # name -> Network, in registration order (vae/__init__.py imports the model files)
+FAMILIES = {}   # name -> Family, every network's presets in that order
+
+
+def register_network(network: Network) -> None:
+    """Make a network and its families known to the loader, the presets, diffusers' names and the lists."""
+    NETWORKS[network.name] = network
+    for f in network.families:
+        FAMILIES[f.name] = f
+    if network.diffusers is not None:
+        register_arch(network.name, network.diffusers)
+
+
 CUSTOM = "custom"  # a VAE of this architecture that no released family matches
-# Which family a latent channel count suggests, for error messages.
-FAMILIES_BY_CHANNELS = {4: "sd1/sdxl", 16: "sd3/flux or qwenimage (check which model made it)",
-                        64: "hunyuanimage (HunyuanImage-2.1)", 8: "a video/other VAE",
-                        32: "flux2 (Flux.2's raw latent)",
-                        128: "flux2 in its patchified, normalised form (ComfyUI's Flux.2 LATENT, or to_scaled's)"}
+# What a latent channel count suggests beyond the families' own (the error messages): forms no family's raw latent has.
+OTHER_LATENTS = {8: "a video/other VAE",
+                 128: "flux2 in its patchified, normalised form (ComfyUI's Flux.2 LATENT, or to_scaled's)"}
+
+
+def families_with(channels: int) -> str:
+    """The families whose raw latents have this many channels, in words, for error messages."""
+    names = [f.name for f in FAMILIES.values() if f.latent_channels == channels]
+    if names:
+        return "/".join(names) + (" (check which model made it)" if len(names) > 1 else "")
+    return OTHER_LATENTS.get(channels, "another model family")
+
+
+def family_titles() -> str:
+    """The families klvae loads, as their notes name them: "Stable Diffusion 1.x/2.x, SDXL, ..."."""
+    return ", ".join(f.note.split(" (")[0] for f in FAMILIES.values())
 
 # Bounds a config must keep. Released VAEs: ch 128, 4 levels, 2 res blocks, <= 32 latent channels.
 MAX_CH, MAX_WIDTH, MAX_LEVELS, MAX_RES_BLOCKS, MAX_LATENT, MAX_IO = 1024, 4096, 8, 8, 256, 16
@@ -93,13 +125,13 @@ class VAEConfig(DiffusersNames):
     batch_norm: bool = False
     batch_norm_eps: float = 1e-4
     notes: tuple = field(default=(), compare=False)  # how the config was inferred (for `info`)
-    arch: str = "sd"                       # the network (ARCHS): SD-style, Qwen-Image's, HunyuanImage's
+    arch: str = "sd"                       # the network (NETWORKS): SD-style, Qwen-Image's, HunyuanImage's
     temporal_downsample: tuple | None = None  # qwenimage: per level, whether video frames are downsampled
     match_channels: bool = True            # hunyuanimage: resamples change to the next level's width
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise KLVAEError(f"unknown architecture {self.arch!r}: klvae builds {', '.join(ARCHS)}")
+        if self.arch not in NETWORKS:
+            raise KLVAEError(f"unknown architecture {self.arch!r}: klvae builds {', '.join(NETWORKS)}")
         if self.family not in FAMILIES and self.family != CUSTOM:
             raise KLVAEError(f"unknown family {self.family!r}: use one of {', '.join(FAMILIES)} (or '{CUSTOM}')")
         for name, lo, hi in (("in_channels", 1, MAX_IO), ("out_channels", 1, MAX_IO), ("ch", 1, MAX_CH),
@@ -113,7 +145,7 @@ class VAEConfig(DiffusersNames):
         for m in self.ch_mult:
             _int_in("ch_mult entry", m, 1, MAX_WIDTH // self.ch)
         bad = [w for w in self.block_out_channels + self.decoder_block_out_channels if w % self.norm_groups]
-        if bad and self.arch != "qwenimage":  # Qwen-Image's RMS norms have no groups
+        if bad and self.network.group_norms:  # RMS norms (Qwen-Image's) have no groups
             raise KLVAEError(f"norm_groups {self.norm_groups} does not divide the width {bad[0]}: GroupNorm needs "
                              f"groups that divide every width (released VAEs use 32)")
         for name in ("use_quant_conv", "use_post_quant_conv", "force_upcast", "batch_norm"):
@@ -140,10 +172,17 @@ class VAEConfig(DiffusersNames):
             raise KLVAEError("latents_mean and latents_std come together: state both or neither")
         if self.latents_std is not None and min(self.latents_std) <= 0:
             raise KLVAEError(f"latents_std must be positive, got {min(self.latents_std)}")
-        if self.arch == "qwenimage" and (not isinstance(self.temporal_downsample, tuple) or len(
-                self.temporal_downsample) != len(self.ch_mult) - 1 or not all(isinstance(b, bool) for b in self.temporal_downsample)):
-            raise KLVAEError(f"temporal_downsample {str(self.temporal_downsample)[:60]}: Qwen-Image's VAE needs one flag "
-                             f"(True/False) per level transition, {len(self.ch_mult) - 1} here")
+        if self.network.check is not None:
+            self.network.check(self)
+
+    @property
+    def network(self) -> Network:
+        return NETWORKS[self.arch]
+
+    @property
+    def sample_size(self) -> int:
+        """diffusers config.json's sample_size: the family's (512 for a custom VAE)."""
+        return FAMILIES[self.family].sample_size if self.family in FAMILIES else 512
 
     @property
     def downscale(self) -> int:
@@ -182,8 +221,6 @@ def preset(family: str, **overrides) -> VAEConfig:
                     use_post_quant_conv=f.quant_conv, scaling_factor=f.scaling_factor,
                     shift_factor=f.shift_factor, force_upcast=f.force_upcast, batch_norm=f.batch_norm,
                     arch=f.arch, latents_mean=f.latents_mean, latents_std=f.latents_std, **dict(f.shape))
-    if f.arch == "qwenimage" and "ch_mult" in overrides and "temporal_downsample" not in overrides:
-        # the released flags belong to 4 levels; a narrowed test network keeps the last ones it has room for
-        levels = len(overrides["ch_mult"])
-        overrides["temporal_downsample"] = cfg.temporal_downsample[len(cfg.temporal_downsample) - levels + 1:] if levels > 1 else ()
+    if NETWORKS[f.arch].narrow is not None:
+        overrides = NETWORKS[f.arch].narrow(cfg, dict(overrides))
     return replace(cfg, **overrides)

@@ -100,9 +100,11 @@ def is_attention_projection(ldm_key: str) -> bool:
 
 def ldm_to_diffusers(sd: dict, arch: str = "sd") -> dict:
     """A state dict with klvae's keys -> diffusers' (SD-style: attention projections as Linear [C, C];
-    another family: its own map, registered by its model module)."""
-    if arch != "sd":
-        return DIFFUSERS_NAMES[arch].to_diffusers(sd)
+    another network: its own map, registered by its model file)."""
+    return DIFFUSERS_NAMES[arch].to_diffusers(sd)
+
+
+def sd_to_diffusers(sd: dict) -> dict:
     levels = levels_of(sd, "ldm")
     return {ldm_key_to_diffusers(k, levels): v.reshape(v.shape[:2]) if is_attention_projection(k) else v
             for k, v in sd.items()}
@@ -116,8 +118,8 @@ class ArchNames(NamedTuple):
     from_diffusers: object        # the inverse
 
 
-# A family whose network is not SD-style registers its diffusers side here (model_<family>.py), as its
-# layer types register with layers.register.
+# Each network's diffusers side, by network name: the SD-style one's is this module's own (below);
+# another network's comes with its model file (config.register).
 DIFFUSERS_NAMES = {}
 
 
@@ -129,9 +131,11 @@ def register_arch(arch: str, names: ArchNames) -> None:
 def diffusers_config(cfg) -> dict:
     """The config.json diffusers.AutoencoderKL.from_pretrained needs, scale and shift included
     (AutoencoderKLFlux2's for a VAE with a latent BatchNorm: no scale or shift, the BatchNorm's eps;
-    another family's own class and config)."""
-    if getattr(cfg, "arch", "sd") != "sd":
-        return DIFFUSERS_NAMES[cfg.arch].config(cfg)
+    another network's own class and config)."""
+    return DIFFUSERS_NAMES[getattr(cfg, "arch", "sd")].config(cfg)
+
+
+def sd_config(cfg) -> dict:
     n = len(cfg.ch_mult)
     if cfg.batch_norm:
         return {"_class_name": "AutoencoderKLFlux2", "act_fn": "silu", "in_channels": cfg.in_channels,
@@ -147,7 +151,7 @@ def diffusers_config(cfg) -> dict:
             "out_channels": cfg.out_channels, "latent_channels": cfg.latent_channels,
             "block_out_channels": list(cfg.block_out_channels), "layers_per_block": cfg.num_res_blocks,
             "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-            "norm_num_groups": cfg.norm_groups, "sample_size": 1024 if cfg.family == "sdxl" else 512,
+            "norm_num_groups": cfg.norm_groups, "sample_size": cfg.sample_size,
             "scaling_factor": cfg.scaling_factor,
             "shift_factor": cfg.shift_factor if cfg.shift_factor else None,
             "use_quant_conv": cfg.use_quant_conv, "use_post_quant_conv": cfg.use_post_quant_conv,
@@ -155,6 +159,10 @@ def diffusers_config(cfg) -> dict:
             "latents_std": list(cfg.latents_std) if cfg.latents_std is not None else None,
             "force_upcast": cfg.force_upcast,
             "mid_block_add_attention": True}
+
+
+# The SD-style network's diffusers side (model.py registers it with its Network).
+SD_NAMES = ArchNames(("AutoencoderKL", "AutoencoderKLFlux2"), sd_config, sd_to_diffusers, None)
 
 
 def read_config_json(path) -> dict:

@@ -4,7 +4,7 @@
 initialised torch.distributed process group (gloo on CPUs, NCCL between GPUs). Rank r owns latent
 rows [r*h/N, (r+1)*h/N) and the same image region at every resolution. Per segment, what crosses
 between ranks is exactly what the untiled network would read across a band boundary:
-* the one row above and below a rank's band that its 3x3 convolutions read (point-to-point
+* the rows above and below a rank's band that its ops read (one for a 3x3 conv: verbs.reach; point-to-point
   send/recv with the two neighbours: 1-4 MiB per segment at 8192^2 in bf16, against all_gathering
   whole bands);
 * each GroupNorm's per-channel count, mean and squared deviations (all_gather of [3, B, C] float64
@@ -44,10 +44,11 @@ class Shard:
         r = H // self.h
         return self.rank * self.h // self.size * r, (self.rank + 1) * self.h // self.size * r
 
-    def held(self, H: int) -> tuple:
-        """The rows a store keeps: this rank's, plus the one row around them a 3x3 conv reads."""
+    def held(self, H: int, reach: int = 1) -> tuple:
+        """The rows a store keeps: this rank's, plus the `reach` rows around them that the network's
+        ops read (verbs.reach: one for 3x3 convs)."""
         lo, hi = self.rows(H)
-        return max(0, lo - 1), min(H, hi + 1)
+        return max(0, lo - reach), min(H, hi + reach)
 
     # -- collectives, each failure one line ----------------------------------------------------------
     def _call(self, what, fn):
@@ -57,13 +58,15 @@ class Shard:
             raise KLVAEError(f"distributed {what} failed on rank {self.rank} of {self.size}: a rank died or did "
                              f"not answer in time ({str(e).strip().splitlines()[0][:120]})") from e
 
-    def exchange(self, store) -> None:
-        """Fill the halo rows of a store from the neighbouring ranks (and send them theirs)."""
+    def exchange(self, store, reach: int = 1) -> None:
+        """Fill the `reach` halo rows on each side of a store from the neighbouring ranks (and send
+        them theirs). A neighbour's band is at least one latent row, so at least `reach` rows at any
+        resolution where reach <= the resolution's px per latent px; the planner checks the rest."""
         lo, hi = self.rows(store.H)
         ops, recv = [], []
-        for peer, mine, theirs in ((self.rank - 1, lo, lo - 1), (self.rank + 1, hi - 1, hi)):
+        for peer, mine, theirs in ((self.rank - 1, lo, lo - reach), (self.rank + 1, hi - reach, hi)):
             if 0 <= peer < self.size:
-                out = store.rows(mine, mine + 1).contiguous()
+                out = store.rows(mine, mine + reach).contiguous()
                 buf = torch.empty_like(out)
                 ops += [dist.P2POp(dist.isend, out, peer, self.group), dist.P2POp(dist.irecv, buf, peer, self.group)]
                 recv.append((theirs, buf))

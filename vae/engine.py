@@ -10,13 +10,14 @@ everything between two barriers is local: one 3x3 conv reads one pixel around ea
 So the engine runs the network layer by layer instead of tile by tile from the input:
 * Every activation at a barrier exists once, in a **store** (`Store`: the compute device, host
   memory, or a memory-mapped file in a spill folder).
-* A segment (norm -> SiLU -> conv, or an up/downsample, or the attention's projections) runs band
-  by band: it reads its band's rows plus one row above and below from the input store, applies
-  the norm with the *whole image's* statistics, convolves, writes the band into the output store,
+* A pass (norm -> SiLU -> conv, or an up/downsample, or the attention's projections) runs band
+  by band: it reads its band's rows plus the rows its op declares above and below (one for a 3x3
+  conv) from the input store, applies the norm with the *whole image's* statistics, convolves,
+  writes the band into the output store,
   and adds the band's per-channel count, mean and squared deviations to the next norm's statistics
   (Chan's parallel combination in float64: the bands partition the image, so these are the whole
   image's statistics, exactly, not an average of per-band ones).
-* The halo is one row per segment (the 3x3 conv), not the ~104 px receptive field from the latent
+* The halo is one row per pass (the 3x3 conv), not the ~104 px receptive field from the latent
   up that tile-by-tile execution recomputes: compute is one untiled pass plus a few rows.
 * Bands span the full width: rows of a channels-last activation are contiguous, so a band is one
   slice of memory (a view on the device, one sequential read from host memory or disk), and the
@@ -30,13 +31,18 @@ So the engine runs the network layer by layer instead of tile by tile from the i
 Exactness: the results equal the untiled pass up to float summation order (the tests hold
 max |tiled - untiled| <= 1e-4 on every shape and family).
 
-What each layer type does in a segment is its own (`Step.segment` in layers.py); this module is
-the machinery they share: stores, the bands of an activation, statistics passed along, progress.
+What a layer type computes is its own description (`Step.describe`, in the verbs of verbs.py);
+this module interprets descriptions: one band loop for every row op (`row_pass`: a conv after
+its norm, a resample, a pixel shuffle; in a residual's last op, the shortcut added as each band is
+written), one for the global attention (`attention_pass`), and residuals that keep their input
+store alive across the layers they span (`residual_pass`). Each op's band reads the rows its
+description declares (`Rows.span`), not an assumed one row. Plus the machinery: stores, the bands
+of an activation, statistics passed along, progress.
 
 Several processes: with a `Shard` (distributed.py) each rank computes its own band of rows at
-every resolution, its stores hold those rows and the one halo row on each side, which the
-neighbouring ranks send before each segment; statistics, attention keys/values and the result
-are gathered. Nothing else changes.
+every resolution, its stores hold those rows and the halo rows on each side (`verbs.reach` of the
+network: one for 3x3 convs), which the neighbouring ranks send before each pass; statistics,
+attention keys/values and the result are gathered. Nothing else changes.
 """
 import errno
 import math
@@ -48,12 +54,13 @@ import traceback
 
 import numpy as np
 import torch
-import torch.nn as nn
+import torch.nn.functional as F
 
 from .errors import KLVAEError
 from .groupnorm import Stats
 from .memory import PeakMeter
-from .ops import Progress, Scratch, Tile, conv3x3, normed
+from . import verbs
+from .ops import Progress, Scratch, Tile, normed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,66 +123,74 @@ def _free_mib(folder) -> str:
 
 
 class Store:
-    """A full-size activation on the compute device, in host memory, or in a memory-mapped file.
+    """A full-size activation on the compute device, in host memory, or in a memory-mapped file:
+    [B, C, H, W], or [B, C, T, H, W] with a time extent (frames), channels last.
 
-    `rows(a, b)` gives rows [a, b) on the compute device (a view where the store is there);
-    `write` and `add_` put a band back. Row numbers are the whole activation's; a store may hold
-    only some of them (`held`: a rank's band and its halo rows, distributed.py)."""
+    `rows(a, b)` gives rows [a, b) (of every frame) on the compute device (a view where the store
+    is there); `write` and `add_` put a band back. Row numbers are the whole activation's; a store
+    may hold only some of them (`held`: a rank's band and its halo rows, distributed.py)."""
 
     def __init__(self, kind: str, shape, dtype, device, spill_dir=None, held=None):
-        B, C, H, W = shape
+        B, C, *frames, H, W = shape  # frames: [] for an image, [T] for a clip
         self.kind, self.shape, self.device, self.H = kind, tuple(shape), device, H
         self.key = (kind, self.shape, held)  # Context.new reuses a freed store of the same key
         self.top, bottom = held or (0, H)
         H = bottom - self.top
-        self.nbytes = B * C * H * W * torch.empty((), dtype=dtype).element_size()
+        self.nbytes = B * C * math.prod(frames) * H * W * torch.empty((), dtype=dtype).element_size()
+        last = (0, len(frames) + 3, *range(1, len(frames) + 3))  # [B, (T,) H, W, C] -> [B, C, (T,) H, W]
         if kind == "disk":
             raw = spill_file(spill_dir, self.nbytes)
-            self.t = torch.from_numpy(raw).view(dtype).view(B, H, W, C).permute(0, 3, 1, 2)
+            self.t = torch.from_numpy(raw).view(dtype).view(B, *frames, H, W, C).permute(*last)
         elif kind == "host":
             pin = torch.device(device).type == "cuda"
-            self.t = torch.empty(B, H, W, C, dtype=dtype, pin_memory=pin).permute(0, 3, 1, 2)
+            self.t = torch.empty(B, *frames, H, W, C, dtype=dtype, pin_memory=pin).permute(*last)
         else:
-            self.t = torch.empty(B, C, H, W, dtype=dtype, device=device, memory_format=torch.channels_last)
+            self.t = torch.empty(B, *frames, H, W, C, dtype=dtype, device=device).permute(*last)
 
     @classmethod
     def of(cls, t: torch.Tensor) -> "Store":
         """An existing device tensor (the network's input) as a store."""
         s = cls.__new__(cls)
-        s.kind, s.shape, s.device, s.H, s.top = "device", tuple(t.shape), t.device, t.shape[2], 0
+        s.kind, s.shape, s.device, s.H, s.top = "device", tuple(t.shape), t.device, t.shape[-2], 0
         s.key = None  # the caller's tensor: never reused for another activation
-        s.nbytes, s.t = t.numel() * t.element_size(), t.contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        s.nbytes, s.t = t.numel() * t.element_size(), t.contiguous(memory_format=fmt)
         return s
 
     @property
     def whole(self) -> bool:
-        return self.top == 0 and self.t.shape[2] == self.H
+        return self.top == 0 and self.t.shape[-2] == self.H
 
     def rows(self, a: int, b: int) -> torch.Tensor:
-        v = self.t[:, :, a - self.top:b - self.top]
+        v = self.t.narrow(-2, a - self.top, b - a)
         return v if self.kind == "device" or (self.kind == "disk" and self.device.type == "cpu") else \
             v.to(self.device, non_blocking=True)
 
     def write(self, a: int, y: torch.Tensor) -> None:
-        self.t[:, :, a - self.top:a - self.top + y.shape[2]].copy_(y, non_blocking=True)
+        self.t.narrow(-2, a - self.top, y.shape[-2]).copy_(y, non_blocking=True)
 
     def add_(self, a: int, y: torch.Tensor) -> torch.Tensor:
         """Rows [a, a + len) += y (the residual add), returning the updated rows on the device."""
         if self.t.device == y.device:
-            return self.t[:, :, a - self.top:a - self.top + y.shape[2]].add_(y)
-        y = y.add_(self.rows(a, a + y.shape[2]))
+            return self.t.narrow(-2, a - self.top, y.shape[-2]).add_(y)
+        y = y.add_(self.rows(a, a + y.shape[-2]))
         self.write(a, y)
         return y
 
 
 # ----------------------------------------------------------------------------------------------
-# What every segment of one call shares, and the pass most of them are.
+# What every pass of one call shares.
 # ----------------------------------------------------------------------------------------------
 class Context:
-    """What every segment of one call shares: the plan, its bands, the stores, progress."""
+    """What every pass of one call shares: the plan, its bands, the stores, progress."""
 
     def __init__(self, plan, device, dtype, shard=None):
         self.plan, self.device, self.dtype, self.shard = plan, device, dtype, shard
+        self.reach = plan.reach  # rows above and below a band that the network's ops read (verbs.reach)
+        if shard and shard.h // shard.size < self.reach:
+            raise KLVAEError(f"{shard.size} ranks for a latent of {shard.h} rows: this network reads {self.reach} rows "
+                             f"beyond a band, so each rank needs at least {self.reach}: use at most "
+                             f"{shard.h // self.reach} ranks")
         self.progress = Progress(0, plan.tiling.progress, plan.tiling.interrupt)
         self.store_peak = 0
         self.alive = {}
@@ -192,9 +207,9 @@ class Context:
         return band_rows(H, W, C, self.plan.band_elems, *self.own(H))
 
     def exchange(self, store: Store) -> None:
-        """Make the one row above and below this process's rows readable (from the neighbouring ranks)."""
+        """Make the rows above and below this process's rows readable (from the neighbouring ranks)."""
         if self.shard and not store.whole:
-            self.shard.exchange(store)
+            self.shard.exchange(store, self.reach)
 
     def merge(self, st: Stats) -> Stats:
         """The whole image's statistics from every rank's part (rank order: the same on every rank)."""
@@ -207,7 +222,7 @@ class Context:
         return whole
 
     def new(self, B, C, H, W, kind=None) -> Store:
-        held = self.shard.held(H) if self.shard else None
+        held = self.shard.held(H, self.reach) if self.shard else None
         kind = kind or self.plan.store
         s, self.spare = self.spare, None
         if s is None or s.key != (kind, (B, C, H, W), held):
@@ -220,10 +235,8 @@ class Context:
     def free(self, s: Store) -> None:
         """s is no longer read. Its memory serves the next store of its shape (the resnets of a
         level): a fresh allocation of host memory page-faults on first write, ~2x the cost of the
-        band copies into it (0.17 s vs 0.06 s per 512 MiB, measured). A disk store too: each new
-        spill file's pages fault into the page cache on first write, which made the disk store
-        1.14x the device store on a 1024^2 Qwen-Image decode; reusing the mapping halves the bytes
-        dirtied (2.81 -> 1.46 GiB) and brings it to 1.02x (docs/measurements.md)."""
+        band copies into it (docs/measurements.md). A disk store too: each new spill file's pages
+        fault into the page cache on first write; reusing the mapping halves the bytes dirtied."""
         self.alive.pop(id(s), None)
         self.spare = s
 
@@ -236,51 +249,161 @@ class Context:
             st.add(y, self.scratch)
         self.progress.step()
 
-    def window(self, x: Store, y0: int, y1: int, halo: int = 1) -> Tile:
-        """Rows [y0, y1) of x and `halo` rows on each side (fewer at the image border), full width."""
-        a, b = max(0, y0 - halo), min(x.H, y1 + halo)
+    def window(self, x: Store, a: int, b: int) -> Tile:
+        """Rows [a, b) of x (clipped to the image), full width."""
+        a, b = max(0, a), min(x.H, b)
         return Tile(x.rows(a, b), a, b, 0, x.shape[3], x.H, x.shape[3], 1)
 
 
-def conv_pass(ctx: Context, conv: nn.Conv2d, x: Store, affine=None, stats: bool = True, kind=None, pre=None) -> tuple:
-    """out = conv(SiLU(norm(x))) with the norm's whole-image `affine` (or conv(x) without one, or
-    conv(pre(x)) for a per-pixel `pre`, such as an RMS norm and SiLU), band by band, each reading one
-    halo row above and below; returns (out, out's statistics)."""
+# ----------------------------------------------------------------------------------------------
+# The interpreter of a layer's description (verbs.py): one band loop for every row op, one for the
+# attention. A residual keeps its input store alive across its branch and adds its shortcut in the
+# branch's last pass (in place into the stream where nothing else reads it).
+# ----------------------------------------------------------------------------------------------
+def run(ctx: Context, d, x: Store, st, want: bool, kind, channels: int, free: bool = True) -> tuple:
+    """The description d over the store x (st: x's statistics where d normalises its input first)
+    -> (output store, its statistics when `want`). kind: the output's store ("device" for the
+    network's output); channels: values per pixel that set a band's rows; free: x may be freed
+    (and updated in place) once read: False while an enclosing residual still needs it."""
+    items = verbs.sequence(d)
+    for n, item in enumerate(items):
+        end = n == len(items) - 1
+        w = want if end else verbs.reads_stats(items[n + 1])
+        k = kind if end else None
+        mine = free or n > 0
+        if isinstance(item, verbs.Residual):
+            x, st = residual_pass(ctx, item, x, st, w, k, channels, mine)
+        elif isinstance(item, verbs.Attention):
+            x, st = attention_pass(ctx, item, x, st, w, k, mine)
+        else:
+            x, st = row_pass(ctx, item, x, st, w, k, channels, mine)
+    return x, st
+
+
+def _normed(ctx, norm, data, aff):
+    if isinstance(norm, verbs.GroupNorm):
+        return normed(data, aff, ctx.scratch, act=norm.act)
+    return norm.fn(data, ctx.scratch) if norm is not None else data
+
+
+def row_pass(ctx, op, x: Store, st, want, kind, channels, free, res=None, xs=None, free_xs=False) -> tuple:
+    """out = op(x), band by band over the output: each band reads op.span of x (its halo),
+    normalised as op says. In a residual's last pass (res), the shortcut of xs (the residual's
+    input) is added to each band: in place into xs where the shapes agree and nothing else reads
+    it, else into a new store."""
     B, C, H, W = x.shape
+    H2, W2 = op.size(H, W)
     ctx.exchange(x)
-    cout = conv.weight.shape[0]
-    out = ctx.new(B, cout, H, W, kind)
-    st = Stats()
-    for y0, y1 in ctx.bands(H, W, max(C, cout)):
-        t = ctx.window(x, y0, y1)
-        if affine is not None:
-            t = t._replace(data=normed(t.data, affine, ctx.scratch))
-        elif pre is not None:
-            t = t._replace(data=pre(t.data))
-        y = conv3x3(conv, t).rows(y0, y1)
+    aff = st.affine(op.norm.norm, ctx.dtype) if isinstance(op.norm, verbs.GroupNorm) else None
+    inplace = (res is not None and res.shortcut is None and res.add is None and free_xs and xs is not x
+               and xs.shape == (B, op.cout, H2, W2))
+    if res is not None and isinstance(res.shortcut, verbs.Rows) and verbs.reach(res.shortcut):
+        ctx.exchange(xs)
+    out = xs if inplace else ctx.new(B, op.cout, H2, W2, kind)
+    stats = Stats()
+    for y0, y1 in ctx.bands(H2, W2, channels):
+        t = ctx.window(x, *op.span(y0, y1))
+        y = op.fn(t._replace(data=_normed(ctx, op.norm, t.data, aff))).rows(y0, y1)
         del t
-        ctx.put(out, y0, y, st if stats else None)
+        if inplace:
+            y = xs.add_(y0, y)
+        elif res is not None:
+            y = _add_shortcut(ctx, res, xs, y0, y1, y)
+        ctx.put(None if inplace else out, y0, y, stats if want else None)
         del y
-    return out, (ctx.merge(st) if stats else st)
+    if res is not None and not inplace and free_xs:
+        ctx.free(xs)
+    if free:
+        ctx.free(x)  # last: the spare for the next store of its shape (the next resnet's h)
+    return out, (ctx.merge(stats) if want else None)
 
 
-def rows_pass(ctx: Context, x: Store, cout: int, size: tuple, band_channels: int, rows_in, op, want: bool,
-              kind=None) -> tuple:
-    """out = op(x) at another resolution (an upsample, a downsample), band by band: output rows
-    [y0, y1) of the `size` (H, W) output come from op(Tile of x's rows rows_in(y0, y1)); returns (out,
-    out's statistics when `want`). x is freed: nothing reads it afterwards."""
-    B, _, H, W = x.shape
-    H2, W2 = size
-    ctx.exchange(x)
-    out = ctx.new(B, cout, H2, W2, kind)
-    st = Stats()
-    for y0, y1 in ctx.bands(H2, W2, band_channels):
-        a, b = rows_in(y0, y1)
-        y = op(Tile(x.rows(a, b), a, b, 0, W, H, W, 1)).rows(y0, y1)
-        ctx.put(out, y0, y, st if want else None)
-        del y
-    ctx.free(x)
-    return out, ctx.merge(st)
+def _add_shortcut(ctx, res, xs: Store, y0: int, y1: int, y: torch.Tensor) -> torch.Tensor:
+    if res.add is not None:
+        return res.add(y, xs.rows(y0, y1))
+    sc = res.shortcut
+    if isinstance(sc, verbs.Rows):
+        return y.add_(sc.fn(ctx.window(xs, *sc.span(y0, y1))).rows(y0, y1))
+    return y.add_(xs.rows(y0, y1) if sc is None else sc(xs.rows(y0, y1)))
+
+
+def residual_pass(ctx, res, x: Store, st, want, kind, channels, free) -> tuple:
+    """branch(x) + shortcut(x): x stays alive (and unchanged) across the branch; the branch's last
+    row op adds the shortcut as it writes its bands."""
+    *head, last = res.branch
+    if not isinstance(last, verbs.Rows):
+        raise KLVAEError("a residual's branch must end in a row op (verbs.rows / verbs.conv): "
+                         f"this one ends in {type(last).__name__}")
+    h, hst = x, st
+    if head:
+        h, hst = run(ctx, head, x, st, verbs.reads_stats(last), None, channels, free=False)
+    return row_pass(ctx, last, h, hst, want, kind, channels, free=h is not x, res=res, xs=x, free_xs=free)
+
+
+def attention_pass(ctx, a, x: Store, st, want, kind, free) -> tuple:
+    """q, k, v live on the device token-major ([B, H, W, C], which is also [B, 1, H*W, C] for
+    SDPA); each band of queries attends over every key, then the projection is added to the
+    stream (in place where nothing else reads it). Distributed: each rank projects its own rows;
+    the keys and values are gathered from all ranks."""
+    B, C, H, W = x.shape
+    lo, hi = ctx.own(H)
+    aff = st.affine(a.norm.norm, ctx.dtype) if isinstance(a.norm, verbs.GroupNorm) else None
+    ctx.spare = None  # q, k and v are not stores: no spare held under them
+    q, k, v = (torch.empty(B, hi - lo, W, C, dtype=ctx.dtype, device=ctx.device) for _ in range(3))
+    for y0, y1 in ctx.bands(H, W, C):
+        parts = a.qkv(_normed(ctx, a.norm, x.rows(y0, y1), aff))
+        for part, dst in zip(parts, (q, k, v)):
+            dst[:, y0 - lo:y1 - lo] = part.permute(0, 2, 3, 1)
+        del parts
+        ctx.progress.step()
+    if ctx.shard:
+        k, v = (ctx.shard.gather_rows(t, H, dim=1) for t in (k, v))
+    kk, vv = k.view(B, 1, H * W, C), v.view(B, 1, H * W, C)
+    out = x if free and kind in (None, x.kind) else ctx.new(B, C, H, W, kind)
+    stats = Stats()
+    for y0, y1 in ctx.bands(H, W, C):
+        o = F.scaled_dot_product_attention(q[:, y0 - lo:y1 - lo].reshape(B, 1, -1, C), kk, vv)
+        o = a.proj(o.view(B, y1 - y0, W, C).permute(0, 3, 1, 2))
+        if out is x:
+            o = x.add_(y0, o)
+            ctx.put(None, y0, o, stats if want else None)
+        else:
+            o = o.add_(x.rows(y0, y1))
+            ctx.put(out, y0, o, stats if want else None)
+        del o
+    del q, k, v, kk, vv
+    if out is not x and free:
+        ctx.free(x)
+    return out, (ctx.merge(stats) if want else None)
+
+
+def band_passes(ctx: Context, d, H: int, W: int, C: int, channels: int) -> int:
+    """Progress steps the description takes over an H x W x C input (what `run` will count)."""
+    n = 0
+    for item in verbs.sequence(d):
+        if isinstance(item, verbs.Residual):
+            n += band_passes(ctx, item.branch, H, W, C, channels)
+            H, W = _size(item.branch, H, W)
+            C = _channels(item.branch, C)
+        elif isinstance(item, verbs.Attention):
+            n += 2 * len(ctx.bands(H, W, C))
+        else:
+            H, W = item.size(H, W)
+            C = item.cout or C
+            n += len(ctx.bands(H, W, channels))
+    return n
+
+
+def _size(d, H, W):
+    up, down = verbs.ratio(d)
+    return H * up // down, W * up // down
+
+
+def _channels(d, C):
+    for o in verbs.ops(d):
+        if isinstance(o, verbs.Rows) and o.cout:
+            C = o.cout
+    return C
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,13 +442,14 @@ def _run_segments(steps, x, plan, shard, meter) -> tuple:
     B, _, H, W = x.shape
     h, w = H // steps[0].r_in, W // steps[0].r_in
     ctx = Context(plan, x.device, x.dtype, shard)
-    ctx.progress.total = sum(s.passes * len(band_rows(h * s.r_out, w * s.r_out, s.band_channels, plan.band_elems,
-                                                      *ctx.own(h * s.r_out))) for s in steps)
+    ctx.progress.total = sum(band_passes(ctx, s.describe(), h * s.r_in, w * s.r_in, s.cin, s.band_channels)
+                             for s in steps)
     cur, st = Store.of(x), None
     for n, s in enumerate(steps):
         last = n == len(steps) - 1
-        # a segment measures its output's statistics when the next step normalises its input
-        cur, st = s.segment(ctx, cur, st, want=not last and steps[n + 1].reads_stats, last=last)
+        # a pass measures its output's statistics when the next step normalises its input
+        cur, st = run(ctx, s.describe(), cur, st, want=not last and steps[n + 1].reads_stats,
+                      kind="device" if last else None, channels=s.band_channels)
     out = cur.t
     notes = []
     if shard:

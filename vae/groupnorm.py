@@ -25,11 +25,14 @@ class Stats:
     def __init__(self):
         self.n, self.mean, self.m2 = 0, None, None
 
-    def add(self, y: torch.Tensor, scratch=None) -> None:     # y: [B, C, rows, W]
+    def add(self, y: torch.Tensor, scratch=None) -> None:     # y: [B, C, rows, W] or [B, C, T, rows, W]
         """y's per-channel statistics added, STATS_CHUNK bytes of fp32 deviations at a time: the
         four passes over a chunk (mean, deviations, square, sum) then hit the cache, not memory
         (measured: docs/measurements.md). The deviations go into scratch's warm "stats" buffer
-        (ops.Scratch), or into one buffer made for this call."""
+        (ops.Scratch), or into one buffer made for this call. A clip's frames count as more rows
+        (its norms take statistics over time and space alike)."""
+        if y.dim() == 5:
+            y = y.flatten(2, 3)  # a view in either layout: T's stride is H rows of H's
         B, C, H, W = y.shape
         rows = min(H, max(1, STATS_CHUNK // max(1, B * C * W * 4)))
         if rows == 0:

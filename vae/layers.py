@@ -4,16 +4,18 @@ A network (model.py's Encoder and Decoder) is a list of layers (`net.layers()`);
 each in the `Step` class registered for its type, with its input width and resolution. A Step
 answers for its layer type alone:
 
+  describe   what it computes, once, in the verbs of verbs.py (conv, rows, residual, attention):
+             the exact engine, the distributed run and bounded mode interpret it; the halo, the
+             lag, the rows a band reads around it (`reach`), whether it reads the image's
+             statistics and how many norms it applies are read off it here
   shape      its output channels and resolution (px per latent px)
   memory     the untiled pass's peak (`need`), what the exact engine keeps alive and its band
              temporaries (`exact_alive`, `exact_temp`), the rows bounded mode keeps (`keeps`)
   FLOPs      for predicted times
-  halo, lag  the context it needs from its input, and the rows it owes when streaming
-  segment    how the exact engine runs it over a store, band by band (engine.py's machinery)
-  stream     how bounded mode runs it over rows pushed top to bottom (bounded.py's machinery)
   scale_stream  what the fp16 guard scales in a stream-scaled copy (precision.py)
 
-The planner, the memory model, both engines and the guard are plain loops over steps.
+The planner, the memory model, both engines and the guard are plain loops over steps; no layer
+type loops over bands or touches an engine.
 
 Adding a layer type (a new family's block): write its nn.Module, subclass Step with the answers
 above, `register(Module, ItsStep)`. Nothing else changes: see docs/architecture.md, "Adding a layer type".
@@ -24,12 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .bounded import Streamer
-from .engine import Context, Store, conv_pass, rows_pass
-from .errors import KLVAEError
-from .groupnorm import STATS_CHUNK, Stats
+from . import verbs
+from .groupnorm import STATS_CHUNK
 from .model import AttnBlock, Downsample, ResnetBlock, Tail, Upsample
-from .ops import Tile, conv3x3, normed
+from .ops import Tile, conv3x3
+from .verbs import GroupNorm
 
 WORKSPACE = 1.0  # a conv's workspace, in units of its output (oneDNN on the CPU: measured)
 
@@ -37,15 +38,17 @@ WORKSPACE = 1.0  # a conv's workspace, in units of its output (oneDNN on the CPU
 class Step:
     """One layer of a network as the planner and the engines see it. Defaults: a 3x3 conv that
     keeps the width and resolution, reads no statistics, and whose output the engine stores."""
-    passes = 1            # exact engine: band passes over the activation (progress steps per band)
-    norms = 0             # GroupNorms it applies (bounded mode: progress steps per pushed band)
-    reads_stats = False   # it normalises its input first: the step before measures its output's statistics
-    is_global = False     # it mixes the whole image (attention): bounded mode runs it whole
     keeps = 2             # bounded mode: input rows held between pushes, as rows of cin channels
 
     def __init__(self, layer, cin: int, r_in: int):
         self.layer, self.cin, self.r_in = layer, cin, r_in
         self.cout, self.r_out = self.shape()
+        # read off the description (made again where it runs: it may hold weights made for the run)
+        d = self.describe()
+        self.reads_stats = verbs.reads_stats(d)   # the step before measures its output's statistics
+        self.is_global = any(isinstance(o, verbs.Attention) for o in verbs.ops(d))  # bounded mode runs it whole
+        self.norms = sum(o.norm is not None for o in verbs.ops(d))  # bounded mode: progress steps per push
+        self.reach = verbs.reach(d)                # rows a band reads above and below its own
 
     def __repr__(self):
         return f"{type(self).__name__}({self.cin}->{self.cout} ch, x{self.r_in}->x{self.r_out})"
@@ -82,24 +85,17 @@ class Step:
 
     def halo(self, need: int) -> int:
         """The context (px of this step's input) that `need` px of context at its output takes."""
-        return need + 1
+        return verbs.context(self.describe(), need)
 
     def lag(self, lag: int) -> int:
         """Rows of its output a streamed step still owes when its input's last rows have arrived,
         given the lag of the rows it is fed."""
-        return lag + 1
+        return verbs.lag(self.describe(), lag)
 
-    # -- runners ---------------------------------------------------------------------------------
-    def segment(self, ctx: Context, x: Store, st: Stats, want: bool, last: bool) -> tuple:
-        """Exact engine: the layer over the store x, band by band -> (output store, its statistics
-        when `want`)."""
-        out, st = conv_pass(ctx, self.layer, x, stats=want, kind="device" if last else None)
-        ctx.free(x)
-        return out, st
-
-    def stream(self, s: Streamer):
-        """Bounded mode: an op that takes the layer's input rows and returns the output rows they complete."""
-        return s.conv(self.layer)
+    # -- what it computes --------------------------------------------------------------------------
+    def describe(self):
+        """The layer in verbs (verbs.py): what every engine runs."""
+        return verbs.conv(self.layer)
 
     # -- the fp16 guard ------------------------------------------------------------------------
     @torch.no_grad()
@@ -118,7 +114,7 @@ def _scale(conv, s, weight=True):
 
 class ResnetStep(Step):
     """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus the shortcut (projected where the width changes)."""
-    passes, norms, reads_stats, keeps = 2, 2, True, 6
+    keeps = 6
 
     def shape(self):
         return self.layer.conv1.out_channels, self.r_in
@@ -139,42 +135,10 @@ class ResnetStep(Step):
         f = 2.0 * B * n * 9 * (self.cin * self.cout + self.cout * self.cout)
         return f + (2.0 * B * n * self.cin * self.cout if self.cin != self.cout else 0)
 
-    def halo(self, need):
-        return need + 2
-
-    def lag(self, lag):
-        return lag + 2
-
-    def segment(self, ctx, x, st, want, last):
+    def describe(self):
         block = self.layer
-        B, _, H, W = x.shape
-        h, sh = conv_pass(ctx, block.conv1, x, st.affine(block.norm1, ctx.dtype))
-        aff = sh.affine(block.norm2, ctx.dtype)
-        del sh
-        # The residual stream is updated in place when the width stays; a new stream where it changes.
-        out = x if block.nin_shortcut is None else ctx.new(B, self.cout, H, W)
-        ctx.exchange(h)
-        st = Stats()
-        for y0, y1 in ctx.bands(H, W, self.band_channels):
-            t = ctx.window(h, y0, y1)
-            y = conv3x3(block.conv2, t._replace(data=normed(t.data, aff, ctx.scratch))).rows(y0, y1)
-            del t
-            if out is x:
-                y = x.add_(y0, y)
-            else:
-                y = y.add_(block.nin_shortcut(x.rows(y0, y1)))
-            ctx.put(None if out is x else out, y0, y, st if want else None)
-            del y
-        if out is not x:
-            ctx.free(x)
-        ctx.free(h)  # last: the spare for the next resnet's h
-        return out, (ctx.merge(st) if want else st)
-
-    def stream(self, s):
-        block = self.layer
-        a = s.norm_conv(block.norm1, block.conv1)  # first: the statistics are indexed in order
-        b = s.norm_conv(block.norm2, block.conv2)
-        return s.residual(a, b, shortcut=block.shortcut)
+        return verbs.residual([verbs.conv(block.conv1, GroupNorm(block.norm1)),
+                               verbs.conv(block.conv2, GroupNorm(block.norm2))], shortcut=block.nin_shortcut)
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -188,7 +152,6 @@ class ResnetStep(Step):
 
 class AttnStep(Step):
     """Single-head self-attention over every position of the image (the mid block's)."""
-    passes, norms, reads_stats, is_global = 2, 1, True, True
 
     def shape(self):
         return self.cin, self.r_in
@@ -205,41 +168,22 @@ class AttnStep(Step):
     def flops(self, B, n):
         return 2.0 * B * n * 4 * self.cin * self.cin + 4.0 * B * n * n * self.cin
 
-    def segment(self, ctx, x, st, want, last):
-        """q, k, v live on the device token-major ([B, H, W, C], which is also [B, 1, H*W, C] for
-        SDPA); each band of queries attends over every key, then proj_out and the residual are added
-        to the stream in place. Distributed: each rank projects its own rows; the keys and values
-        are gathered from all ranks."""
+    def describe(self):
         attn = self.layer
-        B, C, H, W = x.shape
-        lo, hi = ctx.own(H)
-        aff = st.affine(attn.norm, ctx.dtype)
-        ctx.spare = None  # q, k and v are not stores: no spare held under them
-        q, k, v = (torch.empty(B, hi - lo, W, C, dtype=ctx.dtype, device=ctx.device) for _ in range(3))
-        for y0, y1 in ctx.bands(H, W, C):
-            hn = normed(x.rows(y0, y1), aff, ctx.scratch, act=False)
-            for proj, dst in ((attn.q, q), (attn.k, k), (attn.v, v)):
-                dst[:, y0 - lo:y1 - lo] = proj(hn).permute(0, 2, 3, 1)
-            del hn
-            ctx.progress.step()
-        if ctx.shard:
-            k, v = (ctx.shard.gather_rows(t, H, dim=1) for t in (k, v))
-        kk, vv = k.view(B, 1, H * W, C), v.view(B, 1, H * W, C)
-        st = Stats()
-        for y0, y1 in ctx.bands(H, W, C):
-            o = F.scaled_dot_product_attention(q[:, y0 - lo:y1 - lo].reshape(B, 1, -1, C), kk, vv)
-            o = attn.proj_out(o.view(B, y1 - y0, W, C).permute(0, 3, 1, 2))
-            ctx.put(None, y0, x.add_(y0, o), st)
-            del o
-        return x, ctx.merge(st)
-
-    def stream(self, s):
-        raise KLVAEError("bounded mode streams the layers after the attention, never the attention itself")
+        return verbs.attention(GroupNorm(attn.norm, act=False), lambda hn: (attn.q(hn), attn.k(hn), attn.v(hn)),
+                               attn.proj_out)
 
     @torch.no_grad()
     def scale_stream(self, s):
         _scale(self.layer.proj_out, s)
         self.layer.norm.eps *= s * s
+
+
+def upsample_rows(fn, cout: int) -> verbs.Rows:
+    """A nearest 2x then a 3x3 conv as a row op: output rows [y0, y1) read the low-resolution rows
+    covering [y0 - 1, y1 + 1)."""
+    return verbs.rows(fn, cout, up=2, exact_span=lambda y0, y1: ((y0 - 1) // 2, (y1 + 2) // 2),
+                      exact_context=lambda need: math.ceil((need + 1) / 2), exact_lag=lambda lag: 2 * lag + 1)
 
 
 def upsample(up: Upsample, t: Tile) -> Tile:
@@ -261,20 +205,8 @@ class UpsampleStep(Step):
     def exact_temp(self, band_in, band_out, i, item, device_store):
         return super().exact_temp(band_in, band_out, i, item, device_store) + 4 * band_in  # the 2x copy
 
-    def halo(self, need):
-        return math.ceil((need + 1) / 2)
-
-    def lag(self, lag):
-        return 2 * lag + 1
-
-    def segment(self, ctx, x, st, want, last):
-        _, C, H, W = x.shape
-        low = lambda y0, y1: (max(0, (y0 - 1) // 2), min(H, (y1 + 2) // 2))  # low-res rows covering [y0-1, y1+1)
-        return rows_pass(ctx, x, C, (2 * H, 2 * W), self.band_channels, low, lambda t: upsample(self.layer, t), want,
-                         "device" if last else None)
-
-    def stream(self, s):
-        return s.op(lambda t: upsample(self.layer, t), need=lambda o: max(0, (o - 1) // 2))
+    def describe(self):
+        return upsample_rows(lambda t: upsample(self.layer, t), self.cout)
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -302,20 +234,9 @@ class DownsampleStep(Step):
     def band_channels(self):
         return 4 * self.cin  # an output row reads two input rows of twice the width
 
-    def halo(self, need):
-        return 2 * need + 1
-
-    def lag(self, lag):
-        return lag // 2 + 1
-
-    def segment(self, ctx, x, st, want, last):
-        _, C, H, W = x.shape
-        high = lambda y0, y1: (2 * y0, min(H, 2 * y1 + 1))  # output row i reads input rows 2i .. 2i+2
-        return rows_pass(ctx, x, C, (H // 2, W // 2), self.band_channels, high, lambda t: downsample(self.layer, t),
-                         want, "device" if last else None)
-
-    def stream(self, s):
-        return s.op(lambda t: downsample(self.layer, t), need=lambda o: 2 * o)
+    def describe(self):
+        # output row i reads input rows 2i .. 2i+2
+        return verbs.rows(lambda t: downsample(self.layer, t), self.cout, down=2, above=0, below=1)
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -324,23 +245,78 @@ class DownsampleStep(Step):
 
 class TailStep(Step):
     """norm_out -> SiLU -> conv_out: the network's output (on the device, whatever the store)."""
-    norms, reads_stats = 1, True
 
     def shape(self):
         return self.layer.conv.out_channels, self.r_in
 
-    def segment(self, ctx, x, st, want, last):
-        out, _ = conv_pass(ctx, self.layer.conv, x, st.affine(self.layer.norm, ctx.dtype), stats=False,
-                           kind="device" if last else None)
-        ctx.free(x)
-        return out, None
-
-    def stream(self, s):
-        return s.norm_conv(self.layer.norm, self.layer.conv)
+    def describe(self):
+        return verbs.conv(self.layer.conv, GroupNorm(self.layer.norm))
 
     @torch.no_grad()
     def scale_stream(self, s):
         self.layer.norm.eps *= s * s  # reads the stream
+
+
+class SpanStep(Step):
+    """A residual around several layers (the blocks of Wan 2.2's and Qwen-Image 2.1's VAEs):
+    `x + shortcut(x)` around the block's own layers (`layer.layers()`: resnets, a resample...), the
+    shortcut a map of the block's input that may resample (a space-to-channel mean, a channel
+    repeat then channel-to-space). A family's block subclasses this and says `shortcut()` in verbs
+    (None, a per-pixel callable, or a verbs.rows op that reads no row beyond a band's own cells);
+    the engines keep the block's input alive across the inner layers, and the planner prices it.
+    Everything else comes from the inner layers' own Steps."""
+
+    def __init__(self, layer, cin: int, r_in: int):
+        self.inner = steps_of(layer.layers(), cin, r_in)
+        super().__init__(layer, cin, r_in)
+
+    def shortcut(self):
+        raise NotImplementedError  # a subclass says its block's shortcut
+
+    def describe(self):
+        return verbs.residual([s.describe() for s in self.inner], shortcut=self.shortcut())
+
+    def shape(self):
+        return self.inner[-1].cout, self.inner[-1].r_out
+
+    @property
+    def band_channels(self):
+        return max(s.band_channels for s in self.inner)
+
+    def _at(self, s, px: int) -> int:
+        """px at the block's input resolution -> at s's input resolution."""
+        return px * s.r_in ** 2 // self.r_in ** 2
+
+    def need(self, px_in, px_out, item):
+        # the block's input stays alive under every inner layer's own peak
+        return self.cin * px_in * item + max(
+            s.need(self._at(s, px_in), self._at(s, px_in) * s.r_out ** 2 // s.r_in ** 2, item) for s in self.inner)
+
+    def exact_alive(self, i, o, last):
+        # the block's input under each inner layer's stores; the last layer's output is the block's
+        at = lambda s, c, r: i * c * r ** 2 // (self.cin * self.r_in ** 2)
+        inner = [s.exact_alive(at(s, s.cin, s.r_in), at(s, s.cout, s.r_out), last and s is self.inner[-1])
+                 for s in self.inner]
+        return i + max(inner)
+
+    def exact_temp(self, band_in, band_out, i, item, device_store):
+        # the largest inner band (each band holds at most band_channels values per pixel), plus the shortcut's rows
+        return max(s.exact_temp(band_in, band_out, i, item, device_store) for s in self.inner) + 2 * band_out
+
+    def flops(self, B, n):
+        return sum(s.flops(B, n * s.r_out ** 2 // self.r_out ** 2) for s in self.inner)
+
+    @property
+    def keeps(self):
+        # every inner op's held rows, as rows of the block's input, plus the shortcut's held input
+        return sum(s.keeps * s.cin * s.r_in for s in self.inner) // (self.cin * self.r_in) + 2
+
+    @torch.no_grad()
+    def scale_stream(self, s):
+        # The branch maps the stream to itself (each inner layer scales as it would outside the
+        # block); a linear, homogeneous shortcut (a mean, a repeat) scales with its input by itself.
+        for step in self.inner:
+            step.scale_stream(s)
 
 
 STEPS = {nn.Conv2d: Step, ResnetBlock: ResnetStep, AttnBlock: AttnStep, Upsample: UpsampleStep,

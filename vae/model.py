@@ -8,22 +8,20 @@ and Flux.1; only the widths and the latent channel count differ (see config.py).
 Inference only: activations are updated in place where autograd is off, and each block frees
 its intermediates as soon as it can, which is most of the memory win over the references.
 """
-import torch
+import sys
+
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import VAEConfig
+from .config import Family, Network, VAEConfig, register_network
+from .diffusers_compat import SD_NAMES
 from .groupnorm import GroupNorm
+from .ops import silu_
 
 
 def Normalize(channels: int, groups: int = 32) -> GroupNorm:
     # eps=1e-6 as in LDM and diffusers' VAE (not torch's default 1e-5).
     return GroupNorm(groups, channels, eps=1e-6, affine=True)
-
-
-def silu_(x: torch.Tensor) -> torch.Tensor:
-    """SiLU, in place when nothing needs the input for a backward pass."""
-    return F.silu(x, inplace=not x.requires_grad)
 
 
 class ResnetBlock(nn.Module):
@@ -191,3 +189,23 @@ def quant_convs(cfg: VAEConfig) -> tuple:
     z = cfg.latent_channels
     return (nn.Conv2d(2 * z, 2 * z, 1) if cfg.use_quant_conv else None,
             nn.Conv2d(z, z, 1) if cfg.use_post_quant_conv else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The SD-style network's families and its registration (config.Network).
+# ----------------------------------------------------------------------------------------------
+PRESETS = (
+    Family("sd1", 4, 0.18215, 0.0, True, "Stable Diffusion 1.x/2.x",
+           metadata_words=("stable-diffusion-v1", "sd_v1", "v2"),
+           file_names=r"sd15|sd-?1|sd_?v?1|sd2|vae-ft-(mse|ema)|kl-f8|orangemix|anything"),
+    Family("sdxl", 4, 0.13025, 0.0, True, "SDXL (overflows fp16 in the decoder)", True, sample_size=1024,
+           metadata_words=("xl",), file_names=r"sdxl|(^|[^a-z])xl([^a-z]|$)|pony|illustrious"),
+    Family("sd3", 16, 1.5305, 0.0609, False, "Stable Diffusion 3 / 3.5", metadata_words=("sd3", "stable-diffusion-3"),
+           file_names=r"sd3|sd35|sd_3"),
+    Family("flux", 16, 0.3611, 0.1159, False, "Flux.1", metadata_words=("flux",), file_names=r"flux|(^|/)ae\.safetensors"),
+    # Flux.2: no scale or shift; its pipelines normalise 2x2-patchified latents with the VAE's
+    # BatchNorm running statistics instead (to_scaled / from_scaled).
+    Family("flux2", 32, 1.0, 0.0, True, "Flux.2 (BatchNorm-normalised 2x2 patches)", batch_norm=True,
+           file_names=r"flux[._-]?2"),
+)
+register_network(Network("sd", sys.modules[__name__], PRESETS, diffusers=SD_NAMES))

@@ -29,21 +29,21 @@ is its LOWEST resolution (ComfyUI and diffusers agree on that order). diffusers'
 AutoencoderKLHunyuanImage stores the same tensors in flat lists (`down_blocks.{k}`, `up_blocks.{k}`,
 resnets and resamples interleaved): `diffusers_to_comfy` / `comfy_to_diffusers` map every key.
 """
-import math
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .bounded import Streamer
-from .diffusers_compat import ArchNames, register_arch
-from .engine import Context, Store
+from . import verbs
+from .config import Family, Network, register_network
+from .diffusers_compat import ArchNames
 from .errors import KLVAEError
-from .groupnorm import Stats
 from .layers import WORKSPACE, Step, _scale, register
-from .model import Level, Mid, Normalize, ResnetBlock, Tail, silu_
-from .ops import Tile, conv3x3, normed
+from .model import Level, Mid, Normalize, ResnetBlock, Tail
+from .ops import Tile, conv3x3, silu_
+from .verbs import GroupNorm
 
 # diffusers' HunyuanImagePipeline divides latents by vae.config.scaling_factor, which the released
 # diffusers config sets to 0.75289 (written by diffusers' scripts/convert_hunyuan_image_to_diffusers.py);
@@ -318,28 +318,12 @@ class ShuffleDownStep(Step):
     def exact_temp(self, band_in, band_out, i, item, device_store):
         return super().exact_temp(band_in, band_out, i, item, device_store) + 2 * band_out  # the mean, the shuffle
 
-    def halo(self, need):
-        return 2 * need + 1
-
-    def lag(self, lag):
-        return lag // 2 + 1
-
-    def segment(self, ctx: Context, x: Store, st: Stats, want: bool, last: bool):
-        B, C, H, W = x.shape
-        ctx.exchange(x)
-        out = ctx.new(B, self.cout, H // 2, W // 2, "device" if last else None)
-        st = Stats()
-        for y0, y1 in ctx.bands(H // 2, W // 2, self.band_channels):
-            y = down_tile(self.layer, ctx.window(x, 2 * y0, 2 * y1)).data  # input rows 2y0-1 .. 2y1
-            ctx.put(out, y0, y, st if want else None)
-            del y
-        ctx.free(x)
-        return out, ctx.merge(st)
-
-    def stream(self, s: Streamer):
-        # Every push completes a cell: bounded.Rows holds pushes of fewer than four rows, and the rows
-        # it keeps start at an odd row (need), so the conv's valid rows start on a cell's first row.
-        return s.op(lambda t: down_tile(self.layer, t), need=lambda o: max(0, 2 * o - 1))
+    def describe(self):
+        # output rows [y0, y1) are the cells of conv rows 2y0 .. 2y1, which read input rows 2y0-1 .. 2y1.
+        # Streamed, every push completes a cell: bounded.Rows holds pushes of fewer than four rows,
+        # and the rows it keeps start at an odd row (need: 2o - 1), so the conv's valid rows start
+        # on a cell's first row.
+        return verbs.rows(lambda t: down_tile(self.layer, t), self.cout, down=2, above=1, below=1)
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -361,27 +345,9 @@ class ShuffleUpStep(Step):
     def exact_temp(self, band_in, band_out, i, item, device_store):
         return super().exact_temp(band_in, band_out, i, item, device_store) + band_out  # the shuffled copy
 
-    def halo(self, need):
-        return math.ceil(need / 2) + 1
-
-    def lag(self, lag):
-        return 2 * (lag + 1)
-
-    def segment(self, ctx, x, st, want, last):
-        B, C, H, W = x.shape
-        ctx.exchange(x)
-        out = ctx.new(B, self.cout, 2 * H, 2 * W, "device" if last else None)
-        st = Stats()
-        for y0, y1 in ctx.bands(2 * H, 2 * W, self.band_channels):
-            la, lb = y0 // 2, (y1 + 1) // 2  # the input rows whose 2x2 cells cover [y0, y1)
-            y = up_tile(self.layer, ctx.window(x, la, lb)).rows(y0, y1)
-            ctx.put(out, y0, y, st if want else None)
-            del y
-        ctx.free(x)
-        return out, ctx.merge(st)
-
-    def stream(self, s):
-        return s.op(lambda t: up_tile(self.layer, t), need=lambda o: max(0, o // 2 - 1))
+    def describe(self):
+        # output rows [y0, y1) come from the input rows whose 2x2 cells cover them, plus the conv's row
+        return verbs.rows(lambda t: up_tile(self.layer, t), self.cout, up=2, above=1, below=1)
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -390,7 +356,7 @@ class ShuffleUpStep(Step):
 
 class EncoderOutStep(Step):
     """norm_out -> SiLU -> conv_out plus the channel-group mean of its input: the encoder's output."""
-    norms, reads_stats, keeps = 1, True, 4
+    keeps = 4
 
     def shape(self):
         return self.layer.conv.out_channels, self.r_in
@@ -402,26 +368,9 @@ class EncoderOutStep(Step):
     def exact_temp(self, band_in, band_out, i, item, device_store):
         return super().exact_temp(band_in, band_out, i, item, device_store) + band_out  # the mean
 
-    def segment(self, ctx, x, st, want, last):
+    def describe(self):
         tail = self.layer
-        B, C, H, W = x.shape
-        ctx.exchange(x)
-        aff = st.affine(tail.norm, ctx.dtype)
-        out = ctx.new(B, self.cout, H, W, "device" if last else None)
-        st = Stats()
-        for y0, y1 in ctx.bands(H, W, self.band_channels):
-            t = ctx.window(x, y0, y1)
-            skip = tail.shortcut(t.rows(y0, y1))  # of the raw rows, before the norm's buffer is reused
-            y = conv3x3(tail.conv, t._replace(data=normed(t.data, aff, ctx.scratch))).rows(y0, y1)
-            del t
-            ctx.put(out, y0, y.add_(skip), st if want else None)
-            del y, skip
-        ctx.free(x)
-        return out, (ctx.merge(st) if want else None)
-
-    def stream(self, s):
-        tail = self.layer
-        return s.residual(s.norm_conv(tail.norm, tail.conv), shortcut=tail.shortcut)
+        return verbs.residual([verbs.conv(tail.conv, GroupNorm(tail.norm))], shortcut=tail.shortcut)
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -438,22 +387,8 @@ class DecoderInStep(Step):
     def shape(self):
         return self.layer.conv.out_channels, self.r_in
 
-    def segment(self, ctx, x, st, want, last):
-        B, C, H, W = x.shape
-        ctx.exchange(x)
-        out = ctx.new(B, self.cout, H, W, "device" if last else None)
-        st = Stats()
-        for y0, y1 in ctx.bands(H, W, self.band_channels):
-            t = ctx.window(x, y0, y1)
-            y = self.layer.add_skip(conv3x3(self.layer.conv, t).rows(y0, y1), t.rows(y0, y1))
-            del t
-            ctx.put(out, y0, y, st if want else None)
-            del y
-        ctx.free(x)
-        return out, ctx.merge(st)
-
-    def stream(self, s):
-        return s.residual(s.conv(self.layer.conv), shortcut=self.layer.shortcut)
+    def describe(self):
+        return verbs.residual([verbs.conv(self.layer.conv)], add=self.layer.add_skip)
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -675,6 +610,31 @@ def _renamed(sd: dict, names: dict) -> dict:
     return {names[k]: v for k, v in sd.items()}
 
 
-register_arch("hunyuanimage", ArchNames(classes=("AutoencoderKLHunyuanImage",), config=diffusers_config,
-                                        to_diffusers=lambda sd: _renamed(sd, comfy_to_diffusers(sd)),
-                                        from_diffusers=lambda sd: _renamed(sd, diffusers_to_comfy(sd))))
+# ----------------------------------------------------------------------------------------------
+# The family and its registration (config.Network).
+# ----------------------------------------------------------------------------------------------
+def read(name: str, shape, keys: dict, layout: str) -> tuple:
+    """A file's VAE keys ({key after any prefix: the file's key}) in its layout -> ({klvae key: the
+    file's key}, VAEConfig fields)."""
+    names = keys if layout == "ldm" else {new: keys[old] for old, new in diffusers_to_comfy(keys).items()}
+    fields = config_from_shapes(lambda k: shape(names[k]), names.keys())
+    widths = fields.pop("block_out_channels")
+    if fields.pop("downscale") != 2 ** (len(widths) - 1):
+        raise KLVAEError(f"{name}: a HunyuanImage VAE that resamples at fewer levels than it has is not supported "
+                         f"(the released one resamples at each of its 6 levels but the last)")
+    if any(w % widths[0] for w in widths):
+        raise KLVAEError(f"{name}: level widths {widths} are not multiples of the first")
+    fields.update(ch=widths[0], ch_mult=tuple(w // widths[0] for w in widths))
+    return names, fields
+
+
+# HunyuanImage-2.1: GroupNorm resnets, 32x down by space-to-channel, 64 latent channels.
+FAMILY = Family("hunyuanimage", 64, SCALING_FACTOR, 0.0, False, "HunyuanImage-2.1 (32x, 64 channels)",
+                arch="hunyuanimage", shape=(("ch", 128), ("ch_mult", (1, 2, 4, 4, 8, 8))))
+# Its markers: ComfyUI's layout (an SD decoder's up.0 never upsamples) and diffusers' (flat
+# down_blocks: resnets and resamples in one list).
+register_network(Network("hunyuanimage", sys.modules[__name__], (FAMILY,),
+                 markers=(("ldm", "decoder.up.0.upsample.conv.weight"), ("diffusers", "encoder.down_blocks.0.norm1.weight")),
+                 read=read, diffusers=ArchNames(classes=("AutoencoderKLHunyuanImage",), config=diffusers_config,
+                                                to_diffusers=lambda sd: _renamed(sd, comfy_to_diffusers(sd)),
+                                                from_diffusers=lambda sd: _renamed(sd, diffusers_to_comfy(sd)))))

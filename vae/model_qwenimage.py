@@ -41,27 +41,32 @@ Layer types -> Steps (layers.py; registered at the bottom of this file)
   UpResample       UpStep           nearest-exact 2x, 3x3 conv to half the width
   DownResample     DownsampleStep   LDM's pad right/bottom + 3x3 stride 2: layers.DownsampleStep as it is
   Head             HeadStep         RMS norm -> SiLU -> conv (decoder: then the clamp)
-None of them reads statistics (`reads_stats = False`): the RMS norm is the `pre` of a conv pass
-(engine.conv_pass) and the prep of a streamed op (bounded.Streamer.op).
+None of them reads statistics: the RMS norm is a per-pixel norm of the verbs (`rms`: verbs.PerPixel),
+which every engine applies band by band.
 """
+import functools
 import re
+import sys
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import QWEN_LATENTS_MEAN, QWEN_LATENTS_STD
-from .diffusers_compat import ArchNames, register_arch
-from .engine import conv_pass
+from . import verbs
+from .config import Family, Network, register_network
+from .diffusers_compat import ArchNames
 from .errors import KLVAEError
-from .layers import WORKSPACE, DownsampleStep, ResnetStep, Step, _scale, register
-from .model import silu_
-from .ops import Tile, conv3x3
+from .layers import WORKSPACE, DownsampleStep, ResnetStep, Step, _scale, register, upsample_rows
+from .ops import Tile, conv3x3, silu_
+from .verbs import PerPixel
 
-# Qwen-Image's latent statistics: its pipelines' scaled latent is (raw - mean) / std, per channel (config.py).
-LATENTS_MEAN, LATENTS_STD = QWEN_LATENTS_MEAN, QWEN_LATENTS_STD
+# Qwen-Image's per-channel latent statistics (its VAE's config.json, ComfyUI's latent_formats.Wan21):
+# its pipelines hand the denoiser (raw - mean) / std.
+LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 
 
 @dataclass(frozen=True)
@@ -83,10 +88,17 @@ class QwenImageShape:
 # ----------------------------------------------------------------------------------------------
 # The pieces.
 # ----------------------------------------------------------------------------------------------
-class Conv2dView(NamedTuple):
-    """A 2-D conv's weight and bias: what ops.conv3x3 and engine.conv_pass read from a conv."""
-    weight: torch.Tensor
-    bias: torch.Tensor | None
+class Frame:
+    """The 2-D conv a causal conv is on a first frame: what ops.conv3x3 reads from a conv. Its
+    weight, the kernel's last time slice, is made contiguous on first use: once per run of the
+    layer, not per band, and not when only the planner looks at it."""
+
+    def __init__(self, conv: nn.Conv3d):
+        self.conv, self.bias, self.out_channels = conv, conv.bias, conv.out_channels
+
+    @functools.cached_property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight[:, :, -1].contiguous()
 
 
 class CausalConv3d(nn.Conv3d):
@@ -97,9 +109,9 @@ class CausalConv3d(nn.Conv3d):
     def __init__(self, in_channels: int, out_channels: int, k: int):
         super().__init__(in_channels, out_channels, k)
 
-    def frame(self) -> Conv2dView:
-        """The 2-D conv this is on a first frame (contiguous: made once per pass, not per band)."""
-        return Conv2dView(self.weight[:, :, -1].contiguous(), self.bias)
+    def frame(self) -> Frame:
+        """The 2-D conv this is on a first frame."""
+        return Frame(self)
 
     def forward(self, x):
         f = self.frame()
@@ -393,25 +405,17 @@ def _rms_temp(band_in: int, item: int) -> int:
     return 2 * band_in * 4 // item if item < 4 else 0
 
 
-def _rms_prep(s, norm: RMSNorm, act: bool = True):
-    """A streamed op's prep: the held and new rows, RMS-normalised (and SiLU) into one warm buffer."""
-    def prep(parts) -> Tile:
-        data = rms_silu(norm, [p.data for p in parts], s.scratch, act=act)
-        return parts[-1]._replace(data=data, y0=parts[0].y0)
-    return prep
+def rms(norm: RMSNorm, act: bool = True) -> PerPixel:
+    """The RMS norm (then SiLU) as a per-pixel norm of the verbs: each band normalised on its own."""
+    return PerPixel(lambda parts, scratch: rms_silu(norm, parts, scratch, act=act))
 
 
 class CausalConvStep(Step):
     """A causal 3x3x3 conv on one frame (each network's conv1, no norm before it): the 3x3 conv
     with the kernel's last time slice. Writes the residual stream."""
 
-    def segment(self, ctx, x, st, want, last):
-        out, _ = conv_pass(ctx, self.layer.frame(), x, stats=False, kind="device" if last else None)
-        ctx.free(x)
-        return out, None
-
-    def stream(self, s):
-        return s.conv(self.layer.frame())
+    def describe(self):
+        return verbs.conv(self.layer.frame())
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -422,7 +426,6 @@ class ResidualStep(ResnetStep):
     """RMS norm -> SiLU -> conv1 -> RMS norm -> SiLU -> conv2, plus the shortcut: the GroupNorm resnet's
     shape, cost, halo and lag (ResnetStep), plus the RMS norm's fp32 temporaries. Per-pixel norms:
     each band is normalised on its own, nothing measured between the passes."""
-    reads_stats = False
 
     def need(self, px_in, px_out, item):
         return super().need(px_in, px_out, item) + _rms_temp(max(self.cin * px_in, self.cout * px_out) * item, item)
@@ -430,36 +433,10 @@ class ResidualStep(ResnetStep):
     def exact_temp(self, band_in, band_out, i, item, device_store):
         return super().exact_temp(band_in, band_out, i, item, device_store) + _rms_temp(band_in, item)
 
-    def segment(self, ctx, x, st, want, last):
+    def describe(self):
         block = self.layer
-        B, _, H, W = x.shape
-        h, _ = conv_pass(ctx, block.conv1.frame(), x, stats=False,
-                         pre=lambda d: rms_silu(block.norm1, d, ctx.scratch))
-        # The residual stream is updated in place when the width stays; a new stream where it changes.
-        out = x if block.shortcut is None else ctx.new(B, self.cout, H, W)
-        conv2 = block.conv2.frame()
-        ctx.exchange(h)
-        for y0, y1 in ctx.bands(H, W, self.band_channels):
-            t = ctx.window(h, y0, y1)
-            y = conv3x3(conv2, t._replace(data=rms_silu(block.norm2, t.data, ctx.scratch))).rows(y0, y1)
-            del t
-            if out is x:
-                y = x.add_(y0, y)
-            else:
-                y = y.add_(block.shortcut(x.rows(y0, y1)))
-            ctx.put(None if out is x else out, y0, y, None)
-            del y
-        if out is not x:
-            ctx.free(x)
-        ctx.free(h)  # last: the spare for the next block's h
-        return out, None
-
-    def stream(self, s):
-        block = self.layer
-        conv1, conv2 = block.conv1.frame(), block.conv2.frame()
-        a = s.op(lambda t: conv3x3(conv1, t), need=lambda o: max(0, o - 1), prep=_rms_prep(s, block.norm1), counts=True)
-        b = s.op(lambda t: conv3x3(conv2, t), need=lambda o: max(0, o - 1), prep=_rms_prep(s, block.norm2), counts=True)
-        return s.residual(a, b, shortcut=block.skip)
+        return verbs.residual([verbs.conv(block.conv1.frame(), rms(block.norm1)),
+                               verbs.conv(block.conv2.frame(), rms(block.norm2))], shortcut=block.shortcut)
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -475,7 +452,6 @@ class ResidualStep(ResnetStep):
 
 class AttentionStep(Step):
     """Single-head self-attention over every pixel of the frame (the middle's): global."""
-    passes, norms, is_global = 2, 1, True
 
     def shape(self):
         return self.cin, self.r_in
@@ -492,34 +468,9 @@ class AttentionStep(Step):
     def flops(self, B, n):
         return 2.0 * B * n * 4 * self.cin * self.cin + 4.0 * B * n * n * self.cin
 
-    def segment(self, ctx, x, st, want, last):
-        """q, k, v live on the device token-major ([B, H, W, C], which is also [B, 1, H*W, C] for
-        SDPA); each band of queries attends over every key, then proj and the residual are added
-        to the stream in place. Distributed: each rank projects its own rows; the keys and values
-        are gathered from all ranks (as layers.AttnStep)."""
+    def describe(self):
         attn = self.layer
-        B, C, H, W = x.shape
-        lo, hi = ctx.own(H)
-        ctx.spare = None  # q, k and v are not stores: no spare held under them
-        q, k, v = (torch.empty(B, hi - lo, W, C, dtype=ctx.dtype, device=ctx.device) for _ in range(3))
-        for y0, y1 in ctx.bands(H, W, C):
-            qkv = attn.to_qkv(rms_silu(attn.norm, x.rows(y0, y1), ctx.scratch, act=False))
-            for part, dst in zip(qkv.chunk(3, dim=1), (q, k, v)):
-                dst[:, y0 - lo:y1 - lo] = part.permute(0, 2, 3, 1)
-            del qkv
-            ctx.progress.step()
-        if ctx.shard:
-            k, v = (ctx.shard.gather_rows(t, H, dim=1) for t in (k, v))
-        kk, vv = k.view(B, 1, H * W, C), v.view(B, 1, H * W, C)
-        for y0, y1 in ctx.bands(H, W, C):
-            o = F.scaled_dot_product_attention(q[:, y0 - lo:y1 - lo].reshape(B, 1, -1, C), kk, vv)
-            o = attn.proj(o.view(B, y1 - y0, W, C).permute(0, 3, 1, 2))
-            ctx.put(None, y0, x.add_(y0, o), None)
-            del o
-        return x, None
-
-    def stream(self, s):
-        raise KLVAEError("bounded mode streams the layers after the attention, never the attention itself")
+        return verbs.attention(rms(attn.norm, act=False), lambda hn: attn.to_qkv(hn).chunk(3, dim=1), attn.proj)
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -546,26 +497,8 @@ class UpStep(Step):
     def exact_temp(self, band_in, band_out, i, item, device_store):
         return super().exact_temp(band_in, band_out, i, item, device_store) + 4 * band_in  # the 2x copy
 
-    def halo(self, need):
-        return -(-(need + 1) // 2)
-
-    def lag(self, lag):
-        return 2 * lag + 1
-
-    def segment(self, ctx, x, st, want, last):
-        B, C, H, W = x.shape
-        ctx.exchange(x)
-        out = ctx.new(B, self.cout, 2 * H, 2 * W, "device" if last else None)
-        for y0, y1 in ctx.bands(2 * H, 2 * W, self.band_channels):
-            la, lb = max(0, (y0 - 1) // 2), min(H, (y1 + 2) // 2)   # low-res rows covering [y0-1, y1+1)
-            y = upsample(self.layer, Tile(x.rows(la, lb), la, lb, 0, W, H, W, 1)).rows(y0, y1)
-            ctx.put(out, y0, y, None)
-            del y
-        ctx.free(x)
-        return out, None
-
-    def stream(self, s):
-        return s.op(lambda t: upsample(self.layer, t), need=lambda o: max(0, (o - 1) // 2))
+    def describe(self):
+        return upsample_rows(lambda t: upsample(self.layer, t), self.cout)
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -575,7 +508,6 @@ class UpStep(Step):
 class HeadStep(Step):
     """RMS norm -> SiLU -> conv: the network's output (on the device, whatever the store);
     the decoder's then clamps (per pixel: band by band, the untiled result)."""
-    norms = 1
 
     def shape(self):
         return self.layer.conv.out_channels, self.r_in
@@ -583,22 +515,13 @@ class HeadStep(Step):
     def exact_temp(self, band_in, band_out, i, item, device_store):
         return super().exact_temp(band_in, band_out, i, item, device_store) + _rms_temp(band_in, item)
 
-    def segment(self, ctx, x, st, want, last):
-        head = self.layer
-        out, _ = conv_pass(ctx, head.conv.frame(), x, stats=False, kind="device" if last else None,
-                           pre=lambda d: rms_silu(head.norm, d, ctx.scratch))
-        head.finish(out.t)
-        ctx.free(x)
-        return out, None
-
-    def stream(self, s):
-        head = self.layer
-        conv = head.conv.frame()
+    def describe(self):
+        head, conv = self.layer, self.layer.conv.frame()
 
         def fn(t: Tile) -> Tile:
             out = conv3x3(conv, t)
-            return out._replace(data=head.finish(out.data))
-        return s.op(fn, need=lambda o: max(0, o - 1), prep=_rms_prep(s, head.norm), counts=True)
+            return out._replace(data=head.finish(out.data))  # the clamp: per pixel, band by band
+        return verbs.rows(fn, self.cout, norm=rms(head.norm))
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -800,6 +723,40 @@ def quant_convs(cfg) -> tuple:
     return QuantConv(2 * cfg.latent_channels), QuantConv(cfg.latent_channels)
 
 
-register_arch("qwenimage", ArchNames(classes=("AutoencoderKLQwenImage",), config=diffusers_config,
+# ----------------------------------------------------------------------------------------------
+# The family and its registration (config.Network).
+# ----------------------------------------------------------------------------------------------
+def read(name: str, shape, keys: dict, layout: str) -> tuple:
+    """A file's VAE keys ({key after any prefix: the file's key}) in its layout -> ({klvae key: the
+    file's key}, the network's shape fields)."""
+    original = keys if layout == "original" else diffusers_to_original(keys)
+    return from_original(original), config_from_shapes(lambda k: shape(original[k]), original.keys())
+
+
+def check(cfg) -> None:
+    t = cfg.temporal_downsample
+    if not isinstance(t, tuple) or len(t) != len(cfg.ch_mult) - 1 or not all(isinstance(b, bool) for b in t):
+        raise KLVAEError(f"temporal_downsample {str(t)[:60]}: Qwen-Image's VAE needs one flag (True/False) per level "
+                         f"transition, {len(cfg.ch_mult) - 1} here")
+
+
+def narrow(cfg, overrides: dict) -> dict:
+    """The released flags belong to 4 levels; a narrowed test network keeps the last ones it has room for."""
+    if "ch_mult" in overrides and "temporal_downsample" not in overrides:
+        levels = len(overrides["ch_mult"])
+        t = cfg.temporal_downsample
+        overrides["temporal_downsample"] = t[len(t) - levels + 1:] if levels > 1 else ()
+    return overrides
+
+
+# Qwen-Image (and its Edit models): Wan 2.1's causal video VAE, run on single frames (T = 1).
+FAMILY = Family("qwenimage", 16, 1.0, 0.0, True, "Qwen-Image (Wan 2.1's VAE, images as T = 1)", arch="qwenimage",
+                latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD,
+                shape=(("ch", 96), ("temporal_downsample", (False, True, True))))
+register_network(Network("qwenimage", sys.modules[__name__], (FAMILY,),
+                 markers=(("original", "decoder.middle.0.residual.0.gamma"),
+                          ("diffusers", "decoder.mid_block.resnets.0.norm1.gamma")),
+                 read=read, to_file=to_original, video_shaped=True, group_norms=False, check=check, narrow=narrow,
+                 diffusers=ArchNames(classes=("AutoencoderKLQwenImage",), config=diffusers_config,
                                      to_diffusers=lambda sd: original_to_diffusers(to_original(sd)),
-                                     from_diffusers=lambda sd: from_original(diffusers_to_original(sd))))
+                                     from_diffusers=lambda sd: from_original(diffusers_to_original(sd)))))

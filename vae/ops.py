@@ -15,7 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import Interrupted
-from .model import silu_
+
+def silu_(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place when nothing needs the input for a backward pass."""
+    return F.silu(x, inplace=not x.requires_grad)
+
 
 class Tile(NamedTuple):
     """The *valid* values of rows [y0, y1) x cols [x0, x1) of an activation that is H x W in full;

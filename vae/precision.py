@@ -12,13 +12,13 @@ import warnings
 import torch
 import torch.nn as nn
 
+from .config import FLOATS
 from .errors import KLVAEError
 from .layers import steps_of
 from .tiling import execute
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def resolve_device(device) -> torch.device:

@@ -150,6 +150,8 @@ class Plan:
     halo: int = 0                    # image px a band or strip reads beyond its own
     band_elems: int = 0              # exact: values per band (a tile's area of the widest activation)
     band_rows: int = 0               # exact: rows per band at the top resolution
+    reach: int = 1                   # rows any op reads above and below a band (verbs.reach): the halo exchanged
+    frames: int = 1                  # the latent's frames: 1 for an image (clips: the video issue's time chunks)
     notes: list = field(default_factory=list)
     mosaic_lattice: tuple = None     # bounded: crop origins (ys, xs) of the statistics mosaic
 
@@ -230,7 +232,7 @@ def exact_peaks(steps, B, h, w, item, elems, device_store: bool):
         alive = s.exact_alive(i, o, last)
         H, W = h * s.r_out, w * s.r_out
         rows = math.ceil(H / engine.band_count(H, W, s.band_channels, elems))
-        band_in = B * s.cin * (rows * s.r_in // s.r_out + 2) * w * s.r_in * item
+        band_in = B * s.cin * (rows * s.r_in // s.r_out + 2 * s.reach) * w * s.r_in * item
         band_out = B * s.cout * rows * W * item
         temp = s.exact_temp(band_in, band_out, i, item, device_store)
         store_peak = max(store_peak, alive)
@@ -295,18 +297,19 @@ def make_plan(net, direction: str, in_channels: int, shape, dtype, device, tilin
         raise KLVAEError(f"{direction} of {w * f}x{h * f} px: a side over {MAX_SIDE} px is beyond what klvae "
                          f"plans; split the image first")
     item = torch.empty((), dtype=dtype).element_size()
+    reach = max(s.reach for s in steps)  # rows a band reads above and below its own (verbs.reach)
     budget = tiling.memory_budget or int(0.9 * free_memory(device))
     ops = flops(steps, B, h, w)
     notes = []
     if tiling.overlap is not None and tiling.mode == "exact":
-        notes.append(f"overlap {tiling.overlap} px ignored: exact mode's segments read the one row they need")
+        notes.append(f"overlap {tiling.overlap} px ignored: exact mode's passes read the rows they need")
     if tiling.tile_size is not None and tiling.tile_size % f:
         raise KLVAEError(f"tile_size {tiling.tile_size} is not a positive multiple of {f}: use e.g. 512")
 
     def plan(mode, size, store=None):
         t = max(1, size // f)
         p = Plan(direction, mode, size, h, w, f, tiling, grid=(math.ceil(h / t), math.ceil(w / t)), store=store,
-                 flops=ops, notes=list(notes))
+                 flops=ops, notes=list(notes), reach=reach)
         if mode == "untiled":
             p.predicted = untiled_peak(steps, B, h, w, item)
         elif mode == "exact":
@@ -315,11 +318,11 @@ def make_plan(net, direction: str, in_channels: int, shape, dtype, device, tilin
             H = h * top.r_out
             p.grid = (engine.band_count(H, w * top.r_out, top.band_channels, p.band_elems), 1)
             p.band_rows = math.ceil(H / p.grid[0])
-            # distributed: a rank holds its share of the rows and one halo row each side
+            # distributed: a rank holds its share of the rows and the halo rows each side
             world = 1 if tiling.process_group is None else torch.distributed.get_world_size(tiling.process_group)
-            hs = min(h, -(-h // world) + 2)
+            hs = min(h, -(-h // world) + 2 * p.reach)
             p.predicted, p.store_bytes = exact_peaks(steps, B, hs, w, item, p.band_elems, store == "device")
-            p.halo = f  # each segment reads one row above and below at its own resolution: <= f image px
+            p.halo = f * p.reach  # each pass reads `reach` rows above and below at its own resolution
         else:
             p.predicted = bounded.prepare(steps, p, shape, item)
         return p

@@ -428,7 +428,7 @@ def read(src, family=None, config_json=None, name=None) -> Checkpoint:
     sub = [k[len(prefix):] for k in raw_keys]
     check_indices(source.name, sub)
     arch, layout = arch_of(sub)
-    if arch != "sd":
+    if NETWORKS[arch].read is not None:  # a network with its own reader (model_<family>.py); SD's is below
         return read_family(source, arch, layout, dict(zip(sub, raw_keys)), family)
     if is_diffusers_layout(sub):
         levels = levels_of(sub, "diffusers")

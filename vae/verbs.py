@@ -125,11 +125,6 @@ def attention(norm, qkv, proj) -> Attention:
     return Attention(norm, qkv, proj)
 
 
-def per_pixel(fn) -> Rows:
-    """A per-pixel map as a row op (a shortcut in a stream): reads no row beyond its own."""
-    return Rows(lambda t: t._replace(data=fn(t.data)), 0, above=0, below=0)
-
-
 # ----------------------------------------------------------------------------------------------
 # What the planner and the engines read off a description.
 # ----------------------------------------------------------------------------------------------
@@ -157,10 +152,6 @@ def first(d):
 def reads_stats(d) -> bool:
     """Its input is normalised with whole-image statistics: whoever makes it measures them."""
     return isinstance(first(d).norm, GroupNorm)
-
-
-def any_stats(d) -> bool:
-    return any(isinstance(o.norm, GroupNorm) for o in ops(d))
 
 
 def reach(d) -> int:

@@ -9,8 +9,9 @@ answers for its layer type alone:
              lag, the rows a band reads around it (`reach`), whether it reads the image's
              statistics and how many norms it applies are read off it here
   shape      its output channels and resolution (px per latent px)
-  memory     the untiled pass's peak (`need`), what the exact engine keeps alive and its band
-             temporaries (`exact_alive`, `exact_temp`), the rows bounded mode keeps (`keeps`)
+  memory     the untiled pass's peak (`need`) and the rows bounded mode keeps (`keeps`); the
+             exact engine's stores and band temporaries are walked over the description
+             (tiling.StoreWalk), each op declaring its own temporaries
   FLOPs      for predicted times
   scale_stream  what the fp16 guard scales in a stream-scaled copy (precision.py)
 
@@ -27,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import verbs
-from .groupnorm import STATS_CHUNK
 from .model import AttnBlock, Downsample, ResnetBlock, Tail, Upsample
 from .ops import Tile, conv3x3
 from .verbs import GroupNorm
@@ -67,17 +67,6 @@ class Step:
         """Peak bytes of the plain forward pass over px_in input pixels (batch included): its
         input, the conv's output and the conv's workspace."""
         return int(2 * self.cin * px_in * item + self.cout * px_out * item * (1 + WORKSPACE))
-
-    def exact_alive(self, i: int, o: int, last: bool) -> int:
-        """Store bytes alive during the exact segment: its input and output (i, o: full size)."""
-        return i + (0 if last else o)
-
-    def exact_temp(self, band_in: int, band_out: int, i: int, item: int, device_store: bool) -> int:
-        """Device bytes of one band's temporaries: its input rows (copied unless the store is on
-        the device), the warm normalised buffer, the conv output and workspace, the statistics'
-        fp32 scratch."""
-        return int(band_in * (1 if device_store else 2) + band_out * (1 + WORKSPACE)
-                   + min(band_out * 4 // item, STATS_CHUNK))
 
     def flops(self, B: int, n: int) -> float:
         """Multiply-adds x 2 for B items of n output pixels each."""
@@ -124,13 +113,6 @@ class ResnetStep(Step):
         # stream + norm1 copy + conv1 out + ws, then stream + h + norm2 copy + conv2 out + ws
         return int(max(2 * i + o * (1 + WORKSPACE), i + o * (3 + WORKSPACE)))
 
-    def exact_alive(self, i, o, last):
-        return i + o + (o if self.cin != self.cout else 0)   # stream, h, (a new stream)
-
-    def exact_temp(self, band_in, band_out, i, item, device_store):
-        extra = band_out if self.cin != self.cout else 0      # the shortcut projection
-        return super().exact_temp(band_in, band_out, i, item, device_store) + extra
-
     def flops(self, B, n):
         f = 2.0 * B * n * 9 * (self.cin * self.cout + self.cout * self.cout)
         return f + (2.0 * B * n * self.cin * self.cout if self.cin != self.cout else 0)
@@ -159,12 +141,6 @@ class AttnStep(Step):
     def need(self, px_in, px_out, item):
         return 5 * self.cin * px_in * item  # stream, normalised copy, q, k, v (SDPA keeps the rest linear)
 
-    def exact_alive(self, i, o, last):
-        return i
-
-    def exact_temp(self, band_in, band_out, i, item, device_store):
-        return 3 * i + 2 * band_in + 2 * band_out  # q, k, v whole on the device
-
     def flops(self, B, n):
         return 2.0 * B * n * 4 * self.cin * self.cin + 4.0 * B * n * n * self.cin
 
@@ -183,7 +159,8 @@ def upsample_rows(fn, cout: int) -> verbs.Rows:
     """A nearest 2x then a 3x3 conv as a row op: output rows [y0, y1) read the low-resolution rows
     covering [y0 - 1, y1 + 1)."""
     return verbs.rows(fn, cout, up=2, exact_span=lambda y0, y1: ((y0 - 1) // 2, (y1 + 2) // 2),
-                      exact_context=lambda need: math.ceil((need + 1) / 2), exact_lag=lambda lag: 2 * lag + 1)
+                      exact_context=lambda need: math.ceil((need + 1) / 2), exact_lag=lambda lag: 2 * lag + 1,
+                      temp=lambda band_in, band_out, item: 4 * band_in)  # the 2x copy
 
 
 def upsample(up: Upsample, t: Tile) -> Tile:
@@ -201,9 +178,6 @@ class UpsampleStep(Step):
 
     def need(self, px_in, px_out, item):
         return int(self.cin * px_in * item + self.cout * px_out * item * (2 + WORKSPACE))  # input, the 2x copy
-
-    def exact_temp(self, band_in, band_out, i, item, device_store):
-        return super().exact_temp(band_in, band_out, i, item, device_store) + 4 * band_in  # the 2x copy
 
     def describe(self):
         return upsample_rows(lambda t: upsample(self.layer, t), self.cout)
@@ -291,17 +265,6 @@ class SpanStep(Step):
         # the block's input stays alive under every inner layer's own peak
         return self.cin * px_in * item + max(
             s.need(self._at(s, px_in), self._at(s, px_in) * s.r_out ** 2 // s.r_in ** 2, item) for s in self.inner)
-
-    def exact_alive(self, i, o, last):
-        # the block's input under each inner layer's stores; the last layer's output is the block's
-        at = lambda s, c, r: i * c * r ** 2 // (self.cin * self.r_in ** 2)
-        inner = [s.exact_alive(at(s, s.cin, s.r_in), at(s, s.cout, s.r_out), last and s is self.inner[-1])
-                 for s in self.inner]
-        return i + max(inner)
-
-    def exact_temp(self, band_in, band_out, i, item, device_store):
-        # the largest inner band (each band holds at most band_channels values per pixel), plus the shortcut's rows
-        return max(s.exact_temp(band_in, band_out, i, item, device_store) for s in self.inner) + 2 * band_out
 
     def flops(self, B, n):
         return sum(s.flops(B, n * s.r_out ** 2 // self.r_out ** 2) for s in self.inner)

@@ -315,15 +315,13 @@ class ShuffleDownStep(Step):
         i, o = self.cin * px_in * item, self.cout * px_out * item
         return int(i + o * (2 + WORKSPACE))  # input, conv output and workspace, then its shuffled copy
 
-    def exact_temp(self, band_in, band_out, i, item, device_store):
-        return super().exact_temp(band_in, band_out, i, item, device_store) + 2 * band_out  # the mean, the shuffle
-
     def describe(self):
         # output rows [y0, y1) are the cells of conv rows 2y0 .. 2y1, which read input rows 2y0-1 .. 2y1.
         # Streamed, every push completes a cell: bounded.Rows holds pushes of fewer than four rows,
         # and the rows it keeps start at an odd row (need: 2o - 1), so the conv's valid rows start
         # on a cell's first row.
-        return verbs.rows(lambda t: down_tile(self.layer, t), self.cout, down=2, above=1, below=1)
+        return verbs.rows(lambda t: down_tile(self.layer, t), self.cout, down=2, above=1, below=1,
+                          temp=lambda band_in, band_out, item: 2 * band_out)  # the mean, the shuffle
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -342,12 +340,10 @@ class ShuffleUpStep(Step):
         i, o = self.cin * px_in * item, self.cout * px_out * item
         return int(i + o * (2 + WORKSPACE))  # input, conv output (4*out channels: o) and workspace, the shuffle
 
-    def exact_temp(self, band_in, band_out, i, item, device_store):
-        return super().exact_temp(band_in, band_out, i, item, device_store) + band_out  # the shuffled copy
-
     def describe(self):
         # output rows [y0, y1) come from the input rows whose 2x2 cells cover them, plus the conv's row
-        return verbs.rows(lambda t: up_tile(self.layer, t), self.cout, up=2, above=1, below=1)
+        return verbs.rows(lambda t: up_tile(self.layer, t), self.cout, up=2, above=1, below=1,
+                          temp=lambda band_in, band_out, item: band_out)  # the shuffled copy
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -364,9 +360,6 @@ class EncoderOutStep(Step):
     def need(self, px_in, px_out, item):
         i, o = self.cin * px_in * item, self.cout * px_out * item
         return int(2 * i + o * (2 + WORKSPACE))  # input, its normalised copy, conv output and workspace, the mean
-
-    def exact_temp(self, band_in, band_out, i, item, device_store):
-        return super().exact_temp(band_in, band_out, i, item, device_store) + band_out  # the mean
 
     def describe(self):
         tail = self.layer

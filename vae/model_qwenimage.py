@@ -407,7 +407,7 @@ def _rms_temp(band_in: int, item: int) -> int:
 
 def rms(norm: RMSNorm, act: bool = True) -> PerPixel:
     """The RMS norm (then SiLU) as a per-pixel norm of the verbs: each band normalised on its own."""
-    return PerPixel(lambda parts, scratch: rms_silu(norm, parts, scratch, act=act))
+    return PerPixel(lambda parts, scratch: rms_silu(norm, parts, scratch, act=act), temp=_rms_temp)
 
 
 class CausalConvStep(Step):
@@ -429,9 +429,6 @@ class ResidualStep(ResnetStep):
 
     def need(self, px_in, px_out, item):
         return super().need(px_in, px_out, item) + _rms_temp(max(self.cin * px_in, self.cout * px_out) * item, item)
-
-    def exact_temp(self, band_in, band_out, i, item, device_store):
-        return super().exact_temp(band_in, band_out, i, item, device_store) + _rms_temp(band_in, item)
 
     def describe(self):
         block = self.layer
@@ -459,18 +456,13 @@ class AttentionStep(Step):
     def need(self, px_in, px_out, item):
         return 6 * self.cin * px_in * item  # stream, normalised copy, qkv, q, k, v (SDPA keeps the rest linear)
 
-    def exact_alive(self, i, o, last):
-        return i
-
-    def exact_temp(self, band_in, band_out, i, item, device_store):
-        return 3 * i + 5 * band_in + 2 * band_out  # q, k, v whole on the device; a band's qkv is 3 bands
-
     def flops(self, B, n):
         return 2.0 * B * n * 4 * self.cin * self.cin + 4.0 * B * n * n * self.cin
 
     def describe(self):
         attn = self.layer
-        return verbs.attention(rms(attn.norm, act=False), lambda hn: attn.to_qkv(hn).chunk(3, dim=1), attn.proj)
+        # temporaries: the normalised band, its qkv (three bands), the attended band
+        return verbs.attention(rms(attn.norm, act=False), lambda hn: attn.to_qkv(hn).chunk(3, dim=1), attn.proj, temp=5)
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -494,9 +486,6 @@ class UpStep(Step):
         # its input, the 2x copy (input width at the output resolution), the conv's output and workspace
         return int(self.cin * (px_in + px_out) * item + self.cout * px_out * item * (1 + WORKSPACE))
 
-    def exact_temp(self, band_in, band_out, i, item, device_store):
-        return super().exact_temp(band_in, band_out, i, item, device_store) + 4 * band_in  # the 2x copy
-
     def describe(self):
         return upsample_rows(lambda t: upsample(self.layer, t), self.cout)
 
@@ -511,9 +500,6 @@ class HeadStep(Step):
 
     def shape(self):
         return self.layer.conv.out_channels, self.r_in
-
-    def exact_temp(self, band_in, band_out, i, item, device_store):
-        return super().exact_temp(band_in, band_out, i, item, device_store) + _rms_temp(band_in, item)
 
     def describe(self):
         head, conv = self.layer, self.layer.conv.frame()

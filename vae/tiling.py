@@ -11,13 +11,14 @@ device), so a plan costs a millisecond at any size and "auto" answers at once fo
 image. `execute(steps, x, plan)` runs a plan with the engine it names and returns the output and a
 `TilingReport`: the plan plus what was measured.
 
-Memory model (bytes above the weights and the input; each step's part is its own, layers.py;
-measured against the process's peak RSS and CUDA's allocator in tests/test_tiling.py):
-  untiled  per step: its input, the live residual stream, the normalised copy, the conv output
-           and the conv's workspace; peak over steps.
-  exact    the stores alive at each segment (residual stream, current activation, and a new
-           stream where the width changes) where the store is the device, plus one band's
-           temporaries and, around the attention, its q/k/v on the device.
+Memory model (bytes above the weights and the input; measured against the process's peak RSS and
+CUDA's allocator for every family in tests/test_tiling.py):
+  untiled  per step (layers.py): its input, the live residual stream, the normalised copy, the
+           conv output and the conv's workspace; peak over steps.
+  exact    the engine's own allocations walked over the steps' descriptions (`StoreWalk`): the
+           stores alive at each pass (a residual's input kept across the layers it spans, a new
+           stream where the width changes) where the store is the device, plus that pass's band
+           temporaries as its op declares them and, around the attention, its q/k/v on the device.
   bounded  the latent-resolution part whole, plus one band of a strip passing through the steps
            (its rows, the rows each keeps, the side halo) or the statistics mosaic's whole pass,
            whichever is larger (bounded.peak).
@@ -38,9 +39,10 @@ from typing import Callable
 
 import torch
 
-from . import bounded, engine
+from . import bounded, engine, verbs
 from .errors import Interrupted, KLVAEError
-from .layers import steps_of
+from .groupnorm import STATS_CHUNK
+from .layers import WORKSPACE, steps_of
 from .memory import PeakMeter, free_host_memory, free_memory
 
 MODES = ("exact", "bounded", "auto")
@@ -223,21 +225,92 @@ def untiled_peak(steps, B, h, w, item) -> int:
 
 
 def exact_peaks(steps, B, h, w, item, elems, device_store: bool):
-    """(device peak, store peak) of the segment engine with bands of `elems` values."""
-    dev_peak = store_peak = 0
+    """(device peak, store peak) of the segment engine with bands of `elems` values: its stores and
+    band temporaries walked over the steps' descriptions on shapes alone (`StoreWalk`)."""
+    walk = StoreWalk(B, h, w, item, elems, device_store)
+    x = (None, steps[0].cin, steps[0].r_in)  # the network's input: the caller's, not a store
     for n, s in enumerate(steps):
-        i = B * s.cin * h * w * s.r_in ** 2 * item
-        o = B * s.cout * h * w * s.r_out ** 2 * item
         last = n == len(steps) - 1
-        alive = s.exact_alive(i, o, last)
-        H, W = h * s.r_out, w * s.r_out
-        rows = math.ceil(H / engine.band_count(H, W, s.band_channels, elems))
-        band_in = B * s.cin * (rows * s.r_in // s.r_out + 2 * s.reach) * w * s.r_in * item
-        band_out = B * s.cout * rows * W * item
-        temp = s.exact_temp(band_in, band_out, i, item, device_store)
-        store_peak = max(store_peak, alive)
-        dev_peak = max(dev_peak, (alive if device_store else 0) + temp + (o if last else 0))
-    return int(dev_peak), int(store_peak)
+        x = walk.run(s.describe(), x, "device" if last else None, s.band_channels, free=True)
+    return int(walk.dev_peak), int(walk.store_peak)
+
+
+class StoreWalk:
+    """The exact engine's memory, walked as engine.run would allocate it, on shapes alone: every
+    store made and freed in the same order (a residual's input kept across its branch, in-place
+    adds where the engine makes them), and at each pass one band's temporaries: its input rows
+    (copied unless the store is on the device), the conv output and workspace, the statistics'
+    fp32 scratch, and what the op, its norm and its residual's shortcut declare (verbs.Rows.temp,
+    PerPixel.temp, Attention.temp). A store is (key, channels, px per latent px)."""
+
+    def __init__(self, B, h, w, item, elems, device_store):
+        self.B, self.h, self.w, self.item, self.elems, self.device_store = B, h, w, item, elems, device_store
+        self.alive, self.n = {}, 0      # key -> (bytes, on the device)
+        self.dev_peak = self.store_peak = 0
+
+    def bytes(self, c, r) -> int:
+        return self.B * c * self.h * self.w * r * r * self.item
+
+    def new(self, c, r, kind):
+        self.n += 1
+        self.alive[self.n] = (self.bytes(c, r), self.device_store or kind == "device")
+        self.store_peak = max(self.store_peak, sum(b for b, _ in self.alive.values()))
+        return self.n, c, r
+
+    def free(self, x):
+        self.alive.pop(x[0], None)
+
+    def band(self, temp):
+        self.dev_peak = max(self.dev_peak, sum(b for b, dev in self.alive.values() if dev) + temp)
+
+    def run(self, d, x, kind, channels, free):
+        items = verbs.sequence(d)
+        for n, item in enumerate(items):
+            end = n == len(items) - 1
+            k, mine = kind if end else None, free or n > 0
+            if isinstance(item, verbs.Residual):
+                *head, last = item.branch
+                h = self.run(head, x, None, channels, free=False) if head else x
+                x = self.rows(last, h, k, channels, h is not x, res=item, xs=x, free_xs=mine)
+            elif isinstance(item, verbs.Attention):
+                x = self.attention(item, x, k, mine)
+            else:
+                x = self.rows(item, x, k, channels, mine)
+        return x
+
+    def rows(self, op, x, kind, channels, free, res=None, xs=None, free_xs=False):
+        _, c, r = x
+        c2, r2 = op.cout or c, r * op.up // op.down
+        H, W = self.h * r2, self.w * r2
+        rows = math.ceil(H / engine.band_count(H, W, channels, self.elems))
+        band_in = self.B * c * (rows * op.down // op.up + op.above + op.below) * self.w * r * self.item
+        band_out = self.B * c2 * rows * W * self.item
+        temp = (band_in * (1 if self.device_store else 2) + band_out * (1 + WORKSPACE)
+                + min(band_out * 4 // self.item, STATS_CHUNK) + op.temp(band_in, band_out, self.item))
+        if isinstance(op.norm, verbs.PerPixel):
+            temp += op.norm.temp(band_in, self.item)
+        if res is not None and res.add is None and res.shortcut is not None:
+            temp += band_out  # the shortcut's band
+        inplace = (res is not None and res.shortcut is None and res.add is None and free_xs and xs is not x
+                   and (xs[1], xs[2]) == (c2, r2) and kind is None)
+        out = xs if inplace else self.new(c2, r2, kind)
+        self.band(temp)
+        if res is not None and not inplace and free_xs:
+            self.free(xs)
+        if free:
+            self.free(x)
+        return out
+
+    def attention(self, a, x, kind, free):
+        _, c, r = x
+        H, W = self.h * r, self.w * r
+        rows = math.ceil(H / engine.band_count(H, W, c, self.elems))
+        band = self.B * c * rows * W * self.item
+        out = x if free and kind is None else self.new(c, r, kind)
+        self.band(3 * self.bytes(c, r) + a.temp * band + 2 * band)  # q, k, v whole; a band's projections
+        if out is not x and free:
+            self.free(x)
+        return out
 
 
 def band_elems(steps, t: int) -> int:

@@ -42,8 +42,10 @@ class GroupNorm(NamedTuple):
 
 class PerPixel(NamedTuple):
     """A per-pixel norm (RMS): fn(parts, scratch) normalises consecutive row bands into one buffer
-    from scratch (ops.Scratch), valid until its next use. No statistics cross pixels."""
+    from scratch (ops.Scratch), valid until its next use. No statistics cross pixels. temp(band,
+    item): the bytes of temporaries it makes over a band of that many bytes (the memory model)."""
     fn: Callable
+    temp: Callable = lambda band, item: 0
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Rows:
     exact_span: Callable | None = None     # (y0, y1) -> input rows, where above/below over-read
     exact_context: Callable | None = None  # need -> input context, where the formula over-counts
     exact_lag: Callable | None = None      # lag -> rows owed, likewise
+    temp: Callable = lambda band_in, band_out, item: 0  # bytes of its own temporaries per band (the memory model)
 
     def span(self, y0: int, y1: int) -> tuple:
         if self.exact_span is not None:
@@ -105,6 +108,7 @@ class Attention:
     norm: object              # GroupNorm(norm, act=False) or PerPixel
     qkv: Callable
     proj: Callable
+    temp: int = 2             # bands of temporaries beside q, k, v (the normalised band, its projections)
 
 
 def conv(c, norm=None) -> Rows:
@@ -121,8 +125,8 @@ def residual(branch, shortcut=None, add=None) -> Residual:
     return Residual(tuple(item for d in sequence(branch) for item in sequence(d)), shortcut, add)
 
 
-def attention(norm, qkv, proj) -> Attention:
-    return Attention(norm, qkv, proj)
+def attention(norm, qkv, proj, temp: int = 2) -> Attention:
+    return Attention(norm, qkv, proj, temp)
 
 
 # ----------------------------------------------------------------------------------------------

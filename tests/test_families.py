@@ -129,8 +129,36 @@ def test_qwen_video_shaped_tensors_and_the_edit_pipelines_normalisation():
     # ComfyUI's latent format (Wan21.process_in) is the same normalisation
     wan = comfy_latent_formats().Wan21()
     torch.testing.assert_close(k.to_scaled(post.mode()), wan.process_in(post.mode()), atol=1e-6, rtol=0)
-    with pytest.raises(KLVAEError, match="hold 2 frames: klvae runs Qwen-Image's VAE on images"):
-        k.decode(torch.zeros(1, 16, 2, 4, 4))
+    with pytest.raises(KLVAEError, match="clips untiled for now"):
+        k.decode(torch.zeros(1, 16, 2, 4, 4), tiling="exact")
+
+
+def test_clips_decode_and_encode_as_diffusers_wan_vae_does():
+    """Wan 2.1's network (Qwen-Image's VAE) on clips, untiled: [B, 16, T, h, w] -> [B, 3, 1 + 4(T - 1),
+    8h, 8w] equal to diffusers' chunked decode (one latent frame at a time, its causal caches and the
+    upsample's time conv that skips the first chunk); 1 + 4k frames -> 1 + k latents equal to its
+    chunked encode (1, 4, 4, ... frames). Causal: a prefix of the latents decodes to a prefix of the
+    frames, and the first frame alone is the image path."""
+    d = diffusers_vae("qwenimage", seed=14, **SMALL["qwenimage"])
+    k = klvae_from(d)
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 16, 4, 6, 5, generator=g)
+    x = torch.rand(1, 3, 9, 48, 40, generator=g) * 2 - 1
+    with torch.no_grad():
+        ref, post = d.decode(z).sample, d.encode(x).latent_dist
+    out = k.decode(z)
+    assert out.shape == (2, 3, 13, 48, 40) and (out - ref).abs().max() <= 1e-4
+    assert "x 4 latent frames" in str(k.last_tiling)
+    mine = k.encode(x)
+    assert mine.mode().shape == (1, 16, 3, 6, 5)
+    assert (mine.mean - post.mean).abs().max() <= 1e-4 and (mine.logvar - post.logvar).abs().max() <= 1e-4
+    assert (k.decode(z[:, :, :2]) - out[:, :, :5]).abs().max() <= 1e-5        # causal in time
+    assert (k.decode(z[:, :, :1]) - out[:, :, :1]).abs().max() <= 1e-5        # T = 1: the image path
+    assert (k.encode(x[:, :, :5]).mean - mine.mean[:, :, :2]).abs().max() <= 1e-5
+    with pytest.raises(KLVAEError, match=r"encodes 1 \+ 4k frames .* trim it to 5 frames or pad it to 9"):
+        k.encode(x[:, :, :7])
+    with pytest.raises(KLVAEError, match="not finite|non-finite|NaN"):
+        k.decode(torch.full((1, 16, 2, 4, 4), float("nan")))
 
 
 def test_hunyuan_scaled_latents_are_comfyuis_and_the_pipelines():

@@ -8,6 +8,7 @@ The class holds the model (encoder, decoder, quant convs), its posterior and the
 precision.py, the tile plan in tiling.py, exact tiles in engine.py, bounded tiles in bounded.py,
 diffusers' call shapes in diffusers_compat.py.
 """
+import time
 from dataclasses import replace
 
 import torch
@@ -18,7 +19,7 @@ from .distributed import Shard
 from .config import VAEConfig, families_with
 from .diffusers_compat import Decoded, DecoderOutput, DiffusersVAE, ldm_to_diffusers
 from .errors import KLVAEError
-from .memory import free_memory, return_freed_memory_to_os
+from .memory import PeakMeter, free_memory, return_freed_memory_to_os
 from .precision import Guard, resolve_device, resolve_dtype
 from .tiling import UNLIMITED, Plan, Tiling, TilingReport, make_plan
 
@@ -242,6 +243,9 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         a Tiling, or a Plan from plan_encode. return_dict=False: a 1-tuple, as diffusers."""
         self._offload_hook()
         tiling = untiled_if_none(tiling, self.tiling)
+        if self._is_clip(pixels):
+            post = DiagonalGaussian(self._sliced(self._encode_clip, pixels, tiling))
+            return post if return_dict else (post,)
         pixels, frames = self._one_frame(pixels, "pixels")
         self.check_pixels(pixels)
         moments = self._sliced(self._encode, pixels, tiling)
@@ -256,10 +260,50 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         (t, was 5-D)."""
         if not self.config.network.video_shaped or not torch.is_tensor(t) or t.dim() != 5:
             return t, False
-        if t.shape[2] != 1:
-            raise KLVAEError(f"{what} of shape {tuple(t.shape)} hold {t.shape[2]} frames: klvae runs Qwen-Image's VAE "
-                             f"on images (T = 1); decode video with diffusers' or ComfyUI's Wan VAE for now")
         return t[:, :, 0], True
+
+    # -- clips: [B, C, T, H, W] with T > 1, through a video network (Wan 2.1's) -------------------
+    def _is_clip(self, t) -> bool:
+        return self.config.network.video_shaped and torch.is_tensor(t) and t.dim() == 5 and t.shape[2] > 1
+
+    def _clip_run(self, what, x: torch.Tensor, tiling, run) -> torch.Tensor:
+        """A clip through the whole network at once, in causal time (Wan's chunked decode computes
+        the same: every causal conv sees the frames before it, zeros before the first). Untiled only:
+        exact tiling of clips in time and space is the video issue's; no fp16 overflow guard (a
+        non-finite output is one error)."""
+        if tiling is not None:
+            raise KLVAEError(f"{what} of a clip ({x.shape[2]} frames): klvae runs clips untiled for now; pass "
+                             f"tiling=None (tiled clips, exact in time and space, are not built yet)")
+        B, C, T, H, W = x.shape
+        t0, meter = time.perf_counter(), PeakMeter(self.device)
+        out = run(x.to(self.device, self.dtype))
+        f = self.config.downscale
+        h, w = (H, W) if what == "decode" else (H // f, W // f)
+        plan = Plan(what, "untiled", max(h, w) * f, h, w, f, Tiling(mode="auto"), frames=T if what == "decode" else
+                    1 + (T - 1) // 4)
+        self._last_tiling = TilingReport(plan, statistics="none needed: per-pixel norms", measured_peak=meter.peak(),
+                                         seconds=time.perf_counter() - t0, steps=1,
+                                         notes=[f"a clip of {T} frames, untiled"])
+        if not torch.isfinite(out).all():
+            raise KLVAEError(f"{what} of a clip gave non-finite values in {str(self.dtype)[6:]}: the input is out of "
+                             f"range, or the dtype overflowed (load the VAE in bf16 or fp32)")
+        return out
+
+    def _decode_clip(self, latents, tiling) -> torch.Tensor:
+        """Raw latents [B, z, T, h, w] -> frames [B, 3, 1 + 4(T - 1), 8h, 8w], clamped to [-1, 1]."""
+        self.check_latents(latents[:, :, 0], finite=False)
+        _check_finite(latents, "latents", "the sampler diverged or the latent is corrupt; re-run the sampler "
+                                          "(lower CFG or fp32) before decoding")
+        return self._clip_run("decode", latents, tiling, lambda z: self.decoder(self.post_quant_conv(z)))
+
+    def _encode_clip(self, pixels, tiling) -> torch.Tensor:
+        """Frames [B, 3, 1 + 4k, H, W] in [-1, 1] -> moments [B, 2z, 1 + k, H/8, W/8]."""
+        T = pixels.shape[2]
+        if (T - 1) % 4:
+            raise KLVAEError(f"a clip of {T} frames: Wan's VAE encodes 1 + 4k frames (1, 5, 9, ..., 81); trim it to "
+                             f"{1 + (T - 1) // 4 * 4} frames or pad it to {1 + -(-(T - 1) // 4) * 4}")
+        self.check_pixels(pixels.transpose(1, 2).flatten(0, 1))  # every frame, as images
+        return self._clip_run("encode", pixels, tiling, lambda x: self.quant_conv(self.encoder(x)))
 
     def _sliced(self, run, x, tiling):
         """run(x, tiling), one batch item at a time when slicing is on (diffusers' enable_slicing).
@@ -290,6 +334,9 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         `.sample` and `[0]`, False a 1-tuple (diffusers' call shapes; `generator` is unused)."""
         self._offload_hook()
         tiling = untiled_if_none(tiling, self.tiling)
+        if self._is_clip(latents):
+            x = self._sliced(self._decode_clip, latents, tiling)
+            return x.as_subclass(Decoded) if return_dict is None else DecoderOutput(x) if return_dict else (x,)
         latents, frames = self._one_frame(latents, "latents")
         self.check_latents(latents)
         x = self._sliced(self._decode, latents, tiling)

@@ -102,9 +102,11 @@ class Frame:
 
 
 class CausalConv3d(nn.Conv3d):
-    """Wan's causal conv (k x k x k), run on one frame: forward takes and returns [B, C, H, W].
-    The weight keeps the checkpoint's [O, I, k, k, k]. Why the last time slice: the causal padding
-    puts k - 1 zero frames before a lone frame, so only the kernel's last slice meets data."""
+    """Wan's causal conv (k x k x k): forward takes and returns an image [B, C, H, W] or a clip
+    [B, C, T, H, W]. The weight keeps the checkpoint's [O, I, k, k, k]. On an image it is the 2-D
+    conv with the kernel's last time slice (`frame`): the causal padding puts k - 1 zero frames
+    before a lone frame, so only that slice meets data. On a clip, k - 1 zero frames go before
+    the first, none after: output frame t reads input frames t - k + 1 .. t."""
 
     def __init__(self, in_channels: int, out_channels: int, k: int):
         super().__init__(in_channels, out_channels, k)
@@ -114,6 +116,9 @@ class CausalConv3d(nn.Conv3d):
         return Frame(self)
 
     def forward(self, x):
+        if x.dim() == 5:
+            kt, p = self.kernel_size[0], self.kernel_size[1] // 2
+            return F.conv3d(F.pad(x, (p, p, p, p, kt - 1, 0)), self.weight, self.bias)
         f = self.frame()
         return F.conv2d(x, f.weight, f.bias, padding=self.kernel_size[1] // 2)
 
@@ -136,10 +141,11 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones((channels, 1, 1) if images else (channels, 1, 1, 1)))
         self.eps = 1e-12  # F.normalize's: a floor under the norm itself, not under its square
 
-    def gain(self, dtype) -> torch.Tensor:
-        """sqrt(C) * gamma as one [C, 1, 1] factor (one multiply per value, not two)."""
+    def gain(self, dtype, dims: int = 4) -> torch.Tensor:
+        """sqrt(C) * gamma as one [C, 1, 1] factor ([C, 1, 1, 1] for a clip's 5 dims): one multiply
+        per value, not two."""
         C = self.gamma.shape[0]
-        return (self.gamma.float().view(C, 1, 1) * C ** 0.5).to(dtype)
+        return (self.gamma.float().view(C, *[1] * (dims - 2)) * C ** 0.5).to(dtype)
 
     def forward(self, x):
         return rms_silu(self, x, act=False)
@@ -153,7 +159,7 @@ def rms_into(norm: RMSNorm, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     temporaries of the band (_rms_temp counts them)."""
     n = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32).clamp_min_(norm.eps)
     torch.div(x, n, out=out)
-    return out.mul_(norm.gain(out.dtype))
+    return out.mul_(norm.gain(out.dtype, x.dim()))
 
 
 def rms_silu(norm: RMSNorm, parts, scratch=None, act: bool = True) -> torch.Tensor:
@@ -221,6 +227,8 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x):
+        if x.dim() == 5:  # a clip: each frame attends over its own pixels
+            return per_frame(self, x)
         B, C, H, W = x.shape
         qkv = self.to_qkv(rms_silu(self.norm, x, act=False))
         # [B, 1, HW, C], contiguous (model.AttnBlock: a transposed view sends the CPU's SDPA to its
@@ -233,6 +241,13 @@ class AttentionBlock(nn.Module):
         return h.add_(x) if not h.requires_grad else h + x
 
 
+def per_frame(layer, x: torch.Tensor) -> torch.Tensor:
+    """A 2-D layer on every frame of a clip [B, C, T, H, W]."""
+    B, C, T, H, W = x.shape
+    y = layer(x.transpose(1, 2).reshape(B * T, C, H, W))
+    return y.view(B, T, *y.shape[1:]).transpose(1, 2)
+
+
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
     """The reference's nearest-exact 2x. At exactly 2x every pixel becomes a 2x2 block (the same as
     "nearest"), so a band's upsampling is the upsampled band's; diffusers' round trip through
@@ -242,7 +257,9 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
 
 class UpResample(nn.Module):
     """Nearest-exact 2x, then a 3x3 conv to half the width (resample.1). Where the level doubles
-    frames, a video checkpoint also has time_conv ([2C, C, 3, 1, 1]): kept, never run on a first frame."""
+    frames, time_conv ([2C, C, 3, 1, 1]) makes two frames of every frame but the first (a causal
+    conv over frames 1.. with two zero frames before them, as Wan's decoder runs it chunk by chunk:
+    its first chunk skips it, its second starts it afresh)."""
 
     def __init__(self, channels: int, temporal: bool):
         super().__init__()
@@ -256,12 +273,25 @@ class UpResample(nn.Module):
         return self.resample[1]
 
     def forward(self, x):
+        if x.dim() == 5:
+            if hasattr(self, "time_conv") and x.shape[2] > 1:
+                x = torch.cat([x[:, :, :1], self.doubled(x[:, :, 1:])], dim=2)
+            return per_frame(lambda f: self.conv(upsample2x(f)), x)
         return self.conv(upsample2x(x))
+
+    def doubled(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, T, H, W] -> [B, C, 2T, H, W]: frame t's two frames are channels [0, C) and [C, 2C)
+        of the causal time conv's output t."""
+        B, C, T, H, W = x.shape
+        y = self.time_conv(F.pad(x, (0, 0, 0, 0, 2, 0)))
+        return y.view(B, 2, C, T, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)
 
 
 class DownResample(nn.Module):
     """Zero pad right and bottom, 3x3 conv, stride 2 (resample.1): LDM's downsample. Where the
-    level halves frames, time_conv ([C, C, 3, 1, 1], stride 2 in time): kept, never run on a first frame."""
+    level halves frames, time_conv ([C, C, 3, 1, 1], stride 2 in time, no padding) runs over every
+    frame after the spatial conv and its outputs follow the first frame, kept as it is (Wan's
+    encoder keeps its first chunk's frame and prepends each chunk with the last frame before it)."""
 
     def __init__(self, channels: int, temporal: bool):
         super().__init__()
@@ -275,6 +305,11 @@ class DownResample(nn.Module):
         return self.resample[1]
 
     def forward(self, x):
+        if x.dim() == 5:
+            y = per_frame(self.resample, x)
+            if hasattr(self, "time_conv") and y.shape[2] > 1:
+                y = torch.cat([y[:, :, :1], self.time_conv(y)], dim=2)
+            return y
         return self.resample(x)
 
 

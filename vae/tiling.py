@@ -180,6 +180,9 @@ class Plan:
         """What the plan does, in one sentence (its report's begins so, with the store bytes it measured)."""
         f = self.downscale
         store = f", {self.store} store {_gib(store_bytes or self.store_bytes)}" if self.store else ""
+        if self.frames > 1:  # a clip: the memory model covers images so far
+            return (f"{self.mode} {self.direction} of {self.w * f}x{self.h * f} px x {self.frames} latent frames: "
+                    f"{self.describe()}, not planned")
         return (f"{self.mode} {self.direction} of {self.w * f}x{self.h * f} px: {self.describe()}{store}, "
                 f"predicted peak {_gib(self.predicted)}")
 

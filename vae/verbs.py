@@ -21,12 +21,14 @@ What reads a description (each in one place):
                  the attention; a residual keeps its input store alive across its branch
   bounded.py     bounded mode: each row op a streamed op holding the rows it needs, residuals
                  adding their shortcut's streamed rows as the branch's rows arrive
-  layers.Step    halo, lag, passes, norms, whether statistics are read, the rows a band reads
-                 beyond its own (the planner's and the halo exchange's reach)
+  tiling.py      the exact engine's memory (StoreWalk): the same stores, walked on shapes
+  layers.Step    halo, lag, norms, whether statistics are read, the rows a band reads beyond its
+                 own (the planner's and the halo exchange's reach)
 
 Each op declares what it needs around a band: `above` / `below` input rows beyond the band's
 own (or an exact `span`), and `earlier` frames along time (0 for images; a causal 3x3x3 conv
-will say 2). The planner, both engines and the distributed halo exchange read them from here.
+will say 2), and the temporaries it makes per band (`temp`). The planner, both engines and the
+distributed halo exchange read them from here.
 """
 from dataclasses import dataclass
 from typing import Callable, NamedTuple

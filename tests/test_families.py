@@ -152,6 +152,17 @@ def test_clips_decode_and_encode_as_diffusers_wan_vae_does():
     mine = k.encode(x)
     assert mine.mode().shape == (1, 16, 3, 6, 5)
     assert (mine.mean - post.mean).abs().max() <= 1e-4 and (mine.logvar - post.logvar).abs().max() <= 1e-4
+    # the chunks (one latent frame; the first frame then 4 at a time) equal the whole clip at once,
+    # and another chunking of the encoder (1, then 8 frames) equals both
+    from klvae.vae.model_qwenimage import causal_chunks
+    with torch.no_grad():
+        whole = k.decoder(k.post_quant_conv(z))
+        whole_e = k.quant_conv(k.encoder(x))
+        with causal_chunks(k.encoder):
+            other = torch.cat([k.quant_conv(k.encoder(x[:, :, a:b])) for a, b in ((0, 1), (1, 9))], dim=2)
+    assert (whole - out).abs().max() <= 1e-5 and (whole_e - mine.moments).abs().max() <= 1e-5
+    assert (other - whole_e).abs().max() <= 1e-5
+    assert all(m.cache is None for m in k.modules() if hasattr(m, "cache"))  # no cache outlives a call
     assert (k.decode(z[:, :, :2]) - out[:, :, :5]).abs().max() <= 1e-5        # causal in time
     assert (k.decode(z[:, :, :1]) - out[:, :, :1]).abs().max() <= 1e-5        # T = 1: the image path
     assert (k.encode(x[:, :, :5]).mean - mine.mean[:, :, :2]).abs().max() <= 1e-5

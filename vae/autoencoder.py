@@ -267,10 +267,11 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         return self.config.network.video_shaped and torch.is_tensor(t) and t.dim() == 5 and t.shape[2] > 1
 
     def _clip_run(self, what, x: torch.Tensor, tiling, run) -> torch.Tensor:
-        """A clip through the whole network at once, in causal time (Wan's chunked decode computes
-        the same: every causal conv sees the frames before it, zeros before the first). Untiled only:
-        exact tiling of clips in time and space is the video issue's; no fp16 overflow guard (a
-        non-finite output is one error)."""
+        """A clip through the network chunk by chunk along time, as Wan runs it (its network's
+        causal_chunks: every causal layer keeps the frames the next chunk reads), so memory holds
+        one chunk's activations and the caches, not the clip's. Untiled only: exact tiling of clips
+        in time and space is the video issue's; no fp16 overflow guard (a non-finite output is one
+        error)."""
         if tiling is not None:
             raise KLVAEError(f"{what} of a clip ({x.shape[2]} frames): klvae runs clips untiled for now; pass "
                              f"tiling=None (tiled clips, exact in time and space, are not built yet)")
@@ -289,21 +290,47 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
                              f"range, or the dtype overflowed (load the VAE in bf16 or fp32)")
         return out
 
+    def _frames_per_latent(self) -> int:
+        """Frames per latent frame after the first: 2 per level that halves time (Wan 2.1: 4)."""
+        return 2 ** sum(self.config.temporal_downsample)
+
     def _decode_clip(self, latents, tiling) -> torch.Tensor:
         """Raw latents [B, z, T, h, w] -> frames [B, 3, 1 + 4(T - 1), 8h, 8w], clamped to [-1, 1]."""
         self.check_latents(latents[:, :, 0], finite=False)
         _check_finite(latents, "latents", "the sampler diverged or the latent is corrupt; re-run the sampler "
                                           "(lower CFG or fp32) before decoding")
-        return self._clip_run("decode", latents, tiling, lambda z: self.decoder(self.post_quant_conv(z)))
+        return self._clip_run("decode", latents, tiling, self._decode_chunks)
+
+    def _decode_chunks(self, z: torch.Tensor) -> torch.Tensor:
+        """One latent frame at a time (diffusers' and Wan's chunking), each chunk's frames written
+        into the output as it finishes."""
+        T, out, t = z.shape[2], None, 0
+        with self.config.network.module.causal_chunks(self.decoder):
+            for i in range(T):
+                y = self.decoder(self.post_quant_conv(z[:, :, i:i + 1]))
+                if out is None:
+                    n = 1 + self._frames_per_latent() * (T - 1)
+                    out = y.new_empty(y.shape[0], y.shape[1], n, *y.shape[3:])
+                out[:, :, t:t + y.shape[2]] = y
+                t += y.shape[2]
+        return out
 
     def _encode_clip(self, pixels, tiling) -> torch.Tensor:
         """Frames [B, 3, 1 + 4k, H, W] in [-1, 1] -> moments [B, 2z, 1 + k, H/8, W/8]."""
-        T = pixels.shape[2]
-        if (T - 1) % 4:
-            raise KLVAEError(f"a clip of {T} frames: Wan's VAE encodes 1 + 4k frames (1, 5, 9, ..., 81); trim it to "
-                             f"{1 + (T - 1) // 4 * 4} frames or pad it to {1 + -(-(T - 1) // 4) * 4}")
+        T, r = pixels.shape[2], self._frames_per_latent()
+        if (T - 1) % r:
+            raise KLVAEError(f"a clip of {T} frames: this VAE encodes 1 + {r}k frames (1, {1 + r}, {1 + 2 * r}, ...); "
+                             f"trim it to {1 + (T - 1) // r * r} frames or pad it to {1 + -(-(T - 1) // r) * r}")
         self.check_pixels(pixels.transpose(1, 2).flatten(0, 1))  # every frame, as images
-        return self._clip_run("encode", pixels, tiling, lambda x: self.quant_conv(self.encoder(x)))
+        return self._clip_run("encode", pixels, tiling, self._encode_chunks)
+
+    def _encode_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """The first frame, then 4 frames at a time (Wan's chunking: each chunk makes one latent frame)."""
+        r = self._frames_per_latent()
+        bounds = [0, 1] + list(range(1 + r, x.shape[2] + 1, r))
+        with self.config.network.module.causal_chunks(self.encoder):
+            parts = [self.quant_conv(self.encoder(x[:, :, a:b])) for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(parts, dim=2)
 
     def _sliced(self, run, x, tiling):
         """run(x, tiling), one batch item at a time when slicing is on (diffusers' enable_slicing).

@@ -44,6 +44,7 @@ Layer types -> Steps (layers.py; registered at the bottom of this file)
 None of them reads statistics: the RMS norm is a per-pixel norm of the verbs (`rms`: verbs.PerPixel),
 which every engine applies band by band.
 """
+import contextlib
 import functools
 import re
 import sys
@@ -108,6 +109,8 @@ class CausalConv3d(nn.Conv3d):
     before a lone frame, so only that slice meets data. On a clip, k - 1 zero frames go before
     the first, none after: output frame t reads input frames t - k + 1 .. t."""
 
+    cache = None  # None: a whole clip; in a chunked run (causal_chunks), the input frames the next chunk reads
+
     def __init__(self, in_channels: int, out_channels: int, k: int):
         super().__init__(in_channels, out_channels, k)
 
@@ -118,9 +121,35 @@ class CausalConv3d(nn.Conv3d):
     def forward(self, x):
         if x.dim() == 5:
             kt, p = self.kernel_size[0], self.kernel_size[1] // 2
-            return F.conv3d(F.pad(x, (p, p, p, p, kt - 1, 0)), self.weight, self.bias)
+            if kt == 1 or self.cache is None:
+                return F.conv3d(F.pad(x, (p, p, p, p, kt - 1, 0)), self.weight, self.bias)
+            x = torch.cat([_earlier(self.cache, x, kt - 1), x], dim=2)  # this chunk after the frames before it
+            self.cache = x[:, :, -(kt - 1):].clone()
+            return F.conv3d(F.pad(x, (p, p, p, p, 0, 0)), self.weight, self.bias)
         f = self.frame()
         return F.conv2d(x, f.weight, f.bias, padding=self.kernel_size[1] // 2)
+
+
+def _earlier(cache, x: torch.Tensor, n: int) -> torch.Tensor:
+    """The n frames before chunk x: the cache, or zeros before a clip's first chunk."""
+    if isinstance(cache, torch.Tensor):
+        return cache
+    return x.new_zeros(x.shape[0], x.shape[1], n, *x.shape[3:])
+
+
+@contextlib.contextmanager
+def causal_chunks(*nets):
+    """Run clips through nets chunk by chunk along time: every causal layer keeps the frames of its
+    input that the next chunk's first frames read (Wan's feat_cache, held by the layer), so the
+    chunks' outputs, in order, are the whole clip's. Caches are dropped on leaving."""
+    layers = [m for net in nets for m in net.modules() if isinstance(m, (CausalConv3d, UpResample, DownResample))]
+    for m in layers:
+        m.cache = ()  # streaming, nothing seen yet
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.cache = None
 
 
 class QuantConv(CausalConv3d):
@@ -272,19 +301,33 @@ class UpResample(nn.Module):
     def conv(self) -> nn.Conv2d:
         return self.resample[1]
 
+    cache = None  # chunked runs: () before the first frame, then the time conv's last two input frames
+
     def forward(self, x):
         if x.dim() == 5:
-            if hasattr(self, "time_conv") and x.shape[2] > 1:
-                x = torch.cat([x[:, :, :1], self.doubled(x[:, :, 1:])], dim=2)
+            if hasattr(self, "time_conv"):
+                x = self.doubled(x)
             return per_frame(lambda f: self.conv(upsample2x(f)), x)
         return self.conv(upsample2x(x))
 
     def doubled(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, T, H, W] -> [B, C, 2T, H, W]: frame t's two frames are channels [0, C) and [C, 2C)
-        of the causal time conv's output t."""
+        """[B, C, T, H, W] -> [B, C, T', H, W]: the clip's first frame as it is, every later frame
+        twice (channels [0, C) and [C, 2C) of the causal time conv's output)."""
+        head = None
+        if not isinstance(self.cache, torch.Tensor):  # the clip's first frame is in x
+            head, x = x[:, :, :1], x[:, :, 1:]
+            if self.cache is not None:
+                self.cache = x.new_zeros(x.shape[0], x.shape[1], 2, *x.shape[3:])
         B, C, T, H, W = x.shape
-        y = self.time_conv(F.pad(x, (0, 0, 0, 0, 2, 0)))
-        return y.view(B, 2, C, T, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)
+        if T:
+            if self.cache is None:
+                x = F.pad(x, (0, 0, 0, 0, 2, 0))
+            else:
+                x = torch.cat([self.cache, x], dim=2)
+                self.cache = x[:, :, -2:].clone()
+            y = self.time_conv(x)
+            x = y.view(B, 2, C, T, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)
+        return x if head is None else torch.cat([head, x], dim=2)
 
 
 class DownResample(nn.Module):
@@ -304,13 +347,23 @@ class DownResample(nn.Module):
         """The stride-2 conv, where layers.downsample (and so DownsampleStep) reads it."""
         return self.resample[1]
 
+    cache = None  # chunked runs: () before the first frame, then the frames the next window starts from
+
     def forward(self, x):
         if x.dim() == 5:
             y = per_frame(self.resample, x)
-            if hasattr(self, "time_conv") and y.shape[2] > 1:
-                y = torch.cat([y[:, :, :1], self.time_conv(y)], dim=2)
-            return y
+            return self.halved(y) if hasattr(self, "time_conv") else y
         return self.resample(x)
+
+    def halved(self, y: torch.Tensor) -> torch.Tensor:
+        """The first frame, then the time conv's windows over frames 0-2, 2-4, 4-6, ..."""
+        first = not isinstance(self.cache, torch.Tensor)
+        frames = y if first else torch.cat([self.cache, y], dim=2)
+        n = (frames.shape[2] - 1) // 2  # whole windows
+        out = ([y[:, :, :1]] if first else []) + ([self.time_conv(frames[:, :, :2 * n + 1])] if n else [])
+        if self.cache is not None:
+            self.cache = frames[:, :, 2 * n:].clone()
+        return torch.cat(out, dim=2) if out else y[:, :, :0]
 
 
 class Head(nn.Sequential):

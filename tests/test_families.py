@@ -131,6 +131,9 @@ def test_qwen_video_shaped_tensors_and_the_edit_pipelines_normalisation():
     torch.testing.assert_close(k.to_scaled(post.mode()), wan.process_in(post.mode()), atol=1e-6, rtol=0)
     with pytest.raises(KLVAEError, match="clips untiled for now"):
         k.decode(torch.zeros(1, 16, 2, 4, 4), tiling="exact")
+    k.enable_tiling()  # the default tiling of images does not apply to a clip
+    assert k.decode(torch.zeros(1, 16, 2, 4, 4)).shape == (1, 3, 5, 32, 32)
+    k.disable_tiling()
 
 
 def test_clips_decode_and_encode_as_diffusers_wan_vae_does():

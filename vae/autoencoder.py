@@ -242,10 +242,10 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         tiling: None (the enable_tiling() default; untiled unless enabled), "none" (untiled), a mode,
         a Tiling, or a Plan from plan_encode. return_dict=False: a 1-tuple, as diffusers."""
         self._offload_hook()
-        tiling = untiled_if_none(tiling, self.tiling)
         if self._is_clip(pixels):
-            post = DiagonalGaussian(self._sliced(self._encode_clip, pixels, tiling))
+            post = DiagonalGaussian(self._sliced(self._encode_clip, pixels, untiled_if_none(tiling, None)))
             return post if return_dict else (post,)
+        tiling = untiled_if_none(tiling, self.tiling)
         pixels, frames = self._one_frame(pixels, "pixels")
         self.check_pixels(pixels)
         moments = self._sliced(self._encode, pixels, tiling)
@@ -273,18 +273,19 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         in time and space is the video issue's; no fp16 overflow guard (a non-finite output is one
         error)."""
         if tiling is not None:
-            raise KLVAEError(f"{what} of a clip ({x.shape[2]} frames): klvae runs clips untiled for now; pass "
-                             f"tiling=None (tiled clips, exact in time and space, are not built yet)")
+            raise KLVAEError(f"{what} of a clip ({x.shape[2]} frames) with tiling {str(tiling)[:40]!r}: klvae runs "
+                             f"clips untiled for now (in time chunks); drop the tiling argument (tiled clips, "
+                             f"exact in time and space, are not built yet)")
         B, C, T, H, W = x.shape
         t0, meter = time.perf_counter(), PeakMeter(self.device)
         out = run(x.to(self.device, self.dtype))
         f = self.config.downscale
         h, w = (H, W) if what == "decode" else (H // f, W // f)
-        plan = Plan(what, "untiled", max(h, w) * f, h, w, f, Tiling(mode="auto"), frames=T if what == "decode" else
-                    1 + (T - 1) // 4)
+        frames = T if what == "decode" else 1 + (T - 1) // self._frames_per_latent()
+        plan = Plan(what, "untiled", max(h, w) * f, h, w, f, Tiling(mode="auto"), frames=frames)
         self._last_tiling = TilingReport(plan, statistics="none needed: per-pixel norms", measured_peak=meter.peak(),
                                          seconds=time.perf_counter() - t0, steps=1,
-                                         notes=[f"a clip of {T} frames, untiled"])
+                                         notes=[f"a clip of {T} frames, untiled, in time chunks"])
         if not torch.isfinite(out).all():
             raise KLVAEError(f"{what} of a clip gave non-finite values in {str(self.dtype)[6:]}: the input is out of "
                              f"range, or the dtype overflowed (load the VAE in bf16 or fp32)")
@@ -360,10 +361,10 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         return_dict: None gives the tensor (which also answers `.sample`); True an object with
         `.sample` and `[0]`, False a 1-tuple (diffusers' call shapes; `generator` is unused)."""
         self._offload_hook()
-        tiling = untiled_if_none(tiling, self.tiling)
-        if self._is_clip(latents):
-            x = self._sliced(self._decode_clip, latents, tiling)
+        if self._is_clip(latents):  # enable_tiling()'s default does not apply to clips (not tiled yet)
+            x = self._sliced(self._decode_clip, latents, untiled_if_none(tiling, None))
             return x.as_subclass(Decoded) if return_dict is None else DecoderOutput(x) if return_dict else (x,)
+        tiling = untiled_if_none(tiling, self.tiling)
         latents, frames = self._one_frame(latents, "latents")
         self.check_latents(latents)
         x = self._sliced(self._decode, latents, tiling)

@@ -175,6 +175,28 @@ def test_clips_decode_and_encode_as_diffusers_wan_vae_does():
         k.decode(torch.full((1, 16, 2, 4, 4), float("nan")))
 
 
+def test_wan21_files_load_as_the_same_network_and_wan22_is_refused(tmp_path):
+    """diffusers' AutoencoderKLWan of Wan 2.1 (the same network and keys as Qwen-Image's) loads as a
+    folder and as a bare state dict, equal to it on a clip; Wan 2.2's (is_residual, 48 channels,
+    patchified) is one line naming it, in both."""
+    from diffusers import AutoencoderKLWan
+    w = AutoencoderKLWan(base_dim=16, dim_mult=[1, 2, 2, 2]).eval()
+    w.load_state_dict(diffusers_vae("qwenimage", seed=15, **SMALL["qwenimage"]).state_dict())  # seeded, noisy
+    w.save_pretrained(tmp_path / "wan21")
+    z = torch.randn(1, 16, 3, 4, 5, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = w.decode(z).sample
+    for src in (tmp_path / "wan21", w.state_dict()):
+        k = load_vae(src)
+        assert k.config.arch == "qwenimage" and (k.decode(z) - ref).abs().max() <= 1e-4
+    w22 = AutoencoderKLWan(base_dim=16, dim_mult=[1, 2, 2, 2], z_dim=48, is_residual=True, patch_size=2,
+                           in_channels=12, out_channels=12)
+    w22.save_pretrained(tmp_path / "wan22")
+    for src in (tmp_path / "wan22", w22.state_dict()):
+        with pytest.raises(KLVAEError, match="this is Wan 2.2's VAE"):
+            load_vae(src)
+
+
 def test_hunyuan_scaled_latents_are_comfyuis_and_the_pipelines():
     """HunyuanImage-2.1's pipeline divides by vae.config.scaling_factor before decoding (0.75289, as
     ComfyUI's HunyuanImage21 multiplies in process_in)."""

@@ -622,6 +622,10 @@ QUANT = {"conv1.weight": "quant_conv.weight", "conv1.bias": "quant_conv.bias",
 _INV = lambda d: {v: k for k, v in d.items()}
 
 
+WAN22 = ("this is Wan 2.2's VAE (residual blocks across several layers, 48 latent channels, 16x, patchified), "
+         "a different architecture from Wan 2.1's / Qwen-Image's, which klvae does not load yet")
+
+
 def _unknown(k: str, layout: str) -> KLVAEError:
     return KLVAEError(f"key {k[:100]!r} is not a Qwen-Image / Wan 2.1 VAE key in the {layout} layout "
                       f"(attention inside the levels, attn_scales, is not supported: no released VAE has it)")
@@ -715,6 +719,8 @@ def original_to_diffusers(sd: dict) -> dict:
 
 def diffusers_to_original(sd: dict) -> dict:
     """The inverse of original_to_diffusers (the same tensors)."""
+    if any(re.search(r"\.(avg_shortcut|upsampler)\.|^encoder\.down_blocks\.\d+\.resnets\.", k) for k in sd):
+        raise KLVAEError(WAN22)  # AutoencoderKLWan(is_residual=True): residual up/down blocks
     stride = _decoder_stride(sd.keys(), "diffusers")
     return {_to_original_key(k, stride): v for k, v in sd.items()}
 
@@ -726,8 +732,7 @@ def config_from_shapes(shape, keys) -> dict:
     first downsample, the temporal flags from the time_convs present, z from decoder.conv1."""
     keys = set(keys)
     if "decoder.upsamples.0.upsamples.0.residual.2.weight" in keys:
-        raise KLVAEError("this is Wan 2.2's VAE (48 latent channels, 16x, patchified), a different architecture "
-                         "from Wan 2.1's / Qwen-Image's")
+        raise KLVAEError(WAN22)
     need = ("encoder.conv1.weight", "decoder.conv1.weight", "decoder.head.2.weight", "encoder.head.2.weight")
     missing = [k for k in need if k not in keys]
     if missing:
@@ -831,6 +836,6 @@ register_network(Network("qwenimage", sys.modules[__name__], (FAMILY,),
                  markers=(("original", "decoder.middle.0.residual.0.gamma"),
                           ("diffusers", "decoder.mid_block.resnets.0.norm1.gamma")),
                  read=read, to_file=to_original, video_shaped=True, group_norms=False, check=check, narrow=narrow,
-                 diffusers=ArchNames(classes=("AutoencoderKLQwenImage",), config=diffusers_config,
+                 diffusers=ArchNames(classes=("AutoencoderKLQwenImage", "AutoencoderKLWan"), config=diffusers_config,
                                      to_diffusers=lambda sd: original_to_diffusers(to_original(sd)),
                                      from_diffusers=lambda sd: from_original(diffusers_to_original(sd)))))

@@ -172,19 +172,24 @@ m.load_state_dict(sd, strict=True)
 with torch.no_grad():
     mu = m.encode(io["x"][:, :, None])[:, :, 0]
     out = m.decode(io["z"][:, :, None])[:, :, 0]
-save_file({"mu": mu.contiguous(), "out": out.contiguous()}, sys.argv[4])
+    mu_clip, out_clip = m.encode(io["xc"]), m.decode(io["zc"])
+save_file({"mu": mu.contiguous(), "out": out.contiguous(), "mu_clip": mu_clip.contiguous(),
+           "out_clip": out_clip.contiguous()}, sys.argv[4])
 """
 
 
 def test_parity_with_comfyui_wanvae(pair, tmp_path):
     """Our state dict is ComfyUI's WanVAE's (strict load, in a child process: ComfyUI's modules stay
     out of this one); its encode (the mean) and its decode (unclamped: ComfyUI clamps when it maps
-    pixels to [0, 1]) at one frame."""
+    pixels to [0, 1]) at one frame, and on clips (9 frames -> 3 latent frames, 3 latent frames -> 9
+    frames: its causal caches, chunk by chunk)."""
     from comfy_host import comfy_tree
     _, m = pair
     x, z = images(), latent(6, 8)
+    g = torch.Generator().manual_seed(8)
+    xc, zc = torch.rand(1, 3, 9, 32, 24, generator=g) * 2 - 1, torch.randn(1, 16, 3, 4, 3, generator=g)
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "vae.safetensors"))
-    save_file({"x": x, "z": z}, str(tmp_path / "in.safetensors"))
+    save_file({"x": x, "z": z, "xc": xc, "zc": zc}, str(tmp_path / "in.safetensors"))
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(COMFY_RUN), str(comfy_tree()), str(tmp_path / "vae.safetensors"),
                         str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors")],
                        capture_output=True, text=True, timeout=120)
@@ -193,6 +198,8 @@ def test_parity_with_comfyui_wanvae(pair, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(m.moments(x)[:, :16], theirs["mu"], atol=1e-4, rtol=0)
         torch.testing.assert_close(m.decode(z), theirs["out"].clamp(-1, 1), atol=1e-4, rtol=0)
+        torch.testing.assert_close(m.moments(xc)[:, :16], theirs["mu_clip"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(m.decode(zc), theirs["out_clip"].clamp(-1, 1), atol=1e-4, rtol=0)
 
 
 # -- tiling --------------------------------------------------------------------------------------------

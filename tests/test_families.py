@@ -175,6 +175,19 @@ def test_clips_decode_and_encode_as_diffusers_wan_vae_does():
         k.decode(torch.full((1, 16, 2, 4, 4), float("nan")))
 
 
+def test_clips_in_bf16_stay_close_to_fp32():
+    """The clip path in the model's dtype (no overflow guard for clips yet): bf16 caches, zero
+    frames and time convs, within bf16's error of the fp32 clip."""
+    sd = diffusers_vae("qwenimage", seed=16, **SMALL["qwenimage"]).state_dict()
+    k32, k16 = load_vae(sd, dtype="fp32"), load_vae(sd, dtype="bf16")
+    g = torch.Generator().manual_seed(3)
+    z, x = torch.randn(1, 16, 3, 6, 5, generator=g), torch.rand(1, 3, 5, 48, 40, generator=g) * 2 - 1
+    out = k16.decode(z)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 3, 9, 48, 40)
+    assert (out.float() - k32.decode(z)).abs().max() <= 0.1
+    assert (k16.encode(x).mean.float() - k32.encode(x).mean).abs().max() <= 0.05
+
+
 def test_wan21_files_load_as_the_same_network_and_wan22_is_refused(tmp_path):
     """diffusers' AutoencoderKLWan of Wan 2.1 (the same network and keys as Qwen-Image's) loads as a
     folder and as a bare state dict, equal to it on a clip; Wan 2.2's (is_residual, 48 channels,

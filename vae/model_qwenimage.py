@@ -1,4 +1,4 @@
-"""The Qwen-Image VAE (Wan 2.1's video VAE architecture) for images, in plain torch.
+"""The Qwen-Image VAE (Wan 2.1's video VAE architecture) for images and clips, in plain torch.
 
 The family
 ----------
@@ -32,6 +32,15 @@ never meet the first frame: the reference decoder marks its cache "Rep" on the f
 skips them, the encoder only fills its cache. The attention is per frame and the RMS norm per
 pixel either way. So a single frame is a plain 2-D network: `Encoder` and `Decoder` take and
 return [B, C, H, W], as model.py's do.
+
+Clips: T > 1, in causal time
+----------------------------
+Given [B, C, T, H, W] the same modules run the clip: causal convs with their zero frames before the
+first, the decoder's time conv making two frames of every frame but the first, the encoder's
+stride-2 time conv after the first frame, attention per frame. Whole, or chunk by chunk along time
+inside `causal_chunks(net)`, where each causal layer keeps the frames of its input the next chunk
+reads (Wan's and diffusers' feat_cache): the chunks, in order, are the whole clip. Untiled in space
+for now (the tiled engines run images).
 
 Layer types -> Steps (layers.py; registered at the bottom of this file)
 ------------------------------------------------------------------------

@@ -53,6 +53,7 @@ import math
 import os
 import queue
 import random
+import signal
 import sys
 import threading
 import time
@@ -551,6 +552,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class PauseClock:
+    """Seconds the process spent stopped (SIGSTOP, as during benchmarks: the brief pauses training
+    then), so that the schedule's clock counts training only and a paused run keeps its learning
+    rate schedule. SIGCONT's handler adds the time since the loop's last tick; the loop ticks every
+    step, so a pause is counted to within a step or two (the step it stopped in, and the one the
+    handler waits for)."""
+
+    def __init__(self):
+        self.last, self.stopped = time.time(), 0.0
+        if hasattr(signal, "SIGCONT") and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGCONT, self._resumed)
+
+    def _resumed(self, *_):
+        self.stopped += time.time() - self.last
+
+    def take(self) -> float:
+        """Seconds stopped since the last call."""
+        out, self.stopped, self.last = self.stopped, 0.0, time.time()
+        return out
+
+
 class ThreadGovernor:
     """Runs on all cores while the machine is ours, on one while another process is busy.
 
@@ -637,11 +659,13 @@ def train(args, pool, model, ema, init=None, heldout=None):
         print(f"resumed {args.work_dir / 'ckpt.pt'} at step {step}, {done_s / 60:.1f} min", flush=True)
     prefetch = Prefetcher(pool, args.batch, pin=(dev.type == "cuda")) if args.prefetch else None
     t_start = time.time() - done_s
+    pauses = PauseClock()
     run_psnr, run_de, win_t, win_steps, win_data = None, None, time.time(), 0, 0.0
     last_ckpt = last_eval = time.time()
     governor = ThreadGovernor(args.threads) if dev.type == "cpu" else None
     try:
         while True:
+            t_start += pauses.take()  # stopped (SIGSTOP) time is not training time
             elapsed = time.time() - t_start
             progress = step / args.steps if args.steps else elapsed / budget
             if progress >= 1.0:
@@ -889,7 +913,7 @@ def write_eval(out: Path, result: dict) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=70.0, help="wall-clock training budget (the lr schedule follows it)")
+    ap.add_argument("--minutes", type=float, default=70.0, help="training budget in minutes of wall-clock time, less any time the process was stopped (SIGSTOP during benchmarks); the lr schedule follows it")
     ap.add_argument("--steps", type=int, default=0, help="train exactly this many steps instead (schedule by step)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "models" / "klvae-demo-f8c4.safetensors"),

@@ -295,8 +295,8 @@ def row_pass(ctx, op, x: Store, st, want, kind, channels, free, res=None, xs=Non
     H2, W2 = op.size(H, W)
     ctx.exchange(x)
     aff = st.affine(op.norm.norm, ctx.dtype) if isinstance(op.norm, verbs.GroupNorm) else None
-    inplace = (res is not None and res.shortcut is None and res.add is None and free_xs and xs is not x
-               and xs.shape == (B, op.cout, H2, W2) and kind in (None, xs.kind))
+    inplace = (verbs.adds_in_place(res, free_xs) and xs is not x and xs.shape == (B, op.cout, H2, W2)
+               and kind in (None, xs.kind))
     if res is not None and isinstance(res.shortcut, verbs.Rows) and verbs.reach(res.shortcut):
         ctx.exchange(xs)
     out = xs if inplace else ctx.new(B, op.cout, H2, W2, kind)

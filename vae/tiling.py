@@ -294,8 +294,7 @@ class StoreWalk:
             temp += op.norm.temp(band_in, self.item)
         if res is not None and res.add is None and res.shortcut is not None:
             temp += band_out  # the shortcut's band
-        inplace = (res is not None and res.shortcut is None and res.add is None and free_xs and xs is not x
-                   and (xs[1], xs[2]) == (c2, r2) and kind is None)
+        inplace = verbs.adds_in_place(res, free_xs) and xs is not x and (xs[1], xs[2]) == (c2, r2) and kind is None
         out = xs if inplace else self.new(c2, r2, kind)
         self.band(temp)
         if res is not None and not inplace and free_xs:

@@ -187,6 +187,13 @@ def lag(d, owed: int) -> int:
     return owed
 
 
+def adds_in_place(res, free: bool) -> bool:
+    """A residual's last op adds into its input's store (the engine, and the memory model's walk of
+    it): the shortcut is the input itself and nothing else reads the input afterwards. (The store's
+    shape and kind must agree too; each caller checks them in its own terms.)"""
+    return res is not None and res.shortcut is None and res.add is None and free
+
+
 def ratio(d) -> tuple:
     """(up, down): its output rows per input row, as a fraction."""
     up = down = 1

@@ -128,7 +128,9 @@ class Store:
 
     `rows(a, b)` gives rows [a, b) (of every frame) on the compute device (a view where the store
     is there); `write` and `add_` put a band back. Row numbers are the whole activation's; a store
-    may hold only some of them (`held`: a rank's band and its halo rows, distributed.py)."""
+    may hold only some of them (`held`: a rank's band and its halo rows, distributed.py). A clip's
+    store holds a time chunk: its frames are the clip's from `t0` on (at its own frame rate)."""
+    t0 = 0
 
     def __init__(self, kind: str, shape, dtype, device, spill_dir=None, held=None):
         B, C, *frames, H, W = shape  # frames: [] for an image, [T] for a clip
@@ -151,7 +153,7 @@ class Store:
     def of(cls, t: torch.Tensor) -> "Store":
         """An existing device tensor (the network's input) as a store."""
         s = cls.__new__(cls)
-        s.kind, s.shape, s.device, s.H, s.top = "device", tuple(t.shape), t.device, t.shape[-2], 0
+        s.kind, s.shape, s.device, s.H, s.top, s.t0 = "device", tuple(t.shape), t.device, t.shape[-2], 0, 0
         s.key = None  # the caller's tensor: never reused for another activation
         fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
         s.nbytes, s.t = t.numel() * t.element_size(), t.contiguous(memory_format=fmt)
@@ -196,6 +198,7 @@ class Context:
         self.alive = {}
         self.spare = None  # the last freed store, for the next one of its shape
         self.scratch = Scratch()
+        self.caches = {}   # clips: op key -> [store of its last input frames, how many are valid]
 
     def own(self, H: int) -> tuple:
         """The rows of an H-row activation this process computes (all of them, or its rank's band)."""
@@ -221,13 +224,15 @@ class Context:
             whole.merge(int(part[0, 0, 0].item()), part[1], part[2])
         return whole
 
-    def new(self, B, C, H, W, kind=None) -> Store:
-        held = self.shard.held(H, self.reach) if self.shard else None
+    def new(self, shape, kind=None, t0: int = 0) -> Store:
+        """A store of shape [B, C, H, W] or [B, C, T, H, W] (a chunk of a clip, from frame t0)."""
+        held = self.shard.held(shape[-2], self.reach) if self.shard else None
         kind = kind or self.plan.store
         s, self.spare = self.spare, None
-        if s is None or s.key != (kind, (B, C, H, W), held):
+        if s is None or s.key != (kind, tuple(shape), held):
             s = None  # a spare that does not fit is freed before the allocation: it never adds to the peak
-            s = Store(kind, (B, C, H, W), self.dtype, self.device, self.plan.spill_dir, held)
+            s = Store(kind, shape, self.dtype, self.device, self.plan.spill_dir, held)
+        s.t0 = t0
         self.alive[id(s)] = s.nbytes
         self.store_peak = max(self.store_peak, sum(self.alive.values()))
         return s
@@ -252,7 +257,34 @@ class Context:
     def window(self, x: Store, a: int, b: int) -> Tile:
         """Rows [a, b) of x (clipped to the image), full width."""
         a, b = max(0, a), min(x.H, b)
-        return Tile(x.rows(a, b), a, b, 0, x.shape[3], x.H, x.shape[3], 1)
+        return Tile(x.rows(a, b), a, b, 0, x.shape[-1], x.H, x.shape[-1], 1, t0=x.t0)
+
+    # -- clips: each causal op's earlier frames, kept across time chunks --------------------------
+    def earlier(self, op, x: Store, t: Tile, a: int, b: int) -> Tile:
+        """t (rows [a, b) of x) with the cached frames before x's first in front (Tile.past of them)."""
+        c = self.caches.get(op.key)
+        if c is None or c[1] == 0:
+            return t
+        store, k = c
+        past = self.window(store, a, b).data[:, :, op.earlier - k:]
+        return t._replace(data=torch.cat([past, t.data], dim=2), past=k)
+
+    def remember(self, op, x: Store) -> None:
+        """After op's pass over the chunk x: keep the last op.earlier frames of its input so far."""
+        e, T = op.earlier, x.shape[2]
+        c = self.caches.get(op.key)
+        if c is None:  # made once, kept to the end of the clip: counted in the stores' peak
+            B, C, _, H, W = x.shape
+            c = self.caches[op.key] = [self.new((B, C, e, H, W)), 0]
+        s, k = c
+        if T >= e:
+            s.t.copy_(x.t[:, :, T - e:])
+        else:  # slide: the newest e - T cached frames move to the front, then x's frames
+            keep = min(k, e - T)
+            if keep:
+                s.t[:, :, e - T - keep:e - T] = s.t[:, :, e - keep:].clone()
+            s.t[:, :, e - T:] = x.t
+        c[1] = min(e, k + T)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,20 +322,29 @@ def row_pass(ctx, op, x: Store, st, want, kind, channels, free, res=None, xs=Non
     """out = op(x), band by band over the output: each band reads op.span of x (its halo),
     normalised as op says. In a residual's last pass (res), the shortcut of xs (the residual's
     input) is added to each band: in place into xs where the shapes agree and nothing else reads
-    it, else into a new store."""
-    B, C, H, W = x.shape
+    it, else into a new store. A clip's chunk (5-D stores): an op that reads earlier frames gets
+    them from its cache in front of each band, and keeps its input's last frames for the next chunk."""
+    B, C, *T, H, W = x.shape
     H2, W2 = op.size(H, W)
+    t0, frames = x.t0, T
+    if T and op.time is not None:
+        t0, T2 = op.time(x.t0, T[0])
+        frames = [T2]
+    shape = (B, op.cout, *frames, H2, W2)
     ctx.exchange(x)
     aff = st.affine(op.norm.norm, ctx.dtype) if isinstance(op.norm, verbs.GroupNorm) else None
-    inplace = (verbs.adds_in_place(res, free_xs) and xs is not x and xs.shape == (B, op.cout, H2, W2)
-               and kind in (None, xs.kind))
+    inplace = (verbs.adds_in_place(res, free_xs) and xs is not x and xs.shape == shape and kind in (None, xs.kind))
     if res is not None and isinstance(res.shortcut, verbs.Rows) and verbs.reach(res.shortcut):
         ctx.exchange(xs)
-    out = xs if inplace else ctx.new(B, op.cout, H2, W2, kind)
+    out = xs if inplace else ctx.new(shape, kind, t0)
     stats = Stats()
-    for y0, y1 in ctx.bands(H2, W2, channels):
-        t = ctx.window(x, *op.span(y0, y1))
-        y = op.fn(t._replace(data=_normed(ctx, op.norm, t.data, aff))).rows(y0, y1)
+    band_frames = T[0] + op.earlier if T else 1  # a band holds every frame of its rows, and the cached ones
+    for y0, y1 in ctx.bands(H2, W2, channels * band_frames):
+        a, b = op.span(y0, y1)
+        t = ctx.window(x, a, b)
+        if op.earlier:
+            t = ctx.earlier(op, x, t, a, b)
+        y = _apply(ctx, op, t, aff).rows(y0, y1)
         del t
         if inplace:
             y = xs.add_(y0, y)
@@ -311,11 +352,35 @@ def row_pass(ctx, op, x: Store, st, want, kind, channels, free, res=None, xs=Non
             y = _add_shortcut(ctx, res, xs, y0, y1, y)
         ctx.put(None if inplace else out, y0, y, stats if want else None)
         del y
+    if op.earlier:
+        ctx.remember(op, x)
     if res is not None and not inplace and free_xs:
         ctx.free(xs)
     if free:
         ctx.free(x)  # last: the spare for the next store of its shape (the next resnet's h)
     return out, (ctx.merge(stats) if want else None)
+
+
+def fold(t: torch.Tensor) -> torch.Tensor:
+    """A clip's [B, C, T, h, w] as T images [B * T, C, h, w] (a view of a channels-last chunk)."""
+    return t.transpose(1, 2).flatten(0, 1) if t.dim() == 5 else t
+
+
+def unfold(t: torch.Tensor, B: int) -> torch.Tensor:
+    return t.unflatten(0, (B, -1)).transpose(1, 2)
+
+
+def _apply(ctx, op, t: Tile, aff) -> Tile:
+    """op's norm, then op.fn, on a tile. A clip's frames are normalised as images (per-pixel norms),
+    and an op that does not mix frames runs on them as images too."""
+    if t.data.dim() == 4:
+        return op.fn(t._replace(data=_normed(ctx, op.norm, t.data, aff)))
+    B = t.data.shape[0]
+    data = t.data if op.norm is None else unfold(_normed(ctx, op.norm, fold(t.data), aff), B)
+    if op.earlier or op.time is not None:
+        return op.fn(t._replace(data=data))
+    y = op.fn(t._replace(data=fold(data)))
+    return y._replace(data=unfold(y.data, B))
 
 
 def _add_shortcut(ctx, res, xs: Store, y0: int, y1: int, y: torch.Tensor) -> torch.Tensor:
@@ -344,26 +409,30 @@ def attention_pass(ctx, a, x: Store, st, want, kind, free) -> tuple:
     """q, k, v live on the device token-major ([B, H, W, C], which is also [B, 1, H*W, C] for
     SDPA); each band of queries attends over every key, then the projection is added to the
     stream (in place where nothing else reads it). Distributed: each rank projects its own rows;
-    the keys and values are gathered from all ranks."""
-    B, C, H, W = x.shape
+    the keys and values are gathered from all ranks. A clip's chunk: each frame over its own pixels
+    (the frames folded into the batch)."""
+    B, C, *T, H, W = x.shape
+    n = B * (T[0] if T else 1)
     lo, hi = ctx.own(H)
     aff = st.affine(a.norm.norm, ctx.dtype) if isinstance(a.norm, verbs.GroupNorm) else None
     ctx.spare = None  # q, k and v are not stores: no spare held under them
-    q, k, v = (torch.empty(B, hi - lo, W, C, dtype=ctx.dtype, device=ctx.device) for _ in range(3))
-    for y0, y1 in ctx.bands(H, W, C):
-        parts = a.qkv(_normed(ctx, a.norm, x.rows(y0, y1), aff))
+    q, k, v = (torch.empty(n, hi - lo, W, C, dtype=ctx.dtype, device=ctx.device) for _ in range(3))
+    bands = ctx.bands(H, W, C * n // B)
+    for y0, y1 in bands:
+        parts = a.qkv(_normed(ctx, a.norm, fold(x.rows(y0, y1)), aff))
         for part, dst in zip(parts, (q, k, v)):
             dst[:, y0 - lo:y1 - lo] = part.permute(0, 2, 3, 1)
         del parts
         ctx.progress.step()
     if ctx.shard:
         k, v = (ctx.shard.gather_rows(t, H, dim=1) for t in (k, v))
-    kk, vv = k.view(B, 1, H * W, C), v.view(B, 1, H * W, C)
-    out = x if free and kind in (None, x.kind) else ctx.new(B, C, H, W, kind)
+    kk, vv = k.view(n, 1, H * W, C), v.view(n, 1, H * W, C)
+    out = x if free and kind in (None, x.kind) else ctx.new(x.shape, kind, x.t0)
     stats = Stats()
-    for y0, y1 in ctx.bands(H, W, C):
-        o = F.scaled_dot_product_attention(q[:, y0 - lo:y1 - lo].reshape(B, 1, -1, C), kk, vv)
-        o = a.proj(o.view(B, y1 - y0, W, C).permute(0, 3, 1, 2))
+    for y0, y1 in bands:
+        o = F.scaled_dot_product_attention(q[:, y0 - lo:y1 - lo].reshape(n, 1, -1, C), kk, vv)
+        o = a.proj(o.view(n, y1 - y0, W, C).permute(0, 3, 1, 2))
+        o = unfold(o, B) if T else o
         if out is x:
             o = x.add_(y0, o)
             ctx.put(None, y0, o, stats if want else None)
@@ -464,3 +533,51 @@ def _run_segments(steps, x, plan, shard, meter) -> tuple:
     return out, dict(statistics=statistics,
                      store_bytes=ctx.store_peak, measured_peak=meter.peak(), seconds=time.perf_counter() - t0,
                      steps=ctx.progress.done, notes=notes, bytes_sent=shard.bytes_sent if shard else 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Clips: the same passes, one time chunk after another.
+# ----------------------------------------------------------------------------------------------
+def run_clip(steps, chunks, plan, emit, device, dtype) -> dict:
+    """A clip through the steps' clip descriptions (Step.describe_clip), one time chunk after
+    another: chunks yields (t0, the chunk's input frames [B, C, T, h, w] on the device); each
+    chunk runs as the image passes do, band by band through stores of the plan's kind, every op
+    that reads earlier frames taking them from its cache (a store of its input's last frames,
+    kept from chunk to chunk). emit(t0, frames) receives each chunk's output (on the device) as
+    it finishes. The chunks' outputs, in order, are the whole clip's: exactly the untiled
+    causal decode, however the clip is chunked. Returns what was measured (as run_segments)."""
+    meter = PeakMeter(device, anon=plan.store == "disk")
+    try:
+        return _run_clip(steps, chunks, plan, emit, device, dtype, meter)
+    except BaseException as e:
+        release_frames(e)
+        raise
+    finally:
+        meter.stop()
+
+
+def _run_clip(steps, chunks, plan, emit, device, dtype, meter) -> dict:
+    t0 = time.perf_counter()
+    ctx = Context(plan, device, dtype)
+    ctx.progress = Progress(0, None, plan.tiling.interrupt)  # the caller's progress counts chunks
+    descriptions = [s.describe_clip() for s in steps]
+    n = 0
+    for n, (f0, x) in enumerate(chunks, 1):
+        cur = Store.of(x)
+        cur.t0 = f0
+        for i, (s, d) in enumerate(zip(steps, descriptions)):
+            last = i == len(steps) - 1
+            cur, _ = run(ctx, d, cur, None, want=False, kind="device" if last else None, channels=s.band_channels)
+            if cur.shape[2] == 0:  # a stride-2 time conv that completed no window: nothing further this chunk
+                break
+        else:
+            emit(cur.t0, cur.t)
+        ctx.free(cur)
+        del cur
+        if plan.tiling.progress is not None:
+            plan.tiling.progress(n, plan.chunks)
+    caches = sum(c[0].nbytes for c in ctx.caches.values())
+    return dict(statistics="none needed: per-pixel norms", store_bytes=ctx.store_peak, measured_peak=meter.peak(),
+                seconds=time.perf_counter() - t0, steps=ctx.progress.done,
+                notes=[f"{n} time chunks; the causal convs' cached frames {caches / 2**20:.0f} MiB in the "
+                       f"{plan.store} store"])

@@ -86,6 +86,11 @@ class Step:
         """The layer in verbs (verbs.py): what every engine runs."""
         return verbs.conv(self.layer)
 
+    def describe_clip(self):
+        """The layer on a time chunk of a clip (engine.run_clip), in verbs with time (verbs.causal_conv,
+        Rows.time); None: a layer type of an image network."""
+        return None
+
     # -- the fp16 guard ------------------------------------------------------------------------
     @torch.no_grad()
     def scale_stream(self, s: float) -> None:

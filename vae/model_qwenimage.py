@@ -54,6 +54,7 @@ None of them reads statistics: the RMS norm is a per-pixel norm of the verbs (`r
 which every engine applies band by band.
 """
 import contextlib
+import dataclasses
 import functools
 import re
 import sys
@@ -68,7 +69,7 @@ from .config import Family, Network, register_network
 from .diffusers_compat import ArchNames
 from .errors import KLVAEError
 from .layers import WORKSPACE, DownsampleStep, ResnetStep, Step, _scale, register, upsample_rows
-from .ops import Tile, conv3x3, silu_
+from .ops import Tile, causal, conv3x3, silu_
 from .verbs import PerPixel
 
 # Qwen-Image's per-channel latent statistics (its VAE's config.json, ComfyUI's latent_formats.Wan21):
@@ -514,6 +515,9 @@ class CausalConvStep(Step):
     def describe(self):
         return verbs.conv(self.layer.frame())
 
+    def describe_clip(self):
+        return verbs.causal_conv(self.layer)
+
     @torch.no_grad()
     def scale_stream(self, s):
         _scale(self.layer, s)  # its output is the stream
@@ -531,6 +535,11 @@ class ResidualStep(ResnetStep):
         block = self.layer
         return verbs.residual([verbs.conv(block.conv1.frame(), rms(block.norm1)),
                                verbs.conv(block.conv2.frame(), rms(block.norm2))], shortcut=block.shortcut)
+
+    def describe_clip(self):
+        block = self.layer  # the shortcut, a 1x1x1 conv, maps a clip's rows as they are
+        return verbs.residual([verbs.causal_conv(block.conv1, rms(block.norm1)),
+                               verbs.causal_conv(block.conv2, rms(block.norm2))], shortcut=block.shortcut)
 
     @torch.no_grad()
     def scale_stream(self, s):
@@ -561,6 +570,9 @@ class AttentionStep(Step):
         # temporaries: the normalised band, its qkv (three bands), the attended band
         return verbs.attention(rms(attn.norm, act=False), lambda hn: attn.to_qkv(hn).chunk(3, dim=1), attn.proj, temp=5)
 
+    def describe_clip(self):
+        return self.describe()  # each frame over its own pixels: the engine folds frames into the batch
+
     @torch.no_grad()
     def scale_stream(self, s):
         _scale(self.layer.proj, s)   # writes into the stream
@@ -586,9 +598,68 @@ class UpStep(Step):
     def describe(self):
         return upsample_rows(lambda t: upsample(self.layer, t), self.cout)
 
+    def describe_clip(self):
+        up = self.layer
+        if not hasattr(up, "time_conv"):
+            return self.describe()
+        return [verbs.rows(lambda t: doubled(up.time_conv, t), self.cin, above=0, below=0, earlier=2, key=up.time_conv,
+                           time=lambda t0, T: (0, 2 * T - 1) if t0 == 0 else (2 * t0 - 1, 2 * T)),
+                self.describe()]
+
     @torch.no_grad()
     def scale_stream(self, s):
         _scale(self.layer.conv, s, weight=False)  # maps the stream to itself
+
+
+def doubled(time_conv: nn.Conv3d, t: Tile) -> Tile:
+    """UpResample's time conv on a clip's tile (UpResample.doubled, band by band): the clip's first
+    frame as it is; every later frame becomes two (channels [0, C) and [C, 2C) of the causal
+    [3, 1, 1] conv over the frames after the first, zeros before frame 1)."""
+    x, past, head = t.data, t.past, None
+    if t.t0 - past == 0:  # frame 0 is here: it passes, and the time conv's frames start after it
+        head = x[:, :, :1] if t.t0 == 0 else None
+        x, past = x[:, :, 1:], max(0, past - 1)
+    n = x.shape[2] - past
+    if n:
+        y = F.conv3d(causal(t._replace(data=x, past=past), 2).data, time_conv.weight, time_conv.bias)
+        B, C2, _, h, w = y.shape
+        y = y.view(B, 2, C2 // 2, n, h, w).permute(0, 2, 3, 1, 4, 5).reshape(B, C2 // 2, 2 * n, h, w)
+        x = y if head is None else torch.cat([head, y], dim=2)
+    else:
+        x = head
+    return t._replace(data=x, past=0)
+
+
+class DownResampleStep(DownsampleStep):
+    """LDM's stride-2 3x3 conv on every frame; on clips, where the level halves time, then the
+    stride-2 time conv (DownResample.halved)."""
+
+    def describe_clip(self):
+        down = self.layer
+        if not hasattr(down, "time_conv"):
+            return self.describe()
+
+        def time(t0, T):
+            j0, j1 = max(1, -(-t0 // 2)), (t0 + T - 1) // 2
+            return (0, 1 + max(0, j1)) if t0 == 0 else (j0, max(0, j1 - j0 + 1))
+        return [self.describe(),
+                verbs.rows(lambda t: halved(down.time_conv, t), self.cout, above=0, below=0, earlier=2,
+                           key=down.time_conv, time=time)]
+
+
+def halved(time_conv: nn.Conv3d, t: Tile) -> Tile:
+    """DownResample's time conv on a clip's tile: output frame 0 is input frame 0; output j >= 1 is
+    the conv over input frames 2j - 2 .. 2j (stride 2). A chunk makes the outputs whose last input
+    frame is one of its own; the earlier frames (Tile.past) hold the rest of their windows."""
+    x, past, t0 = t.data, t.past, t.t0
+    T, first = x.shape[2] - past, t0 - past
+    out = [x[:, :, past:past + 1]] if t0 == 0 else []
+    j0, j1 = max(1, -(-t0 // 2)), (t0 + T - 1) // 2
+    if j1 >= j0:
+        out.append(F.conv3d(x[:, :, 2 * j0 - 2 - first:2 * j1 - first + 1], time_conv.weight, time_conv.bias,
+                            stride=(2, 1, 1)))
+    data = torch.cat(out, dim=2) if len(out) > 1 else out[0] if out else x[:, :, :0]
+    return t._replace(data=data, past=0)
 
 
 class HeadStep(Step):
@@ -606,13 +677,18 @@ class HeadStep(Step):
             return out._replace(data=head.finish(out.data))  # the clamp: per pixel, band by band
         return verbs.rows(fn, self.cout, norm=rms(head.norm))
 
+    def describe_clip(self):
+        head = self.layer
+        op = verbs.causal_conv(head.conv, rms(head.norm))
+        return dataclasses.replace(op, fn=lambda t: (o := op.fn(t))._replace(data=head.finish(o.data)))
+
     @torch.no_grad()
     def scale_stream(self, s):
         self.layer.norm.eps *= s  # reads the stream; its output is the network's
 
 
 for _module, _step in ((CausalConv3d, CausalConvStep), (ResidualBlock, ResidualStep), (AttentionBlock, AttentionStep),
-                       (UpResample, UpStep), (DownResample, DownsampleStep), (Head, HeadStep)):
+                       (UpResample, UpStep), (DownResample, DownResampleStep), (Head, HeadStep)):
     register(_module, _step)
 
 

@@ -23,7 +23,9 @@ def silu_(x: torch.Tensor) -> torch.Tensor:
 
 class Tile(NamedTuple):
     """The *valid* values of rows [y0, y1) x cols [x0, x1) of an activation that is H x W in full;
-    s: its resolution in px per latent px."""
+    s: its resolution in px per latent px. A clip's tile has frames, data [B, C, past + T, rows,
+    cols]: `past` frames before the chunk's own T (a causal op's cache), the first own frame being
+    frame `t0` of the clip at this activation's frame rate."""
     data: torch.Tensor
     y0: int
     y1: int
@@ -32,28 +34,44 @@ class Tile(NamedTuple):
     H: int
     W: int
     s: int
+    t0: int = 0
+    past: int = 0
 
     def crop(self, y0, y1, x0, x1) -> "Tile":
-        d = self.data[:, :, y0 - self.y0: y1 - self.y0, x0 - self.x0: x1 - self.x0]
-        return Tile(d, y0, y1, x0, x1, self.H, self.W, self.s)
+        d = self.data[..., y0 - self.y0: y1 - self.y0, x0 - self.x0: x1 - self.x0]
+        return self._replace(data=d, y0=y0, y1=y1, x0=x0, x1=x1)
 
     def rows(self, y0, y1) -> torch.Tensor:
         """Rows [y0, y1) over the tile's columns, as a tensor."""
-        return self.data[:, :, y0 - self.y0: y1 - self.y0]
+        return self.data[..., y0 - self.y0: y1 - self.y0, :]
 
 
 def conv3x3(conv: nn.Conv2d, t: Tile) -> Tile:
     """A 3x3 conv, stride 1, of a tile. Zero padding is right only where the tile meets the image
     border; on every other side the outermost pixel would need the halo, so the valid region
     shrinks by one. Padding is the conv's own (no padded copy), and where a side needs none its
-    row or column is not computed at all (a band in the middle of the image: no wasted rows)."""
+    row or column is not computed at all (a band in the middle of the image: no wasted rows).
+    A clip's tile (5-D data) takes a [O, I, k, 3, 3] kernel over its frames, unpadded in time
+    (the caller has put the k - 1 frames before each output's in front: `causal`)."""
     top, bottom, left, right = t.y0 == 0, t.y1 == t.H, t.x0 == 0, t.x1 == t.W
     ph, pw = int(top or bottom), int(left or right)
-    out = F.conv2d(t.data, conv.weight, conv.bias, padding=(ph, pw))
-    h, w = out.shape[2:]
+    if t.data.dim() == 5:
+        out = F.conv3d(t.data, conv.weight, conv.bias, padding=(0, ph, pw))
+    else:
+        out = F.conv2d(t.data, conv.weight, conv.bias, padding=(ph, pw))
+    h, w = out.shape[-2:]
     # with padding, output row i is input row i; without, input row i + 1
-    out = out[:, :, ph and not top: h - (ph and not bottom), pw and not left: w - (pw and not right)]
-    return Tile(out, t.y0 + (not top), t.y1 - (not bottom), t.x0 + (not left), t.x1 - (not right), t.H, t.W, t.s)
+    out = out[..., ph and not top: h - (ph and not bottom), pw and not left: w - (pw and not right)]
+    return t._replace(data=out, y0=t.y0 + (not top), y1=t.y1 - (not bottom), x0=t.x0 + (not left),
+                      x1=t.x1 - (not right), past=0)
+
+
+def causal(t: Tile, n: int) -> Tile:
+    """A clip's tile with exactly n frames before its own: zero frames in front where fewer are
+    cached (the clip's start: a causal conv's zero padding), the oldest dropped where more are."""
+    if t.past >= n:
+        return t._replace(data=t.data[:, :, t.past - n:], past=n)
+    return t._replace(data=F.pad(t.data, (0, 0, 0, 0, n - t.past, 0)), past=n)
 
 
 class Scratch:

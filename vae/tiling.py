@@ -153,7 +153,8 @@ class Plan:
     band_elems: int = 0              # exact: values per band (a tile's area of the widest activation)
     band_rows: int = 0               # exact: rows per band at the top resolution
     reach: int = 1                   # rows any op reads above and below a band (verbs.reach): the halo exchanged
-    frames: int = 1                  # the latent's frames: 1 for an image (clips: the video issue's time chunks)
+    frames: int = 1                  # the latent's frames: 1 for an image
+    chunks: int = 0                  # clips: the time chunks it runs in
     notes: list = field(default_factory=list)
     mosaic_lattice: tuple = None     # bounded: crop origins (ys, xs) of the statistics mosaic
 

@@ -26,14 +26,20 @@ What reads a description (each in one place):
                  own (the planner's and the halo exchange's reach)
 
 Each op declares what it needs around a band: `above` / `below` input rows beyond the band's
-own (or an exact `span`), and `earlier` frames along time (0 for images; a causal 3x3x3 conv
-will say 2), and the temporaries it makes per band (`temp`). The planner, both engines and the
-distributed halo exchange read them from here.
+own (or an exact `span`), and the temporaries it makes per band (`temp`). The planner, both
+engines and the distributed halo exchange read them from here.
+
+Time (clips, [B, C, T, H, W], run chunk by chunk along time by engine.run_clip): an op that
+mixes frames says how many `earlier` input frames it reads before a chunk's own (a causal
+3x3x3 conv: 2), the cache's `key`, and, where it changes the frame count, `time`: (t0, T) of
+its input -> (t0, T) of its output (t0: the chunk's first frame in the clip). Its fn gets a Tile
+with those earlier frames in front (Tile.past of them: fewer at the clip's start) and the chunk's
+place (Tile.t0). Every other op runs frame by frame: the engine folds the frames into the batch.
 """
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from .ops import conv3x3
+from .ops import causal, conv3x3
 
 
 class GroupNorm(NamedTuple):
@@ -60,7 +66,9 @@ class Rows:
     down: int = 1
     above: int = 1            # input rows above the band's own that its first output row reads
     below: int = 1
-    earlier: int = 0          # frames before a chunk's own (room for time: a causal conv's cache)
+    earlier: int = 0          # clips: input frames before a chunk's own that it reads (a causal conv's cache)
+    time: Callable | None = None  # clips: (t0, T) of its input's frames -> its output's; None: the same frames
+    key: object = None        # clips: what names its cache of earlier frames across chunks (its layer)
     norm: object = None       # GroupNorm, PerPixel or None
     exact_span: Callable | None = None     # (y0, y1) -> input rows, where above/below over-read
     exact_context: Callable | None = None  # need -> input context, where the formula over-counts
@@ -116,6 +124,13 @@ class Attention:
 def conv(c, norm=None) -> Rows:
     """A 3x3 conv, stride 1, padding 1 (c: anything with weight, bias and out_channels), after `norm`."""
     return Rows(lambda t: conv3x3(c, t), c.out_channels, norm=norm)
+
+
+def causal_conv(c, norm=None) -> Rows:
+    """A causal k x 3 x 3 conv over a clip's frames (c: weight [O, I, k, 3, 3]), after `norm`: each
+    output frame reads its own input frame and the k - 1 before it (zeros before the clip's first)."""
+    k = c.weight.shape[2]
+    return Rows(lambda t: conv3x3(c, causal(t, k - 1)), c.out_channels, norm=norm, earlier=k - 1, key=c)
 
 
 def rows(fn, cout: int, **how) -> Rows:
@@ -192,6 +207,11 @@ def adds_in_place(res, free: bool) -> bool:
     it): the shortcut is the input itself and nothing else reads the input afterwards. (The store's
     shape and kind must agree too; each caller checks them in its own terms.)"""
     return res is not None and res.shortcut is None and res.add is None and free
+
+
+def clip_ops(d) -> bool:
+    """Whether any op of d reads earlier frames or changes the frame count (a description for clips)."""
+    return any(isinstance(o, Rows) and (o.earlier or o.time) for o in ops(d))
 
 
 def ratio(d) -> tuple:

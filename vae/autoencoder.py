@@ -14,13 +14,14 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from . import checkpoint
+from . import checkpoint, engine
 from .distributed import Shard
 from .config import VAEConfig, families_with
 from .diffusers_compat import Decoded, DecoderOutput, DiffusersVAE, ldm_to_diffusers
 from .errors import KLVAEError
 from .memory import PeakMeter, free_memory, return_freed_memory_to_os
 from .precision import Guard, resolve_device, resolve_dtype
+from .layers import steps_of
 from .tiling import UNLIMITED, Plan, Tiling, TilingReport, make_plan
 
 
@@ -207,17 +208,45 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     # -- plans: what a call will do and how much memory it needs, decided before it runs --------
     def plan_decode(self, shape, tiling=None) -> Plan:
         """The plan vae.decode(latents, tiling) runs for latents of `shape` (nothing is computed).
-        tiling None: the plain pass, refused up front if it cannot fit in memory."""
+        tiling None: the plain pass, refused up front if it cannot fit in memory. A clip's shape
+        (B, C, T, h, w), for a video network: the exact plan of its time chunks (tiling 'auto'
+        or 'exact' or a Tiling; the untiled clip is not planned)."""
+        if self._clip_shape(shape):
+            B, C, T, h, w = _shape(shape, "latents", self.config.latent_channels, 5)
+            f, n = self.config.downscale, 1 + self._frames_per_latent() * (T - 1)
+            out = B * self.config.out_channels * n * h * w * f * f * self.dtype.itemsize
+            return self._plan_clip(self.decoder, "decode", C, (B, C, h, w), (T, [(t, 1) for t in range(T)], out), tiling)
         B, C, h, w = _shape(shape, "latents", self.config.latent_channels)
         return self._plan(self.decoder, "decode", C, (B, C, h, w), tiling)
 
     def plan_encode(self, shape, tiling=None) -> Plan:
-        """The plan vae.encode(pixels, tiling) runs for pixels of `shape`."""
-        B, C, H, W = _shape(shape, "pixels", self.config.in_channels)
+        """The plan vae.encode(pixels, tiling) runs for pixels of `shape` (a clip's: (B, C, T, H, W))."""
+        clip = self._clip_shape(shape)
+        B, C, *T, H, W = _shape(shape, "pixels", self.config.in_channels, 5 if clip else 4)
         f = self.config.downscale
         if H % f or W % f:
             raise KLVAEError(f"image size {W}x{H} is not a positive multiple of {f}: plan the size you will encode")
-        return self._plan(self.encoder, "encode", C, (B, self.config.latent_channels, H // f, W // f), tiling)
+        latent = (B, self.config.latent_channels, H // f, W // f)
+        if clip:
+            r = self._check_frames(T[0])
+            chunks = [(0, 1)] + [(t, r) for t in range(1, T[0], r)]  # Wan's: the first frame, then r at a time
+            n = 1 + (T[0] - 1) // r
+            out = B * 2 * self.config.latent_channels * n * (H // f) * (W // f) * self.dtype.itemsize
+            return self._plan_clip(self.encoder, "encode", C, latent, (n, chunks, out), tiling)
+        return self._plan(self.encoder, "encode", C, latent, tiling)
+
+    def _clip_shape(self, shape) -> bool:
+        return self.config.network.video_shaped and isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 5
+
+    def _plan_clip(self, net, direction, in_channels, shape, clip, tiling) -> Plan:
+        if isinstance(tiling, Plan):
+            return tiling
+        tiling = untiled_if_none(tiling, None)
+        if tiling is None:
+            raise KLVAEError(f"an untiled clip {direction} is not planned (it runs Wan's time chunks whole): plan it "
+                             f"with tiling='exact' or 'auto'")
+        return make_plan(net, direction, in_channels, shape, self.dtype, self.device, Tiling.of(tiling),
+                         self.config.downscale, clip=clip)
 
     def _plan(self, net, direction, in_channels, shape, tiling) -> Plan:
         if isinstance(tiling, Plan):
@@ -243,7 +272,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         a Tiling, or a Plan from plan_encode. return_dict=False: a 1-tuple, as diffusers."""
         self._offload_hook()
         if self._is_clip(pixels):
-            post = DiagonalGaussian(self._sliced(self._encode_clip, pixels, untiled_if_none(tiling, None)))
+            post = DiagonalGaussian(self._sliced(self._encode_clip, pixels, untiled_if_none(tiling, self.tiling)))
             return post if return_dict else (post,)
         tiling = untiled_if_none(tiling, self.tiling)
         pixels, frames = self._one_frame(pixels, "pixels")
@@ -267,33 +296,76 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         return self.config.network.video_shaped and torch.is_tensor(t) and t.dim() == 5 and t.shape[2] > 1
 
     def _clip_run(self, what, x: torch.Tensor, tiling, run) -> torch.Tensor:
-        """A clip through the network chunk by chunk along time, as Wan runs it (its network's
-        causal_chunks: every causal layer keeps the frames the next chunk reads), so memory holds
-        one chunk's activations and the caches, not the clip's. Untiled only: exact tiling of clips
-        in time and space is the video issue's; no fp16 overflow guard (a non-finite output is one
-        error)."""
-        if tiling is not None:
-            raise KLVAEError(f"{what} of a clip ({x.shape[2]} frames) with tiling {str(tiling)[:40]!r}: klvae runs "
-                             f"clips untiled for now (in time chunks); drop the tiling argument (tiled clips, "
-                             f"exact in time and space, are not built yet)")
+        """A clip through the network along time. Untiled (tiling None): chunk by chunk as Wan
+        runs it (its network's causal_chunks: every causal layer keeps the frames the next chunk
+        reads), so memory holds one chunk's activations and the caches, not the clip's. Tiled:
+        the same chunks, each run band by band by the exact engine (engine.run_clip) from stores
+        of the plan's kind, every causal conv's cached frames a store too; each chunk's frames
+        leave the device as it finishes (into host memory where the plan's store is not the
+        device). No fp16 overflow guard (a non-finite output is one error)."""
         B, C, T, H, W = x.shape
         t0, meter = time.perf_counter(), PeakMeter(self.device)
-        out = run(x.to(self.device, self.dtype))
         f = self.config.downscale
-        h, w = (H, W) if what == "decode" else (H // f, W // f)
-        frames = T if what == "decode" else 1 + (T - 1) // self._frames_per_latent()
-        plan = Plan(what, "untiled", max(h, w) * f, h, w, f, Tiling(mode="auto"), frames=frames)
-        self._last_tiling = TilingReport(plan, statistics="none needed: per-pixel norms", measured_peak=meter.peak(),
-                                         seconds=time.perf_counter() - t0, steps=1,
-                                         notes=[f"a clip of {T} frames, untiled, in time chunks"])
+        if tiling is not None:
+            plan = (self.plan_decode if what == "decode" else self.plan_encode)(x.shape, tiling)
+            out, report = self._clip_exact(what, x, plan)
+        else:
+            out = run(x.to(self.device, self.dtype))
+            h, w = (H, W) if what == "decode" else (H // f, W // f)
+            frames = T if what == "decode" else 1 + (T - 1) // self._frames_per_latent()
+            plan = Plan(what, "untiled", max(h, w) * f, h, w, f, Tiling(mode="auto"), frames=frames)
+            report = TilingReport(plan, statistics="none needed: per-pixel norms", measured_peak=meter.peak(),
+                                  seconds=time.perf_counter() - t0, steps=1,
+                                  notes=[f"a clip of {T} frames, untiled, in time chunks"])
+        self._last_tiling = report
         if not torch.isfinite(out).all():
             raise KLVAEError(f"{what} of a clip gave non-finite values in {str(self.dtype)[6:]}: the input is out of "
                              f"range, or the dtype overflowed (load the VAE in bf16 or fp32)")
         return out
 
+    def _clip_exact(self, what, x: torch.Tensor, plan: Plan) -> tuple:
+        """engine.run_clip over the plan's time chunks: decode one latent frame at a time into the
+        output (on the device, or in host memory where the plan's store is not the device); encode
+        Wan's chunks (the first frame, then 4) into moments on the device."""
+        B, _, T, H, W = x.shape
+        if what == "decode":
+            steps, net_in = steps_of(self.decoder.layers(), x.shape[1], 1), self.post_quant_conv
+            starts = list(range(T)) + [T]
+            n, shape = 1 + self._frames_per_latent() * (T - 1), (B, self.config.out_channels, H * plan.downscale,
+                                                               W * plan.downscale)
+            where = self.device if plan.store == "device" else "cpu"
+        else:
+            steps, net_in = steps_of(self.encoder.layers(), x.shape[1], plan.downscale), None
+            r = self._frames_per_latent()
+            starts = [0] + list(range(1, T + 1, r))
+            n, shape, where = plan.frames, (B, 2 * self.config.latent_channels, H // plan.downscale,
+                                            W // plan.downscale), self.device
+        out = torch.empty(shape[0], shape[1], n, *shape[2:], dtype=self.dtype, device=where)
+
+        def chunks():
+            for a, b in zip(starts, starts[1:]):
+                c = x[:, :, a:b].to(self.device, self.dtype)
+                yield a, (net_in(c) if net_in is not None else c)
+
+        def emit(t0, y):
+            if what == "encode":
+                y = self.quant_conv(y)
+            out[:, :, t0:t0 + y.shape[2]].copy_(y)
+        measured = engine.run_clip(steps, chunks(), plan, emit, self.device, self.dtype)
+        measured["notes"] = list(plan.notes) + measured["notes"] + (
+            ["frames into host memory as each chunk finished"] if where == "cpu" and self.device.type != "cpu" else [])
+        return out, TilingReport(plan, **measured)
+
     def _frames_per_latent(self) -> int:
         """Frames per latent frame after the first: 2 per level that halves time (Wan 2.1: 4)."""
         return 2 ** sum(self.config.temporal_downsample)
+
+    def _check_frames(self, T: int) -> int:
+        r = self._frames_per_latent()
+        if (T - 1) % r:
+            raise KLVAEError(f"a clip of {T} frames: this VAE encodes 1 + {r}k frames (1, {1 + r}, {1 + 2 * r}, ...); "
+                             f"trim it to {1 + (T - 1) // r * r} frames or pad it to {1 + -(-(T - 1) // r) * r}")
+        return r
 
     def _decode_clip(self, latents, tiling) -> torch.Tensor:
         """Raw latents [B, z, T, h, w] -> frames [B, 3, 1 + 4(T - 1), 8h, 8w], clamped to [-1, 1]."""
@@ -318,10 +390,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
 
     def _encode_clip(self, pixels, tiling) -> torch.Tensor:
         """Frames [B, 3, 1 + 4k, H, W] in [-1, 1] -> moments [B, 2z, 1 + k, H/8, W/8]."""
-        T, r = pixels.shape[2], self._frames_per_latent()
-        if (T - 1) % r:
-            raise KLVAEError(f"a clip of {T} frames: this VAE encodes 1 + {r}k frames (1, {1 + r}, {1 + 2 * r}, ...); "
-                             f"trim it to {1 + (T - 1) // r * r} frames or pad it to {1 + -(-(T - 1) // r) * r}")
+        self._check_frames(pixels.shape[2])
         self.check_pixels(pixels.transpose(1, 2).flatten(0, 1))  # every frame, as images
         return self._clip_run("encode", pixels, tiling, self._encode_chunks)
 
@@ -361,8 +430,8 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         return_dict: None gives the tensor (which also answers `.sample`); True an object with
         `.sample` and `[0]`, False a 1-tuple (diffusers' call shapes; `generator` is unused)."""
         self._offload_hook()
-        if self._is_clip(latents):  # enable_tiling()'s default does not apply to clips (not tiled yet)
-            x = self._sliced(self._decode_clip, latents, untiled_if_none(tiling, None))
+        if self._is_clip(latents):
+            x = self._sliced(self._decode_clip, latents, untiled_if_none(tiling, self.tiling))
             return x.as_subclass(Decoded) if return_dict is None else DecoderOutput(x) if return_dict else (x,)
         tiling = untiled_if_none(tiling, self.tiling)
         latents, frames = self._one_frame(latents, "latents")
@@ -493,10 +562,14 @@ def untiled_if_none(tiling, default):
 
 def channels_last(module: nn.Module) -> nn.Module:
     """Every 4-D weight in channels_last memory (oneDNN and cuDNN convolve NHWC without reordering
-    copies); 5-D ones (Qwen-Image's 3-D kernels, of which a frame uses one time slice) stay as they are."""
+    copies); a 5-D one (Wan's 3-D kernels [O, I, k, kh, kw]) time-major, each time slice a
+    channels_last 2-D kernel: a frame's conv and a clip's 2-D convs over its time slices
+    (ops.TimeSlices) read them as views, with no copy of the weights per run."""
     for p in module.parameters():
         if p.dim() == 4:
             p.data = p.data.contiguous(memory_format=torch.channels_last)
+        elif p.dim() == 5:
+            p.data = p.data.permute(2, 0, 3, 4, 1).contiguous().permute(1, 4, 0, 2, 3)
     return module
 
 
@@ -524,13 +597,14 @@ def load_vae(src, device="cpu", dtype="auto", family: str | None = None) -> Auto
     return AutoencoderKL.load(src, device, dtype, family)
 
 
-def _shape(shape, what, channels) -> tuple:
-    """A plan's shape argument: four positive whole numbers, with this VAE's channel count."""
+def _shape(shape, what, channels, dims: int = 4) -> tuple:
+    """A plan's shape argument: four (a clip's: five) positive whole numbers, with this VAE's channel count."""
     if isinstance(shape, torch.Size):
         shape = tuple(shape)
-    if not isinstance(shape, (tuple, list)) or len(shape) != 4 or not all(
+    if not isinstance(shape, (tuple, list)) or len(shape) != dims or not all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
-        raise KLVAEError(f"shape {str(shape)[:60]} is not the shape of {what}: pass (B, C, H, W), four positive whole "
+        names = "(B, C, H, W), four" if dims == 4 else "(B, C, T, H, W), five"
+        raise KLVAEError(f"shape {str(shape)[:60]} is not the shape of {what}: pass {names} positive whole "
                          f"numbers (e.g. tensor.shape)")
     if shape[1] != channels:
         raise KLVAEError(f"{what} of shape {tuple(shape)} have {shape[1]} channels, this VAE's have {channels}")

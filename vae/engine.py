@@ -60,7 +60,7 @@ from .errors import KLVAEError
 from .groupnorm import Stats
 from .memory import PeakMeter
 from . import verbs
-from .ops import Progress, Scratch, Tile, normed
+from .ops import Progress, Scratch, Tile, fold, normed, unfold
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,15 +361,6 @@ def row_pass(ctx, op, x: Store, st, want, kind, channels, free, res=None, xs=Non
     return out, (ctx.merge(stats) if want else None)
 
 
-def fold(t: torch.Tensor) -> torch.Tensor:
-    """A clip's [B, C, T, h, w] as T images [B * T, C, h, w] (a view of a channels-last chunk)."""
-    return t.transpose(1, 2).flatten(0, 1) if t.dim() == 5 else t
-
-
-def unfold(t: torch.Tensor, B: int) -> torch.Tensor:
-    return t.unflatten(0, (B, -1)).transpose(1, 2)
-
-
 def _apply(ctx, op, t: Tile, aff) -> Tile:
     """op's norm, then op.fn, on a tile. A clip's frames are normalised as images (per-pixel norms),
     and an op that does not mix frames runs on them as images too."""
@@ -579,5 +570,4 @@ def _run_clip(steps, chunks, plan, emit, device, dtype, meter) -> dict:
     caches = sum(c[0].nbytes for c in ctx.caches.values())
     return dict(statistics="none needed: per-pixel norms", store_bytes=ctx.store_peak, measured_peak=meter.peak(),
                 seconds=time.perf_counter() - t0, steps=ctx.progress.done,
-                notes=[f"{n} time chunks; the causal convs' cached frames {caches / 2**20:.0f} MiB in the "
-                       f"{plan.store} store"])
+                notes=[f"the causal convs' cached frames: {caches / 2**20:.0f} MiB"])

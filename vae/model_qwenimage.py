@@ -69,7 +69,7 @@ from .config import Family, Network, register_network
 from .diffusers_compat import ArchNames
 from .errors import KLVAEError
 from .layers import WORKSPACE, DownsampleStep, ResnetStep, Step, _scale, register, upsample_rows
-from .ops import Tile, causal, conv3x3, silu_
+from .ops import Tile, TimeSlices, causal, conv3x3, conv_over_time, silu_, time_slice
 from .verbs import PerPixel
 
 # Qwen-Image's per-channel latent statistics (its VAE's config.json, ComfyUI's latent_formats.Wan21):
@@ -101,15 +101,15 @@ class QwenImageShape:
 # ----------------------------------------------------------------------------------------------
 class Frame:
     """The 2-D conv a causal conv is on a first frame: what ops.conv3x3 reads from a conv. Its
-    weight, the kernel's last time slice, is made contiguous on first use: once per run of the
-    layer, not per band, and not when only the planner looks at it."""
+    weight, the kernel's last time slice (ops.time_slice: a view of a loaded model's weight), is
+    read on first use: once per run of the layer, not per band, and not when only the planner looks."""
 
     def __init__(self, conv: nn.Conv3d):
         self.conv, self.bias, self.out_channels = conv, conv.bias, conv.out_channels
 
     @functools.cached_property
     def weight(self) -> torch.Tensor:
-        return self.conv.weight[:, :, -1].contiguous()
+        return time_slice(self.conv.weight, -1)
 
 
 class CausalConv3d(nn.Conv3d):
@@ -129,13 +129,14 @@ class CausalConv3d(nn.Conv3d):
         return Frame(self)
 
     def forward(self, x):
-        if x.dim() == 5:
+        if x.dim() == 5:  # as 2-D convs over the time slices (ops.conv_over_time: why not F.conv3d)
             kt, p = self.kernel_size[0], self.kernel_size[1] // 2
             if kt == 1 or self.cache is None:
-                return F.conv3d(F.pad(x, (p, p, p, p, kt - 1, 0)), self.weight, self.bias)
-            x = torch.cat([_earlier(self.cache, x, kt - 1), x], dim=2)  # this chunk after the frames before it
-            self.cache = x[:, :, -(kt - 1):].clone()
-            return F.conv3d(F.pad(x, (p, p, p, p, 0, 0)), self.weight, self.bias)
+                x = F.pad(x, (0, 0, 0, 0, kt - 1, 0)) if kt > 1 else x
+            else:
+                x = torch.cat([_earlier(self.cache, x, kt - 1), x], dim=2)  # this chunk after the frames before it
+                self.cache = x[:, :, -(kt - 1):].clone()
+            return conv_over_time(x, TimeSlices(self).slices, self.bias, padding=(p, p))
         f = self.frame()
         return F.conv2d(x, f.weight, f.bias, padding=self.kernel_size[1] // 2)
 
@@ -335,8 +336,8 @@ class UpResample(nn.Module):
             else:
                 x = torch.cat([self.cache, x], dim=2)
                 self.cache = x[:, :, -2:].clone()
-            y = self.time_conv(x)
-            x = y.view(B, 2, C, T, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)
+            y = conv_over_time(x, TimeSlices(self.time_conv).slices, self.time_conv.bias)
+            x = y.reshape(B, 2, C, T, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)
         return x if head is None else torch.cat([head, x], dim=2)
 
 
@@ -370,7 +371,9 @@ class DownResample(nn.Module):
         first = not isinstance(self.cache, torch.Tensor)
         frames = y if first else torch.cat([self.cache, y], dim=2)
         n = (frames.shape[2] - 1) // 2  # whole windows
-        out = ([y[:, :, :1]] if first else []) + ([self.time_conv(frames[:, :, :2 * n + 1])] if n else [])
+        tc = self.time_conv
+        out = ([y[:, :, :1]] if first else []) + (
+            [conv_over_time(frames[:, :, :2 * n + 1], TimeSlices(tc).slices, tc.bias, stride=2)] if n else [])
         if self.cache is not None:
             self.cache = frames[:, :, 2 * n:].clone()
         return torch.cat(out, dim=2) if out else y[:, :, :0]
@@ -602,7 +605,8 @@ class UpStep(Step):
         up = self.layer
         if not hasattr(up, "time_conv"):
             return self.describe()
-        return [verbs.rows(lambda t: doubled(up.time_conv, t), self.cin, above=0, below=0, earlier=2, key=up.time_conv,
+        tc = TimeSlices(up.time_conv)
+        return [verbs.rows(lambda t: doubled(tc, t), self.cin, above=0, below=0, earlier=2, key=up.time_conv,
                            time=lambda t0, T: (0, 2 * T - 1) if t0 == 0 else (2 * t0 - 1, 2 * T)),
                 self.describe()]
 
@@ -611,7 +615,7 @@ class UpStep(Step):
         _scale(self.layer.conv, s, weight=False)  # maps the stream to itself
 
 
-def doubled(time_conv: nn.Conv3d, t: Tile) -> Tile:
+def doubled(time_conv: TimeSlices, t: Tile) -> Tile:
     """UpResample's time conv on a clip's tile (UpResample.doubled, band by band): the clip's first
     frame as it is; every later frame becomes two (channels [0, C) and [C, 2C) of the causal
     [3, 1, 1] conv over the frames after the first, zeros before frame 1)."""
@@ -621,9 +625,9 @@ def doubled(time_conv: nn.Conv3d, t: Tile) -> Tile:
         x, past = x[:, :, 1:], max(0, past - 1)
     n = x.shape[2] - past
     if n:
-        y = F.conv3d(causal(t._replace(data=x, past=past), 2).data, time_conv.weight, time_conv.bias)
+        y = conv_over_time(causal(t._replace(data=x, past=past), 2).data, time_conv.slices, time_conv.bias)
         B, C2, _, h, w = y.shape
-        y = y.view(B, 2, C2 // 2, n, h, w).permute(0, 2, 3, 1, 4, 5).reshape(B, C2 // 2, 2 * n, h, w)
+        y = y.reshape(B, 2, C2 // 2, n, h, w).permute(0, 2, 3, 1, 4, 5).reshape(B, C2 // 2, 2 * n, h, w)
         x = y if head is None else torch.cat([head, y], dim=2)
     else:
         x = head
@@ -639,15 +643,17 @@ class DownResampleStep(DownsampleStep):
         if not hasattr(down, "time_conv"):
             return self.describe()
 
+        tc = TimeSlices(down.time_conv)
+
         def time(t0, T):
             j0, j1 = max(1, -(-t0 // 2)), (t0 + T - 1) // 2
             return (0, 1 + max(0, j1)) if t0 == 0 else (j0, max(0, j1 - j0 + 1))
         return [self.describe(),
-                verbs.rows(lambda t: halved(down.time_conv, t), self.cout, above=0, below=0, earlier=2,
+                verbs.rows(lambda t: halved(tc, t), self.cout, above=0, below=0, earlier=2,
                            key=down.time_conv, time=time)]
 
 
-def halved(time_conv: nn.Conv3d, t: Tile) -> Tile:
+def halved(time_conv: TimeSlices, t: Tile) -> Tile:
     """DownResample's time conv on a clip's tile: output frame 0 is input frame 0; output j >= 1 is
     the conv over input frames 2j - 2 .. 2j (stride 2). A chunk makes the outputs whose last input
     frame is one of its own; the earlier frames (Tile.past) hold the rest of their windows."""
@@ -656,8 +662,8 @@ def halved(time_conv: nn.Conv3d, t: Tile) -> Tile:
     out = [x[:, :, past:past + 1]] if t0 == 0 else []
     j0, j1 = max(1, -(-t0 // 2)), (t0 + T - 1) // 2
     if j1 >= j0:
-        out.append(F.conv3d(x[:, :, 2 * j0 - 2 - first:2 * j1 - first + 1], time_conv.weight, time_conv.bias,
-                            stride=(2, 1, 1)))
+        out.append(conv_over_time(x[:, :, 2 * j0 - 2 - first:2 * j1 - first + 1], time_conv.slices, time_conv.bias,
+                                  stride=2))
     data = torch.cat(out, dim=2) if len(out) > 1 else out[0] if out else x[:, :, :0]
     return t._replace(data=data, past=0)
 

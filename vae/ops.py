@@ -8,6 +8,7 @@
   warm buffer (`Scratch`).
 - `Progress`: one step per band pass, the caller's progress callback and interrupt check.
 """
+import functools
 from typing import NamedTuple
 
 import torch
@@ -51,12 +52,12 @@ def conv3x3(conv: nn.Conv2d, t: Tile) -> Tile:
     border; on every other side the outermost pixel would need the halo, so the valid region
     shrinks by one. Padding is the conv's own (no padded copy), and where a side needs none its
     row or column is not computed at all (a band in the middle of the image: no wasted rows).
-    A clip's tile (5-D data) takes a [O, I, k, 3, 3] kernel over its frames, unpadded in time
-    (the caller has put the k - 1 frames before each output's in front: `causal`)."""
+    A clip's tile (5-D data) takes a k x 3 x 3 kernel over its frames (conv: a TimeSlices),
+    unpadded in time (the caller has put the k - 1 frames before each output's in front: `causal`)."""
     top, bottom, left, right = t.y0 == 0, t.y1 == t.H, t.x0 == 0, t.x1 == t.W
     ph, pw = int(top or bottom), int(left or right)
     if t.data.dim() == 5:
-        out = F.conv3d(t.data, conv.weight, conv.bias, padding=(0, ph, pw))
+        out = conv_over_time(t.data, conv.slices, conv.bias, padding=(ph, pw))
     else:
         out = F.conv2d(t.data, conv.weight, conv.bias, padding=(ph, pw))
     h, w = out.shape[-2:]
@@ -64,6 +65,49 @@ def conv3x3(conv: nn.Conv2d, t: Tile) -> Tile:
     out = out[..., ph and not top: h - (ph and not bottom), pw and not left: w - (pw and not right)]
     return t._replace(data=out, y0=t.y0 + (not top), y1=t.y1 - (not bottom), x0=t.x0 + (not left),
                       x1=t.x1 - (not right), past=0)
+
+
+class TimeSlices:
+    """A 3-D conv's kernel [O, I, k, kh, kw] as its k time slices, each a channels-last 2-D kernel:
+    what conv_over_time convolves with. Views of a loaded model's weights (autoencoder.channels_last
+    stores them so); copies, made once per run, of weights in another layout."""
+
+    def __init__(self, conv: nn.Conv3d):
+        self.conv, self.bias, self.out_channels = conv, conv.bias, conv.out_channels
+
+    @functools.cached_property
+    def slices(self) -> list:
+        return [time_slice(self.conv.weight, i) for i in range(self.conv.weight.shape[2])]
+
+
+def time_slice(w: torch.Tensor, i: int) -> torch.Tensor:
+    """Time slice i of a 3-D kernel as a channels-last 2-D kernel (a view where it is one already)."""
+    return w[:, :, i].contiguous(memory_format=torch.channels_last)
+
+
+def conv_over_time(x: torch.Tensor, slices, bias, stride: int = 1, padding=(0, 0)) -> torch.Tensor:
+    """A 3-D conv of x [B, C, F, H, W], unpadded in time (stride in time `stride`, spatial padding
+    `padding`, stride 1), as k 2-D convs of the frames folded into the batch, summed. Why not
+    F.conv3d: on the CPU, for many band shapes (96 channels x 4 frames x 32 x 256 px, measured:
+    docs/measurements.md) it takes a slow path that is ~4x slower than these 2-D convs and makes a
+    column buffer ~20x the band; the 2-D convs take oneDNN's channels-last path at every shape."""
+    k, B = len(slices), x.shape[0]
+    T = (x.shape[2] - k) // stride + 1
+    out = None
+    for i, w in enumerate(slices):
+        y = F.conv2d(fold(x[:, :, i:i + stride * (T - 1) + 1:stride]), w, bias if i == 0 else None, padding=padding)
+        out = y if out is None else out.add_(y)
+    return unfold(out, B)
+
+
+def fold(t: torch.Tensor) -> torch.Tensor:
+    """A clip's [B, C, T, h, w] as T images [B * T, C, h, w] (a view of a channels-last chunk)."""
+    return t.transpose(1, 2).flatten(0, 1) if t.dim() == 5 else t
+
+
+def unfold(t: torch.Tensor, B: int) -> torch.Tensor:
+    """fold's inverse."""
+    return t.unflatten(0, (B, -1)).transpose(1, 2)
 
 
 def causal(t: Tile, n: int) -> Tile:

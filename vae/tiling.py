@@ -181,9 +181,13 @@ class Plan:
         """What the plan does, in one sentence (its report's begins so, with the store bytes it measured)."""
         f = self.downscale
         store = f", {self.store} store {_gib(store_bytes or self.store_bytes)}" if self.store else ""
-        if self.frames > 1:  # a clip: the memory model covers images so far
+        if self.frames > 1 and self.mode == "untiled":  # the untiled clip: Wan's chunks, not modelled
             return (f"{self.mode} {self.direction} of {self.w * f}x{self.h * f} px x {self.frames} latent frames: "
                     f"{self.describe()}, not planned")
+        if self.frames > 1:
+            return (f"{self.mode} {self.direction} of {self.w * f}x{self.h * f} px x {self.frames} latent frames: "
+                    f"{self.chunks} time chunks x {self.describe()}{store} (the causal convs' cached frames "
+                    f"included), predicted peak {_gib(self.predicted)}")
         return (f"{self.mode} {self.direction} of {self.w * f}x{self.h * f} px: {self.describe()}{store}, "
                 f"predicted peak {_gib(self.predicted)}")
 
@@ -228,14 +232,21 @@ def untiled_peak(steps, B, h, w, item) -> int:
     return bounded.untiled_need(steps, B, h, w, item)
 
 
-def exact_peaks(steps, B, h, w, item, elems, device_store: bool):
+def exact_peaks(steps, B, h, w, item, elems, device_store: bool, chunks=None):
     """(device peak, store peak) of the segment engine with bands of `elems` values: its stores and
-    band temporaries walked over the steps' descriptions on shapes alone (`StoreWalk`)."""
+    band temporaries walked over the steps' descriptions on shapes alone (`StoreWalk`). chunks: a
+    clip's time chunks to walk, [(t0, frames), ...] of the input (engine.run_clip: the caches made
+    in the first stay for the next; the first few chunks reach the steady state)."""
     walk = StoreWalk(B, h, w, item, elems, device_store)
-    x = (None, steps[0].cin, steps[0].r_in)  # the network's input: the caller's, not a store
-    for n, s in enumerate(steps):
-        last = n == len(steps) - 1
-        x = walk.run(s.describe(), x, "device" if last else None, s.band_channels, free=True)
+    for t0, T in chunks or [(0, 1)]:
+        x = (None, steps[0].cin, steps[0].r_in, t0, T)  # the network's input: the caller's, not a store
+        for n, s in enumerate(steps):
+            last = n == len(steps) - 1
+            x = walk.run(s.describe_clip() if chunks else s.describe(), x, "device" if last else None,
+                         s.band_channels, free=True)
+            if x[4] == 0:
+                break
+        walk.free(x)  # a chunk's output leaves the device as it finishes
     return int(walk.dev_peak), int(walk.store_peak)
 
 
@@ -245,21 +256,23 @@ class StoreWalk:
     adds where the engine makes them), and at each pass one band's temporaries: its input rows
     (copied unless the store is on the device), the conv output and workspace, the statistics'
     fp32 scratch, and what the op, its norm and its residual's shortcut declare (verbs.Rows.temp,
-    PerPixel.temp, Attention.temp). A store is (key, channels, px per latent px)."""
+    PerPixel.temp, Attention.temp). A store is (key, channels, px per latent px, t0, frames): an
+    image is one frame; a clip's chunk has its frames, and each op that reads earlier frames keeps
+    a cache store of them from its first chunk on."""
 
     def __init__(self, B, h, w, item, elems, device_store):
         self.B, self.h, self.w, self.item, self.elems, self.device_store = B, h, w, item, elems, device_store
         self.alive, self.n = {}, 0      # key -> (bytes, on the device)
         self.dev_peak = self.store_peak = 0
 
-    def bytes(self, c, r) -> int:
-        return self.B * c * self.h * self.w * r * r * self.item
+    def bytes(self, c, r, T=1) -> int:
+        return self.B * c * self.h * self.w * r * r * T * self.item
 
-    def new(self, c, r, kind):
+    def new(self, c, r, kind, t0=0, T=1):
         self.n += 1
-        self.alive[self.n] = (self.bytes(c, r), self.device_store or kind == "device")
+        self.alive[self.n] = (self.bytes(c, r, T), self.device_store or kind == "device")
         self.store_peak = max(self.store_peak, sum(b for b, _ in self.alive.values()))
-        return self.n, c, r
+        return self.n, c, r, t0, T
 
     def free(self, x):
         self.alive.pop(x[0], None)
@@ -283,21 +296,29 @@ class StoreWalk:
         return x
 
     def rows(self, op, x, kind, channels, free, res=None, xs=None, free_xs=False):
-        _, c, r = x
+        _, c, r, t0, T = x
         c2, r2 = op.cout or c, r * op.up // op.down
+        t2, T2 = op.time(t0, T) if op.time else (t0, T)
         H, W = self.h * r2, self.w * r2
-        rows = math.ceil(H / engine.band_count(H, W, channels, self.elems))
-        band_in = self.B * c * (rows * op.down // op.up + op.above + op.below) * self.w * r * self.item
-        band_out = self.B * c2 * rows * W * self.item
+        frames = T + op.earlier  # a band's frames: its own and the cached ones
+        rows = math.ceil(H / engine.band_count(H, W, channels * frames, self.elems))
+        band_in = self.B * c * (rows * op.down // op.up + op.above + op.below) * self.w * r * self.item * frames
+        band_out = self.B * c2 * rows * W * self.item * T2
         temp = (band_in * (1 if self.device_store else 2) + band_out * (1 + WORKSPACE)
                 + min(band_out * 4 // self.item, STATS_CHUNK) + op.temp(band_in, band_out, self.item))
+        if op.earlier:
+            temp += band_in  # the cached frames and the chunk's, concatenated
         if isinstance(op.norm, verbs.PerPixel):
             temp += op.norm.temp(band_in, self.item)
         if res is not None and res.add is None and res.shortcut is not None:
             temp += band_out  # the shortcut's band
-        inplace = verbs.adds_in_place(res, free_xs) and xs is not x and (xs[1], xs[2]) == (c2, r2) and kind is None
-        out = xs if inplace else self.new(c2, r2, kind)
+        inplace = (verbs.adds_in_place(res, free_xs) and xs is not x and (xs[1], xs[2], xs[4]) == (c2, r2, T2)
+                   and kind is None)
+        out = xs if inplace else self.new(c2, r2, kind, t2, T2)
         self.band(temp)
+        if op.earlier and ("cache", op.key) not in self.alive:  # made after its first pass, kept to the end
+            self.alive[("cache", op.key)] = (self.bytes(c, r, op.earlier), self.device_store)
+            self.store_peak = max(self.store_peak, sum(b for b, _ in self.alive.values()))
         if res is not None and not inplace and free_xs:
             self.free(xs)
         if free:
@@ -305,12 +326,12 @@ class StoreWalk:
         return out
 
     def attention(self, a, x, kind, free):
-        _, c, r = x
+        _, c, r, t0, T = x
         H, W = self.h * r, self.w * r
-        rows = math.ceil(H / engine.band_count(H, W, c, self.elems))
-        band = self.B * c * rows * W * self.item
-        out = x if free and kind is None else self.new(c, r, kind)
-        self.band(3 * self.bytes(c, r) + a.temp * band + 2 * band)  # q, k, v whole; a band's projections
+        rows = math.ceil(H / engine.band_count(H, W, c * T, self.elems))
+        band = self.B * c * rows * W * self.item * T
+        out = x if free and kind is None else self.new(c, r, kind, t0, T)
+        self.band(3 * self.bytes(c, r, T) + a.temp * band + 2 * band)  # q, k, v whole; a band's projections
         if out is not x and free:
             self.free(x)
         return out
@@ -360,10 +381,14 @@ def check_spill_folder(folder: str, need: int) -> None:
 
 
 def make_plan(net, direction: str, in_channels: int, shape, dtype, device, tiling: Tiling, downscale: int,
-              allow_untiled: bool = False) -> Plan:
+              allow_untiled: bool = False, clip=None) -> Plan:
     """Choose mode, store and tile size from the budgets, before running anything.
 
-    net: an Encoder or Decoder; shape: (B, C, h, w) of the latent (what the bands partition)."""
+    net: an Encoder or Decoder; shape: (B, C, h, w) of the latent (what the bands partition).
+    clip: (latent frames, the time chunks [(t0, frames), ...] of the network's input, the output's
+    bytes) for a clip, which runs in exact mode (engine.run_clip); the output is in device memory
+    where the store is the device or the device is the CPU, else in host memory as the chunks
+    finish."""
     steps = steps_of(net.layers(), in_channels, 1 if direction == "decode" else downscale)
     B, _, h, w = shape
     f = downscale
@@ -397,7 +422,12 @@ def make_plan(net, direction: str, in_channels: int, shape, dtype, device, tilin
             # distributed: a rank holds its share of the rows and the halo rows each side
             world = 1 if tiling.process_group is None else torch.distributed.get_world_size(tiling.process_group)
             hs = min(h, -(-h // world) + 2 * p.reach)
-            p.predicted, p.store_bytes = exact_peaks(steps, B, hs, w, item, p.band_elems, store == "device")
+            p.predicted, p.store_bytes = exact_peaks(steps, B, hs, w, item, p.band_elems, store == "device",
+                                                     chunks=clip[1][:3] if clip else None)
+            if clip:
+                p.frames, p.chunks = clip[0], len(clip[1])
+                if store == "device" or torch.device(device).type == "cpu":
+                    p.predicted += clip[2]
             p.halo = f * p.reach  # each pass reads `reach` rows above and below at its own resolution
         else:
             p.predicted = bounded.prepare(steps, p, shape, item)
@@ -411,6 +441,18 @@ def make_plan(net, direction: str, in_channels: int, shape, dtype, device, tilin
     sizes = [tiling.tile_size] if tiling.tile_size else [max(h, w) * f] + [s for s in TILE_CANDIDATES
                                                                            if s // f < max(h, w)]
     modes = ["exact", "bounded"] if tiling.mode == "auto" else [tiling.mode]
+    if clip:
+        if tiling.mode == "bounded":
+            raise KLVAEError(f"{direction} of a clip in bounded mode: clips tile in exact mode only (bounded mode "
+                             f"estimates statistics this network does not have): use mode='exact' or 'auto'")
+        if tiling.process_group is not None:
+            raise KLVAEError(f"{direction} of a clip over several processes: klvae shards images only so far; "
+                             f"run the clip on one device (exact mode keeps its memory bounded)")
+        modes = ["exact"]
+        if torch.device(device).type != "cpu" and clip[2] > (room := store_room("host", tiling)):
+            raise KLVAEError(f"{direction} of a clip: its output needs {_gib(clip[2])} of host memory, {_gib(room)} are "
+                             f"free: {direction} fewer frames per call (the clip is causal: decode its latent in parts "
+                             f"that overlap by nothing, keeping the order)")
     tried = []
     for mode in modes:
         if mode == "exact":

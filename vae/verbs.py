@@ -39,7 +39,7 @@ place (Tile.t0). Every other op runs frame by frame: the engine folds the frames
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from .ops import causal, conv3x3
+from .ops import TimeSlices, causal, conv3x3
 
 
 class GroupNorm(NamedTuple):
@@ -129,8 +129,8 @@ def conv(c, norm=None) -> Rows:
 def causal_conv(c, norm=None) -> Rows:
     """A causal k x 3 x 3 conv over a clip's frames (c: weight [O, I, k, 3, 3]), after `norm`: each
     output frame reads its own input frame and the k - 1 before it (zeros before the clip's first)."""
-    k = c.weight.shape[2]
-    return Rows(lambda t: conv3x3(c, causal(t, k - 1)), c.out_channels, norm=norm, earlier=k - 1, key=c)
+    k, slices = c.weight.shape[2], TimeSlices(c)
+    return Rows(lambda t: conv3x3(slices, causal(t, k - 1)), c.out_channels, norm=norm, earlier=k - 1, key=c)
 
 
 def rows(fn, cout: int, **how) -> Rows:

@@ -129,10 +129,8 @@ def test_qwen_video_shaped_tensors_and_the_edit_pipelines_normalisation():
     # ComfyUI's latent format (Wan21.process_in) is the same normalisation
     wan = comfy_latent_formats().Wan21()
     torch.testing.assert_close(k.to_scaled(post.mode()), wan.process_in(post.mode()), atol=1e-6, rtol=0)
-    with pytest.raises(KLVAEError, match="clips untiled for now"):
-        k.decode(torch.zeros(1, 16, 2, 4, 4), tiling="exact")
-    k.enable_tiling()  # the default tiling of images does not apply to a clip
-    assert k.decode(torch.zeros(1, 16, 2, 4, 4)).shape == (1, 3, 5, 32, 32)
+    k.enable_tiling()  # the default tiling applies to clips too (tests/test_clips.py)
+    assert k.decode(torch.zeros(1, 16, 2, 4, 4)).shape == (1, 3, 5, 32, 32) and k.last_tiling.chunks == 2
     k.disable_tiling()
 
 

@@ -7,6 +7,7 @@
     python benchmarks/bench.py dist            # 1024 decode over 1, 2, 4 gloo ranks (1 thread each), and DistVAE
     python benchmarks/bench.py qwenimage       # Qwen-Image's VAE at 1024: klvae's modes, diffusers' and ComfyUI's untiled and tiled
     python benchmarks/bench.py hunyuanimage    # HunyuanImage-2.1's, the same
+    python benchmarks/bench.py wan             # clips through Wan 2.1's VAE: klvae untiled/exact, diffusers, ComfyUI (video.py)
     python benchmarks/bench.py gpu --out DIR   # the GPU suite (CUDA tests, klvae/diffusers/ComfyUI at 1K-8K)
     python benchmarks/bench.py gpu --device cpu --sizes 256 --out DIR   # the same script end to end on the CPU
     python benchmarks/bench.py tiling --sizes 1024 --systems klvae,diffusers
@@ -20,7 +21,7 @@ untiled outputs agree with it to ~1e-5, checked by the core suite). Results: ben
 a markdown table on stdout, heat maps in benchmarks/out/.
 
 Files: bench.py (this dispatcher), common.py (shared), single.py (core, tiling, precision, big),
-dist.py (distributed), gpu.py (the GPU suite).
+dist.py (distributed), video.py (clips), gpu.py (the GPU suite).
 """
 import argparse
 import json
@@ -31,13 +32,15 @@ import torch
 import dist
 import gpu
 import single
+import video
 from common import FAMILY_SUITES, OUT
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suite", choices=["core", "tiling", "big", "precision", "dist", "gpu", *FAMILY_SUITES])
-    ap.add_argument("--sizes", default="", help="comma-separated image sizes")
+    ap.add_argument("suite", choices=["core", "tiling", "big", "precision", "dist", "gpu", "wan", *FAMILY_SUITES])
+    ap.add_argument("--sizes", default="", help="comma-separated image sizes (wan: HxW, e.g. 256x448)")
+    ap.add_argument("--frames", default="17", help="wan: comma-separated clip lengths in frames (1 + 4k)")
     ap.add_argument("--systems", default="klvae,diffusers,comfy")
     ap.add_argument("--modes", default="", help="only these modes, e.g. untiled,bounded (default: all)")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
@@ -66,6 +69,14 @@ def main():
         return
     if a.suite == "dist":
         return dist.dist_suite([int(s) for s in a.sizes.split(",") if s])
+    if a.suite == "wan":
+        if a.case:
+            system, op, H, W, T, mode, tile = a.case.split(":")
+            print("RESULT " + json.dumps(video.run_case(system, op, int(H), int(W), int(T), mode, int(tile))))
+            return
+        sizes = [tuple(map(int, s.split("x"))) for s in (a.sizes or "256x448").split(",")]
+        frames = [1 + (int(n) - 1) // 4 for n in a.frames.split(",")]
+        return video.run_suite(sizes, frames, a.systems.split(","))
     if a.case:
         system, op, size, mode, tile = a.case.split(":")
         family = a.suite if a.suite in FAMILY_SUITES else "sd1"

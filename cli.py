@@ -3,7 +3,8 @@
     klvae demo                                  the main job on a large photo, untiled vs tiled
     klvae info FILE                             what a VAE file is
     klvae encode IMAGE -o LATENT.safetensors    image -> latent (argmax or seeded sample)
-    klvae decode LATENT.safetensors -o IMAGE    latent -> image
+    klvae encode FRAMES/ -o LATENT.safetensors  a clip (a folder of frames, Wan 2.1's VAE) -> latent
+    klvae decode LATENT.safetensors -o IMAGE    latent -> image (a clip's latent: -o FOLDER of frames)
     klvae roundtrip IMAGE -o IMAGE              image -> latent -> image, with its PSNR
     klvae convert FILE -o OUT --layout ldm|diffusers
 
@@ -154,9 +155,13 @@ def _stored_float_dtype(path: Path) -> str:
 def cmd_encode(args):
     if Path(args.output).suffix != ".safetensors":
         raise CLIError(f"{args.output}: a latent is written as .safetensors; give a path ending in .safetensors")
+    clip = Path(args.image).is_dir()
     vae = open_vae(args)
-    img = read_image(args.image)
-    H, W = img.shape[2:]
+    if clip and not vae.config.network.video_shaped:
+        raise CLIError(f"{args.image} is a folder: a clip's frames, and this {vae.config.family} VAE encodes images; "
+                       f"encode a clip with Wan 2.1's (Qwen-Image's) VAE, or give one image file")
+    img = images.read_frames(args.image) if clip else read_image(args.image)
+    H, W = img.shape[-2:]
     t0 = time.perf_counter()
     z = encode_image(vae, images.pad_to_multiple(img, vae.config.downscale * (2 if vae.config.batch_norm else 1)), args)
     if not_rank0(args):
@@ -168,11 +173,14 @@ def cmd_encode(args):
             "klvae.shift_factor": repr(c.shift_factor), "klvae.latent": kind, "klvae.mode": args.mode,
             "klvae.seed": str(args.seed or 0) if args.mode == "sample" else "", "klvae.image_size": f"{W}x{H}",
             "klvae.vae": Path(args.vae).name if args.vae else SHIPPED_VAE.name}
+    if clip:
+        meta["klvae.frames"] = str(img.shape[2])
     if c.latents_mean is not None:
         meta["klvae.latents_mean"], meta["klvae.latents_std"] = json.dumps(c.latents_mean), json.dumps(c.latents_std)
     make_parent(args.output)
     write_safetensors({LATENT_KEY: out.float().contiguous().cpu()}, args.output, meta)
-    print(f"{args.image} ({W}x{H}) -> {args.output}: {kind} latent {list(out.shape)} ({args.mode}) "
+    what = f"{img.shape[2]} frames of {W}x{H}" if clip else f"{W}x{H}"
+    print(f"{args.image} ({what}) -> {args.output}: {kind} latent {list(out.shape)} ({args.mode}) "
           f"in {time.perf_counter() - t0:.1f} s")
 
 
@@ -195,9 +203,11 @@ def read_latent(path):
 
 
 def cmd_decode(args):
-    images.check_image_path(args.output)  # before the work, not after it
-    vae = open_vae(args)
     z, meta = read_latent(args.latent)
+    clip = z.dim() == 5 and z.shape[2] > 1
+    # before the work, not after it
+    images.check_frames_folder(args.output) if clip else images.check_image_path(args.output)
+    vae = open_vae(args)
     if meta.get("klvae.latent") == "scaled":
         z = vae.from_scaled(z)
     elif vae.bn is not None and "klvae.latent" not in meta and z.shape[1] == vae.config.scaled_channels:
@@ -211,9 +221,14 @@ def cmd_decode(args):
         return
     if "klvae.image_size" in meta:  # undo encode's padding to multiples of 8
         W, H = (int(v) for v in meta["klvae.image_size"].split("x"))
-        x = x[:, :, :H, :W]
-    write_image(x, args.output)
-    print(f"{args.latent} -> {args.output} ({x.shape[3]}x{x.shape[2]}) in {time.perf_counter() - t0:.1f} s")
+        x = x[..., :H, :W]
+    if clip:
+        paths = images.write_frames(x, args.output)
+        print(f"{args.latent} -> {args.output}: {len(paths)} frames of {x.shape[-1]}x{x.shape[-2]} "
+              f"({paths[0].name} .. {paths[-1].name}) in {time.perf_counter() - t0:.1f} s")
+        return
+    write_image(x[:, :, 0] if x.dim() == 5 else x, args.output)
+    print(f"{args.latent} -> {args.output} ({x.shape[-1]}x{x.shape[-2]}) in {time.perf_counter() - t0:.1f} s")
 
 
 def cmd_roundtrip(args):
@@ -406,17 +421,18 @@ def build_parser():
     p.add_argument("file")
     p.set_defaults(fn=cmd_info)
 
-    p = sub.add_parser("encode", help="image -> latent .safetensors (raw unless --scaled)")
-    p.add_argument("image")
+    p = sub.add_parser("encode", help="image (or a folder of a clip's frames) -> latent .safetensors (raw unless --scaled)")
+    p.add_argument("image", help="an image file, or a folder of frames (1 + 4k of them, in name order: a clip, Wan 2.1's VAE)")
     p.add_argument("-o", "--output", required=True, help="latent file (.safetensors)")
     p.add_argument("--scaled", action="store_true", help="store diffusers-scaled latents instead of raw")
     encode_options(p)
     vae_options(p)
     p.set_defaults(fn=cmd_encode)
 
-    p = sub.add_parser("decode", help="latent .safetensors -> image")
+    p = sub.add_parser("decode", help="latent .safetensors -> image (a clip's latent -> a folder of frames)")
     p.add_argument("latent")
-    p.add_argument("-o", "--output", required=True, help="image file (.png, .jpg, .webp)")
+    p.add_argument("-o", "--output", required=True,
+                   help="image file (.png, .jpg, .webp); for a clip's latent, a new folder: frame_00000.png, ...")
     vae_options(p)
     p.set_defaults(fn=cmd_decode)
 

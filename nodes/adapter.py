@@ -105,7 +105,8 @@ class KLVAE:
         self.latent_dim = 3 if self.video_shaped else 2
         self.output_channels = cfg.out_channels
         self.crop_input = True
-        self.not_video = True
+        # a video network's IMAGE batch is the frames of one clip (core's WanVAE: not_video False)
+        self.not_video = not self.video_shaped
         self.extra_1d_channel = None
         self.disable_offload = False
         self.patcher = host.manage(self)
@@ -131,7 +132,10 @@ class KLVAE:
     def encode_latent(self, image: torch.Tensor, posterior: str = "argmax", seed: int = 0,
                       tiling: Tiling | None = None) -> torch.Tensor:
         """IMAGE [B, H, W, C] in [0, 1] -> the graph's latent [B, z, H/8, W/8] (posterior mode or seeded
-        sample; Flux.2: patchified and normalised, [B, 128, H/16, W/16], as core's VAE gives)."""
+        sample; Flux.2: patchified and normalised, [B, 128, H/16, W/16], as core's VAE gives). A
+        video network (Wan 2.1's, Qwen-Image's) takes the batch as the frames of one clip, as core's
+        WanVAE does: N frames -> [1, 16, 1 + (N - 1) // 4, h, w] (frames past the last whole 4 are
+        left out, as core leaves them, and the log says so); one image is T = 1."""
         if posterior not in POSTERIORS:
             raise KLVAEError(f"unknown posterior {posterior!r}: use 'argmax' (the mode) or 'sample' (seeded)")
         image = _as_image(image)
@@ -139,33 +143,43 @@ class KLVAE:
         # To [-1, 1] in fp32 before any cast to a low-precision compute dtype (less banding).
         x = x.movedim(-1, 1).to(torch.float32) * 2.0 - 1.0
         self.model.check_pixels(x, finite=False)  # clear shape errors before the host moves models
+        if self.video_shaped and x.shape[0] > 1:
+            r = self.model.temporal_compression_ratio
+            n = 1 + (x.shape[0] - 1) // r * r
+            if n != x.shape[0]:
+                log.info("klvae: %d frames encode as %d (1 + %dk): the last %d left out, as core's VAE Encode does",
+                         x.shape[0], n, r, x.shape[0] - n)
+            x = x[:n].movedim(0, 1).unsqueeze(0)  # the frames of one clip: [1, 3, n, H, W]
         post = self.model.encode(x, tiling=self._plan(self.model.plan_encode, x.shape, tiling))
         log.info("klvae %s", self.model.last_tiling)
         z = post.mode() if posterior == "argmax" else post.sample(seed=seed)
         if self.model.bn is not None:
             z = self.model.to_scaled(z)
-        if self.video_shaped:
+        if self.video_shaped and z.dim() == 4:
             z = z.unsqueeze(2)  # one frame
         return z.to(self.output_device, torch.float32)
 
     @in_node_words
     def decode_image(self, latent: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
-        """The graph's latent [B, z, h, w] -> IMAGE [B, 8h, 8w, 3] in [0, 1] (Flux.2: [B, 128, h, w] -> 16h x 16w)."""
+        """The graph's latent [B, z, h, w] -> IMAGE [B, 8h, 8w, 3] in [0, 1] (Flux.2: [B, 128, h, w] -> 16h x 16w).
+        A video network's [B, 16, T, h, w] -> its frames [B * (1 + 4(T - 1)), 8h, 8w, 3], as core's VAE
+        Decode gives them: exact in time and space, each chunk's frames off the device as it finishes."""
+        clip = False
         if torch.is_tensor(latent) and latent.dim() == 5:
             if not self.video_shaped:
                 raise KLVAEError(f"latent of shape {tuple(latent.shape)} is video-shaped (Qwen-Image's or Wan's [B, C, T, "
                                  f"h, w]); this {self.model.config.family} VAE takes [B, C, h, w]: decode it with the "
                                  f"VAE of the model that made it")
-            if latent.shape[2] != 1:
-                raise KLVAEError(f"latent of shape {tuple(latent.shape)} holds {latent.shape[2]} frames: klvae decodes "
-                                 f"Qwen-Image's images (T = 1); use core's VAE Decode for video")
-            latent = latent[:, :, 0]
+            clip = latent.shape[2] > 1
+            latent = latent if clip else latent[:, :, 0]
         if self.model.bn is not None:
             latent = self.model.from_scaled(latent)
-        self.model.check_latents(latent, finite=False)  # NaNs are checked once, in the call
+        self.model.check_latents(latent[:, :, 0] if clip else latent, finite=False)  # NaNs are checked once, in the call
         x = self.model.decode(latent, tiling=self._plan(self.model.plan_decode, latent.shape, tiling))
         log.info("klvae %s", self.model.last_tiling)
         img = ((x.to(self.output_device, torch.float32) + 1.0) / 2.0).clamp_(0.0, 1.0)
+        if clip:  # [B, 3, T, H, W] -> frames [B * T, H, W, 3]
+            return img.permute(0, 2, 3, 4, 1).reshape(-1, *img.shape[-2:], img.shape[1])
         return img.movedim(1, -1).contiguous()
 
     def _plan(self, plan, shape, tiling: Tiling | None):
@@ -196,7 +210,12 @@ class KLVAE:
         return self.encode_latent(pixel_samples, tiling=Tiling(mode=DEFAULT_MODE, tile_size=max(f, tile // f * f)))
 
     def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
-        """Core's VAEDecodeTiled: tile size in the graph latent's px (exact tiles: the overlap is not needed)."""
+        """Core's VAEDecodeTiled: tile size in the graph latent's px (exact tiles: the overlap is not
+        needed). A clip is exact in time too: core's temporal_size / temporal_overlap do not apply
+        (said once in the log)."""
+        if tile_t is not None and torch.is_tensor(samples) and samples.dim() == 5 and samples.shape[2] > 1:
+            _say_once("klvae: VAE Decode (Tiled)'s temporal_size and temporal_overlap are not used: klvae's tiles are "
+                      "exact in time (each causal conv's cache runs through the whole clip, so no tile restarts it)")
         f = self.upscale_ratio
         tile = min((t for t in (tile_x, tile_y) if t), default=64)
         return self.decode_image(samples, tiling=Tiling(mode=DEFAULT_MODE, tile_size=tile * f))
@@ -208,7 +227,7 @@ class KLVAE:
         return self.downscale_ratio
 
     def temporal_compression_decode(self):
-        return None
+        return self.model.temporal_compression_ratio if self.video_shaped else None
 
     def get_sd(self):
         """LDM-layout state dict (what checkpoint savers store under first_stage_model.)."""
@@ -240,6 +259,15 @@ class KLVAE:
             y0, x0 = (H - h) // 2, (W - w) // 2
             pixels = pixels[:, y0:y0 + h, x0:x0 + w]
         return pixels
+
+
+_said = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.info(message)
 
 
 def _as_image(image) -> torch.Tensor:

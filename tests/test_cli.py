@@ -356,3 +356,43 @@ def test_the_readmes_command_for_the_users_own_vae_runs(files, tmp_path):
     assert re.search(r"PSNR vs input \d+\.\d\d dB", r.stdout) and (tmp_path / "out.png").exists(), r.stdout
     info = klvae("info", vae).stdout
     assert "family           flux" in info and "from the file name" in info, info
+
+
+def test_clips_encode_from_a_folder_of_frames_and_decode_into_one(tmp_path):
+    """Wan 2.1's VAE: a folder of frames (name order, sides padded to multiples of 8) -> a 5-D latent
+    that says its frames; a clip's latent -> frame_00000.png ... in a new folder, cropped back, equal
+    to the library's decode; what a user gets wrong is one line each."""
+    vae = tmp_path / "wan.safetensors"
+    save_vae(klvae_from(diffusers_vae("qwenimage", seed=23, ch=16, ch_mult=(1, 2, 2, 2))), vae)
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(1)
+    for t in range(5):
+        Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(tmp_path / "in" / f"shot{t:02d}.png")
+    klvae("encode", tmp_path / "in", "-o", tmp_path / "z.safetensors", "--vae", vae, "--tiling", "exact", "--tile", "16")
+    with safe_open(str(tmp_path / "z.safetensors"), "pt") as h:
+        meta, z = h.metadata(), h.get_tensor("latent")
+    assert z.shape == (1, 16, 2, 6, 6) and meta["klvae.frames"] == "5" and meta["klvae.image_size"] == "44x36"
+    r = klvae("decode", tmp_path / "z.safetensors", "-o", tmp_path / "out", "--vae", vae, "--tiling", "exact",
+              "--tile", "16")
+    assert "5 frames of 44x36 (frame_00000.png .. frame_00004.png)" in r.stdout
+    lib = load_vae(vae)
+    ref = lib.decode(z)[..., :36, :44]
+    for t in range(5):
+        out = np.asarray(Image.open(tmp_path / "out" / f"frame_{t:05d}.png"))
+        assert out.shape == (36, 44, 3) and np.abs(out.astype(int) - to_uint8(ref[:, :, t])).max() <= 1
+    (tmp_path / "odd").mkdir()
+    Image.fromarray(np.zeros((36, 40, 3), np.uint8)).save(tmp_path / "odd" / "a.png")
+    Image.fromarray(np.zeros((36, 44, 3), np.uint8)).save(tmp_path / "odd" / "b.png")
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_vae(klvae_from(diffusers_vae("sdxl", seed=6, **NARROW), family="sdxl"), sdxl)
+    for args, words in [
+            (("decode", tmp_path / "z.safetensors", "-o", tmp_path / "out", "--vae", vae), "holds frames already"),
+            (("decode", tmp_path / "z.safetensors", "-o", tmp_path / "x.png", "--vae", vae), "give a folder path"),
+            (("encode", tmp_path / "odd", "-o", tmp_path / "y.safetensors", "--vae", vae), "must all be the same size"),
+            (("encode", tmp_path / "out", "-o", tmp_path / "y.safetensors", "--vae", sdxl), "encodes images"),
+    ]:
+        r = klvae(*args, check=False)
+        assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    (tmp_path / "out" / "frame_00004.png").unlink()  # 4 frames: not 1 + 4k
+    r = klvae("encode", tmp_path / "out", "-o", tmp_path / "y.safetensors", "--vae", vae, check=False)
+    assert r.returncode == 2 and "encodes 1 + 4k frames" in r.stderr and "trim it to 1 frames or pad it to 5" in r.stderr

@@ -306,3 +306,35 @@ def test_tiny_hunyuan_image_pipeline_with_klvae_vae():
     theirs, ours = images
     assert ours.shape == (1, 3, 64, 64) and theirs.std() > 0.01
     assert (ours - theirs).abs().max() <= 1e-4, (ours - theirs).abs().max()
+
+
+def test_tiny_wan_pipelines_with_klvae_vae():
+    """WanPipeline and WanImageToVideoPipeline offline (no text encoder: prompt embeddings given; a
+    one-layer seeded transformer; Wan 2.2-style image-to-video, which takes no CLIP image embedding),
+    built with klvae's VAE: the same frames as with diffusers' AutoencoderKLWan, the image-to-video
+    pipeline's argmax encode of its conditioning clip included (9 frames, 3 latent frames)."""
+    from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline,
+                           WanTransformer3DModel)
+    w = AutoencoderKLWan(base_dim=16, dim_mult=[1, 2, 2, 2]).eval()
+    w.load_state_dict(diffusers_vae("qwenimage", seed=17, **SMALL["qwenimage"]).state_dict())  # seeded, noisy
+    k = klvae_from(w)
+    assert k.config.scale_factor_temporal == 4 and k.config.scale_factor_spatial == 8
+    pe = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1))
+    image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(6))
+    for cls, channels, extra in ((WanPipeline, 16, {}), (WanImageToVideoPipeline, 36, dict(image=image))):
+        torch.manual_seed(0)
+        tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                   in_channels=channels, out_channels=16, text_dim=16, freq_dim=32, ffn_dim=32,
+                                   num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                   rope_max_seq_len=32)
+        videos = []
+        for vae in (w, k):
+            pipe = cls(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                       transformer=tr)
+            pipe.set_progress_bar_config(disable=True)
+            videos.append(pipe(prompt_embeds=pe, negative_prompt_embeds=pe, height=32, width=48, num_frames=9,
+                               num_inference_steps=2, guidance_scale=1.0, output_type="pt",
+                               generator=torch.Generator().manual_seed(0), **extra).frames)
+        theirs, ours = videos
+        assert ours.shape == (1, 9, 3, 32, 48) and (ours - theirs).abs().max() <= 1e-4, (cls.__name__,
+                                                                                        (ours - theirs).abs().max())

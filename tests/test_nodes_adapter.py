@@ -106,3 +106,32 @@ def test_node_errors_name_inputs_and_settings_not_python_arguments(kl, tmp_path)
         (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
         adapter.load(tmp_path / "x.png")
     assert "klvae encode" not in str(e.value)
+
+
+def test_wan_clips_through_the_nodes_as_core_passes_them(caplog):
+    """A video network's LATENT [1, 16, T, h, w] decodes to its frames [T', H, W, 3], as core's VAE
+    Decode gives them (exact: the library's untiled clip to float noise); an IMAGE batch encodes as
+    the frames of one clip, as core's WanVAE takes it (1 + 4k of them: the rest left out, and the log
+    says so); core's VAE Decode (Tiled) with its temporal inputs: exact, and they are said unused."""
+    k = klvae_from(diffusers_vae("qwenimage", seed=22, ch=16, ch_mult=(1, 2, 2, 2)))
+    kl = adapter.KLVAE(k)
+    assert kl.not_video is False and kl.temporal_compression_decode() == 4 and kl.latent_dim == 3
+    z = torch.randn(1, 16, 3, 6, 5, generator=torch.Generator().manual_seed(3))
+    ref = ((k.decode(z) + 1) / 2).clamp(0, 1)[0].permute(1, 2, 3, 0)  # [9, 48, 40, 3]
+    seen = []
+    host = type("H", (adapter.Host,), {"progress": lambda self: lambda done, total: seen.append((done, total))})()
+    frames = adapter.decode(adapter.KLVAE(k, host), {"samples": z}, host=host)
+    assert frames.shape == (9, 48, 40, 3) and (frames - ref).abs().max() <= 1e-5
+    assert k.last_tiling.mode == "exact" and k.last_tiling.chunks == 3 and seen[-1] == (3, 3)
+    with caplog.at_level("INFO", logger="klvae"):
+        tiled = kl.decode_tiled(z, tile_x=2, tile_y=2, overlap=1, tile_t=16, overlap_t=2)  # core's node: latent units
+    assert (tiled - ref).abs().max() <= 1e-5 and k.last_tiling.grid[0] > 1
+    assert "temporal_size and temporal_overlap are not used" in caplog.text
+    eleven = torch.cat([frames, frames[:2]])
+    with caplog.at_level("INFO", logger="klvae"):
+        lat = adapter.encode(kl, eleven)["samples"]
+    assert "11 frames encode as 9 (1 + 4k): the last 2 left out" in caplog.text
+    lib = k.encode(frames.movedim(-1, 0)[None] * 2 - 1).mode()
+    assert lat.shape == (1, 16, 3, 6, 5) and (lat - lib).abs().max() <= 1e-5
+    one = adapter.encode(kl, frames[:1])["samples"]  # one image: T = 1, as before
+    assert one.shape == (1, 16, 1, 6, 5) and (one - lat[:, :, :1]).abs().max() <= 1e-5

@@ -159,6 +159,12 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
             raise AttributeError("temperal_downsample: an attribute of VAEs that take video-shaped tensors")
         return list(self.config.temporal_downsample)
 
+    @property
+    def temporal_compression_ratio(self) -> int:
+        """Frames per latent frame after the first: 2 per level that halves time (Wan 2.1: 4;
+        diffusers' AutoencoderKLWan attribute of the same name)."""
+        return 2 ** sum(self.temperal_downsample)
+
     # -- where the model lives ---------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
@@ -213,7 +219,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         or 'exact' or a Tiling; the untiled clip is not planned)."""
         if self._clip_shape(shape):
             B, C, T, h, w = _shape(shape, "latents", self.config.latent_channels, 5)
-            f, n = self.config.downscale, 1 + self._frames_per_latent() * (T - 1)
+            f, n = self.config.downscale, 1 + self.temporal_compression_ratio * (T - 1)
             out = B * self.config.out_channels * n * h * w * f * f * self.dtype.itemsize
             return self._plan_clip(self.decoder, "decode", C, (B, C, h, w), (T, [(t, 1) for t in range(T)], out), tiling)
         B, C, h, w = _shape(shape, "latents", self.config.latent_channels)
@@ -312,7 +318,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         else:
             out = run(x.to(self.device, self.dtype))
             h, w = (H, W) if what == "decode" else (H // f, W // f)
-            frames = T if what == "decode" else 1 + (T - 1) // self._frames_per_latent()
+            frames = T if what == "decode" else 1 + (T - 1) // self.temporal_compression_ratio
             plan = Plan(what, "untiled", max(h, w) * f, h, w, f, Tiling(mode="auto"), frames=frames)
             report = TilingReport(plan, statistics="none needed: per-pixel norms", measured_peak=meter.peak(),
                                   seconds=time.perf_counter() - t0, steps=1,
@@ -331,12 +337,12 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         if what == "decode":
             steps, net_in = steps_of(self.decoder.layers(), x.shape[1], 1), self.post_quant_conv
             starts = list(range(T)) + [T]
-            n, shape = 1 + self._frames_per_latent() * (T - 1), (B, self.config.out_channels, H * plan.downscale,
+            n, shape = 1 + self.temporal_compression_ratio * (T - 1), (B, self.config.out_channels, H * plan.downscale,
                                                                W * plan.downscale)
             where = self.device if plan.store == "device" else "cpu"
         else:
             steps, net_in = steps_of(self.encoder.layers(), x.shape[1], plan.downscale), None
-            r = self._frames_per_latent()
+            r = self.temporal_compression_ratio
             starts = [0] + list(range(1, T + 1, r))
             n, shape, where = plan.frames, (B, 2 * self.config.latent_channels, H // plan.downscale,
                                             W // plan.downscale), self.device
@@ -356,12 +362,8 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
             ["frames into host memory as each chunk finished"] if where == "cpu" and self.device.type != "cpu" else [])
         return out, TilingReport(plan, **measured)
 
-    def _frames_per_latent(self) -> int:
-        """Frames per latent frame after the first: 2 per level that halves time (Wan 2.1: 4)."""
-        return 2 ** sum(self.config.temporal_downsample)
-
     def _check_frames(self, T: int) -> int:
-        r = self._frames_per_latent()
+        r = self.temporal_compression_ratio
         if (T - 1) % r:
             raise KLVAEError(f"a clip of {T} frames: this VAE encodes 1 + {r}k frames (1, {1 + r}, {1 + 2 * r}, ...); "
                              f"trim it to {1 + (T - 1) // r * r} frames or pad it to {1 + -(-(T - 1) // r) * r}")
@@ -378,11 +380,12 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         """One latent frame at a time (diffusers' and Wan's chunking), each chunk's frames written
         into the output as it finishes."""
         T, out, t = z.shape[2], None, 0
+        z = z.contiguous(memory_format=torch.channels_last_3d)  # frames fold into images as views (ops.fold)
         with self.config.network.module.causal_chunks(self.decoder):
             for i in range(T):
                 y = self.decoder(self.post_quant_conv(z[:, :, i:i + 1]))
                 if out is None:
-                    n = 1 + self._frames_per_latent() * (T - 1)
+                    n = 1 + self.temporal_compression_ratio * (T - 1)
                     out = y.new_empty(y.shape[0], y.shape[1], n, *y.shape[3:])
                 out[:, :, t:t + y.shape[2]] = y
                 t += y.shape[2]
@@ -396,8 +399,9 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
 
     def _encode_chunks(self, x: torch.Tensor) -> torch.Tensor:
         """The first frame, then 4 frames at a time (Wan's chunking: each chunk makes one latent frame)."""
-        r = self._frames_per_latent()
+        r = self.temporal_compression_ratio
         bounds = [0, 1] + list(range(1 + r, x.shape[2] + 1, r))
+        x = x.contiguous(memory_format=torch.channels_last_3d)  # frames fold into images as views (ops.fold)
         with self.config.network.module.causal_chunks(self.encoder):
             parts = [self.quant_conv(self.encoder(x[:, :, a:b])) for a, b in zip(bounds, bounds[1:])]
         return torch.cat(parts, dim=2)

@@ -116,6 +116,7 @@ class ArchNames(NamedTuple):
     config: object                # cfg -> config.json dict
     to_diffusers: object          # state dict with klvae's keys -> diffusers' keys
     from_diffusers: object        # the inverse
+    read: object = None           # cfg -> config names pipelines read that config.json does not hold
 
 
 # Each network's diffusers side, by network name: the SD-style one's is this module's own (below);
@@ -255,6 +256,9 @@ class DiffusersNames:
         d = diffusers_config(self)
         if name in d:
             return d[name]
+        read = DIFFUSERS_NAMES[getattr(self, "arch", "sd")].read
+        if read is not None and name in (extra := read(self)):
+            return extra[name]
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __getitem__(self, name):

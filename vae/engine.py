@@ -60,7 +60,7 @@ from .errors import KLVAEError
 from .groupnorm import Stats
 from .memory import PeakMeter
 from . import verbs
-from .ops import Progress, Scratch, Tile, fold, normed, unfold
+from .ops import Progress, Scratch, Tile, cat_frames, fold, normed, unfold
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ class Context:
             return t
         store, k = c
         past = self.window(store, a, b).data[:, :, op.earlier - k:]
-        return t._replace(data=torch.cat([past, t.data], dim=2), past=k)
+        return t._replace(data=cat_frames([past, t.data]), past=k)
 
     def remember(self, op, x: Store) -> None:
         """After op's pass over the chunk x: keep the last op.earlier frames of its input so far."""

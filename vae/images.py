@@ -41,6 +41,8 @@ def pad_to_multiple(x: torch.Tensor, f: int = 8) -> torch.Tensor:
     ph, pw = -H % f, -W % f
     if ph or pw:
         mode = "reflect" if ph < H and pw < W else "replicate"
+        if x.dim() == 5:  # a clip [B, C, T, H, W]: its frames, each as an image
+            return pad_to_multiple(x.transpose(1, 2).flatten(0, 1), f).unflatten(0, (x.shape[0], -1)).transpose(1, 2)
         x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
     return x
 
@@ -62,6 +64,46 @@ def write_image(x: torch.Tensor, path) -> None:
         Image.fromarray(a).save(path)
     except (OSError, ValueError, KeyError) as e:
         raise KLVAEError(f"cannot write {path}: {e}") from e
+
+
+# -- clips as folders of frames ------------------------------------------------------------------------
+FRAME = "frame_{:05d}.png"
+
+
+def read_frames(folder) -> torch.Tensor:
+    """The image files of a folder, in name order, as one clip [1, 3, N, H, W] in [-1, 1]."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in FORMATS)
+    if not files:
+        raise KLVAEError(f"{folder}: no image files in it ({', '.join(FORMATS)}): a clip is a folder of frames")
+    frames = []
+    for p in files:
+        x = read_image(p)
+        if frames and x.shape != frames[0].shape:
+            raise KLVAEError(f"{p.name} is {x.shape[3]}x{x.shape[2]}, {files[0].name} is {frames[0].shape[3]}x"
+                             f"{frames[0].shape[2]}: the frames of a clip must all be the same size")
+        frames.append(x)
+    return torch.stack(frames, dim=2)
+
+
+def check_frames_folder(folder) -> Path:
+    """A folder frames can be written to without replacing any (checked before the work)."""
+    folder = Path(folder)
+    if folder.suffix.lower() in FORMATS or folder.is_file():
+        raise KLVAEError(f"{folder}: a clip's frames are written into a folder; give a folder path (no image suffix)")
+    if folder.is_dir() and any(folder.glob("frame_*.png")):
+        raise KLVAEError(f"{folder} holds frames already (frame_*.png): give a new or empty folder, nothing is "
+                         f"overwritten")
+    return folder
+
+
+def write_frames(x: torch.Tensor, folder) -> list:
+    """The first clip of [B, 3, T, H, W] in [-1, 1] as frame_00000.png, ... in a folder (made if needed)."""
+    folder = check_frames_folder(folder)
+    paths = [folder / FRAME.format(t) for t in range(x.shape[2])]
+    for t, p in enumerate(paths):
+        write_image(x[:1, :, t], p)
+    return paths
 
 
 def _font(size: int):

@@ -69,7 +69,7 @@ from .config import Family, Network, register_network
 from .diffusers_compat import ArchNames
 from .errors import KLVAEError
 from .layers import WORKSPACE, DownsampleStep, ResnetStep, Step, _scale, register, upsample_rows
-from .ops import Tile, TimeSlices, causal, conv3x3, conv_over_time, silu_, time_slice
+from .ops import Tile, TimeSlices, cat_frames, causal, conv3x3, conv_over_time, silu_, time_slice
 from .verbs import PerPixel
 
 # Qwen-Image's per-channel latent statistics (its VAE's config.json, ComfyUI's latent_formats.Wan21):
@@ -132,9 +132,9 @@ class CausalConv3d(nn.Conv3d):
         if x.dim() == 5:  # as 2-D convs over the time slices (ops.conv_over_time: why not F.conv3d)
             kt, p = self.kernel_size[0], self.kernel_size[1] // 2
             if kt == 1 or self.cache is None:
-                x = F.pad(x, (0, 0, 0, 0, kt - 1, 0)) if kt > 1 else x
+                x = cat_frames([zero_frames(x, kt - 1), x]) if kt > 1 else x
             else:
-                x = torch.cat([_earlier(self.cache, x, kt - 1), x], dim=2)  # this chunk after the frames before it
+                x = cat_frames([_earlier(self.cache, x, kt - 1), x])  # this chunk after the frames before it
                 self.cache = x[:, :, -(kt - 1):].clone()
             return conv_over_time(x, TimeSlices(self).slices, self.bias, padding=(p, p))
         f = self.frame()
@@ -145,7 +145,13 @@ def _earlier(cache, x: torch.Tensor, n: int) -> torch.Tensor:
     """The n frames before chunk x: the cache, or zeros before a clip's first chunk."""
     if isinstance(cache, torch.Tensor):
         return cache
-    return x.new_zeros(x.shape[0], x.shape[1], n, *x.shape[3:])
+    return zero_frames(x, n)
+
+
+def zero_frames(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n zero frames shaped as x's, channels last (ops.cat_frames: why)."""
+    B, C, _, H, W = x.shape
+    return x.new_zeros(B, n, H, W, C).permute(0, 4, 1, 2, 3)
 
 
 @contextlib.contextmanager
@@ -328,17 +334,17 @@ class UpResample(nn.Module):
         if not isinstance(self.cache, torch.Tensor):  # the clip's first frame is in x
             head, x = x[:, :, :1], x[:, :, 1:]
             if self.cache is not None:
-                self.cache = x.new_zeros(x.shape[0], x.shape[1], 2, *x.shape[3:])
+                self.cache = zero_frames(x, 2)
         B, C, T, H, W = x.shape
         if T:
             if self.cache is None:
-                x = F.pad(x, (0, 0, 0, 0, 2, 0))
+                x = cat_frames([zero_frames(x, 2), x])
             else:
-                x = torch.cat([self.cache, x], dim=2)
+                x = cat_frames([self.cache, x])
                 self.cache = x[:, :, -2:].clone()
             y = conv_over_time(x, TimeSlices(self.time_conv).slices, self.time_conv.bias)
             x = y.reshape(B, 2, C, T, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)
-        return x if head is None else torch.cat([head, x], dim=2)
+        return x if head is None else cat_frames([head, x])
 
 
 class DownResample(nn.Module):
@@ -369,14 +375,14 @@ class DownResample(nn.Module):
     def halved(self, y: torch.Tensor) -> torch.Tensor:
         """The first frame, then the time conv's windows over frames 0-2, 2-4, 4-6, ..."""
         first = not isinstance(self.cache, torch.Tensor)
-        frames = y if first else torch.cat([self.cache, y], dim=2)
+        frames = y if first else cat_frames([self.cache, y])
         n = (frames.shape[2] - 1) // 2  # whole windows
         tc = self.time_conv
         out = ([y[:, :, :1]] if first else []) + (
             [conv_over_time(frames[:, :, :2 * n + 1], TimeSlices(tc).slices, tc.bias, stride=2)] if n else [])
         if self.cache is not None:
             self.cache = frames[:, :, 2 * n:].clone()
-        return torch.cat(out, dim=2) if out else y[:, :, :0]
+        return cat_frames(out) if out else y[:, :, :0]
 
 
 class Head(nn.Sequential):
@@ -628,7 +634,7 @@ def doubled(time_conv: TimeSlices, t: Tile) -> Tile:
         y = conv_over_time(causal(t._replace(data=x, past=past), 2).data, time_conv.slices, time_conv.bias)
         B, C2, _, h, w = y.shape
         y = y.reshape(B, 2, C2 // 2, n, h, w).permute(0, 2, 3, 1, 4, 5).reshape(B, C2 // 2, 2 * n, h, w)
-        x = y if head is None else torch.cat([head, y], dim=2)
+        x = y if head is None else cat_frames([head, y])
     else:
         x = head
     return t._replace(data=x, past=0)
@@ -664,7 +670,7 @@ def halved(time_conv: TimeSlices, t: Tile) -> Tile:
     if j1 >= j0:
         out.append(conv_over_time(x[:, :, 2 * j0 - 2 - first:2 * j1 - first + 1], time_conv.slices, time_conv.bias,
                                   stride=2))
-    data = torch.cat(out, dim=2) if len(out) > 1 else out[0] if out else x[:, :, :0]
+    data = cat_frames(out) if len(out) > 1 else out[0] if out else x[:, :, :0]
     return t._replace(data=data, past=0)
 
 
@@ -888,6 +894,12 @@ def from_original(sd: dict) -> dict:
     return {next((n + k[len(o):] for o, n in KLVAE_QUANT.items() if k.startswith(o)), k): v for k, v in sd.items()}
 
 
+def pipeline_names(cfg) -> dict:
+    """What Wan's pipelines read of AutoencoderKLWan's config (WanPipeline, WanImageToVideoPipeline), which
+    AutoencoderKLQwenImage's config.json (the one klvae writes) does not hold."""
+    return {"scale_factor_spatial": cfg.downscale, "scale_factor_temporal": 2 ** sum(cfg.temporal_downsample)}
+
+
 def quant_convs(cfg) -> tuple:
     """AutoencoderKL's quant_conv and post_quant_conv for this family."""
     return QuantConv(2 * cfg.latent_channels), QuantConv(cfg.latent_channels)
@@ -919,8 +931,9 @@ def narrow(cfg, overrides: dict) -> dict:
     return overrides
 
 
-# Qwen-Image (and its Edit models): Wan 2.1's causal video VAE, run on single frames (T = 1).
-FAMILY = Family("qwenimage", 16, 1.0, 0.0, True, "Qwen-Image (Wan 2.1's VAE, images as T = 1)", arch="qwenimage",
+# Qwen-Image (and its Edit models) and Wan 2.1's video: the same causal video VAE, on images (T = 1) and clips.
+FAMILY = Family("qwenimage", 16, 1.0, 0.0, True, "Qwen-Image and Wan 2.1 (images, and clips of 1 + 4k frames)",
+                arch="qwenimage",
                 latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD,
                 shape=(("ch", 96), ("temporal_downsample", (False, True, True))))
 register_network(Network("qwenimage", sys.modules[__name__], (FAMILY,),
@@ -929,4 +942,5 @@ register_network(Network("qwenimage", sys.modules[__name__], (FAMILY,),
                  read=read, to_file=to_original, video_shaped=True, group_norms=False, check=check, narrow=narrow,
                  diffusers=ArchNames(classes=("AutoencoderKLQwenImage", "AutoencoderKLWan"), config=diffusers_config,
                                      to_diffusers=lambda sd: original_to_diffusers(to_original(sd)),
-                                     from_diffusers=lambda sd: from_original(diffusers_to_original(sd)))))
+                                     from_diffusers=lambda sd: from_original(diffusers_to_original(sd)),
+                                     read=pipeline_names)))

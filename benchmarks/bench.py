@@ -76,7 +76,7 @@ def main():
             return
         sizes = [tuple(map(int, s.split("x"))) for s in (a.sizes or "256x448").split(",")]
         frames = [1 + (int(n) - 1) // 4 for n in a.frames.split(",")]
-        return video.run_suite(sizes, frames, a.systems.split(","))
+        return video.run_suite(sizes, frames, a.systems.split(","), [m for m in a.modes.split(",") if m])
     if a.case:
         system, op, size, mode, tile = a.case.split(":")
         family = a.suite if a.suite in FAMILY_SUITES else "sd1"

@@ -35,6 +35,10 @@ GPU_CASES = [
     ("diffusers", "decode", "bf16", None, 2048), ("diffusers", "decode", "bf16", "tiled", 4096),
     ("comfy", "decode", "bf16", None, 1024), ("comfy", "decode", "bf16", "tiled", 1024),
     ("comfy", "decode", "bf16", None, 2048), ("comfy", "decode", "bf16", "tiled", 4096),
+    # clips through Wan 2.1's VAE, "HxWxframes" (SGLang's H200 figures for these two: 1.56 s and 2.32 s)
+    ("klvae-wan", "decode", "bf16", None, "480x832x81"), ("klvae-wan", "decode", "bf16", "exact", "480x832x81"),
+    ("klvae-wan", "decode", "bf16", None, "704x1280x61"), ("klvae-wan", "decode", "bf16", "exact", "704x1280x61"),
+    ("diffusers-wan", "decode", "bf16", None, "480x832x81"),
 ]
 
 
@@ -64,21 +68,32 @@ def gpu_latent(folder, family, size, dev, out_dir, smoke):
 def gpu_case(system, op, dtype, tiling, size, device, out_dir, smoke):
     """One GPU-suite case in this process: time after a warm-up (synchronised), peak memory, the
     plan's prediction, host syncs inside the call, the guard's firings; the output saved."""
-    family = "flux" if system == "klvae-flux" else "sd1"
+    family = {"klvae-flux": "flux", "klvae-wan": "qwenimage", "diffusers-wan": "qwenimage"}.get(system, "sd1")
     dev = torch.device(device)
     dt = DTYPES[dtype]
     if smoke:  # the CPU's bf16/fp16 convolutions are slow (diffusers' bf16 decode: 80 s at 64 px); the smoke run checks code paths
         dt = torch.float32
     folder = gpu_folder(family, out_dir, smoke)
-    z = gpu_latent(folder, family, size, dev, out_dir, smoke)
+    if isinstance(size, str):  # a clip, HxWxframes: seeded latents (the timing does not depend on them)
+        H, W, F = map(int, size.split("x"))
+        z = torch.randn(1, 16, 1 + (F - 1) // 4, H // 8, W // 8, generator=torch.Generator().manual_seed(0)).to(dev)
+    else:
+        z = gpu_latent(folder, family, size, dev, out_dir, smoke)
     x = testing.test_image(size).to(dev) if op == "encode" else None
     report, plan_pred, guard = {}, None, None
     if system.startswith("klvae"):
-        vae = load_vae(folder, family=family, device=dev, dtype=dt)
+        vae = load_vae(folder, family=family if family != "qwenimage" else None, device=dev, dtype=dt)
         t = Tiling(mode=tiling) if tiling else None
-        plan = vae.plan_decode(z.shape, t) if op == "decode" else vae.plan_encode(x.shape, t)
-        plan_pred = plan.predicted
+        if z.dim() == 5 and t is None:  # the untiled clip (Wan's chunks) has no plan
+            plan = None
+        else:
+            plan = vae.plan_decode(z.shape, t) if op == "decode" else vae.plan_encode(x.shape, t)
+            plan_pred = plan.predicted
         fn = (lambda: vae.decode(z.to(dt), tiling=plan)) if op == "decode" else (lambda: vae.encode(x.to(dt), tiling=plan).mode())
+    elif system == "diffusers-wan":
+        from diffusers import AutoencoderKLQwenImage
+        vae = AutoencoderKLQwenImage.from_pretrained(folder).eval().to(dev, dt)
+        fn = (lambda: vae.decode(z.to(dt)).sample)
     elif system == "diffusers":
         from diffusers import AutoencoderKL as DAutoencoderKL
         vae = DAutoencoderKL.from_pretrained(folder).eval().to(dev, dt)
@@ -160,12 +175,12 @@ def gpu_suite(out_dir, device, sizes, timeout_total=480):
     smoke = device == "cpu"
     cases, seen = [], set()
     for system, op, dtype, tiling, size in GPU_CASES:
-        if sizes:  # the smoke run: every system and mode once, at the given size
+        if sizes:  # the smoke run: every system and mode once, at the given size (clips: 5 frames of it)
             key = (system, op, tiling)
             if key in seen:
                 continue
             seen.add(key)
-            size = sizes[0]
+            size = f"{sizes[0]}x{sizes[0]}x5" if isinstance(size, str) else sizes[0]
         cases.append((system, op, dtype, tiling, size))
     # one fresh process per case on a GPU (peaks and timings of their own); the CPU smoke run, which
     # checks code paths only, runs each system's cases in one process

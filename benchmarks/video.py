@@ -5,7 +5,7 @@ Decode (Tiled) node with its defaults (512 px / 64 overlap, temporal 64 / 8 fram
 fresh process.
 
     python benchmarks/bench.py wan                          # 256x448 px, 17 frames: every case
-    python benchmarks/bench.py wan --sizes 480x832 --frames 17 --systems klvae,diffusers
+    python benchmarks/bench.py wan --sizes 480x832 --frames 17 --systems klvae,diffusers --modes untiled,exact-device,exact-disk
 
 The clip: the synthetic test image panning 3 px a frame (klvae's exact encode of it gives the
 latent every decode case decodes). Columns: time, x klvae untiled, the rise of peak RSS, klvae's
@@ -116,11 +116,13 @@ def flicker(y, ref) -> float:
     return float((d(y.clamp(-1, 1)) / d(ref.clamp(-1, 1)).clamp_min(1e-6)).max())
 
 
-def run_suite(sizes, frames, systems):
+def run_suite(sizes, frames, systems, modes=()):
     results = []
     shared_vae(FAMILY)
     for case in cases(sizes, frames, systems):
         system, op, H, W, T, mode, tile = case
+        if modes and mode not in modes:
+            continue
         clip_latent(H, W, T)
         p = subprocess.run([sys.executable, BENCH, "wan", "--case", ":".join(map(str, case))],
                            capture_output=True, text=True)

@@ -214,9 +214,10 @@ def tiling_of(node: dict):
 
 
 def example_reference(server, api: dict) -> np.ndarray:
-    """What the library makes of an example graph (API format: LoadImage [-> ImageScale] -> an
-    argmax encode -> a decode -> SaveImage), from the same input file and VAE files: the image
-    core's SaveImage would write."""
+    """What the library makes of an example graph (API format: LoadImage [-> ImageScale] [->
+    RepeatImageBatch] -> an argmax encode -> a decode -> SaveImage), from the same input file and VAE
+    files: the image core's SaveImage would write ([H, W, 3]), or a clip's frames ([T, H, W, 3]:
+    a repeated batch through a video VAE is one clip, as core's WanVAE and klvae's nodes take it)."""
     def vae_of(ref):
         name = api[ref[0]]["inputs"]["vae_name"]
         path = server.base / "models" / "vae" / name
@@ -226,7 +227,9 @@ def example_reference(server, api: dict) -> np.ndarray:
     dec = api[save["inputs"]["images"][0]]
     enc = api[dec["inputs"]["samples"][0]]
     src = api[enc["inputs"]["pixels"][0]]
-    scale = None
+    frames, scale = 1, None
+    if src["class_type"] == "RepeatImageBatch":
+        frames, src = src["inputs"]["amount"], api[src["inputs"]["image"][0]]
     if src["class_type"] == "ImageScale":  # core's lanczos: PIL's, on the 8-bit image
         scale = (src["inputs"]["width"], src["inputs"]["height"])
         src = api[src["inputs"]["image"][0]]
@@ -239,9 +242,13 @@ def example_reference(server, api: dict) -> np.ndarray:
     h, w = a.shape[0] // 8 * 8, a.shape[1] // 8 * 8
     y0, x0 = (a.shape[0] - h) // 2, (a.shape[1] - w) // 2
     x = torch.from_numpy(np.ascontiguousarray(a[y0:y0 + h, x0:x0 + w]))[None].movedim(-1, 1) * 2 - 1
+    if frames > 1:  # one clip of 1 + 4k frames
+        x = x.unsqueeze(2).expand(-1, -1, 1 + (frames - 1) // 4 * 4, -1, -1)
     # The graph's own tiling: the same computation as the graph's, whatever the untiled pass's
     # float summation order (torch's channels-last CPU GroupNorm, used before vae/groupnorm.py,
     # put the untiled pass up to 2 levels from the tiles at 2048^2).
     z = vae_of(enc["inputs"]["vae"]).encode(x, tiling=tiling_of(enc)).mode()
     y = vae_of(dec["inputs"]["vae"]).decode(z, tiling=tiling_of(dec))
+    if frames > 1:
+        return np.clip(255.0 * ((y[0] + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0).numpy(), 0, 255).astype(np.uint8)
     return to_png_bytes(((y + 1) / 2).clamp(0, 1).movedim(1, -1))

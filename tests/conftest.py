@@ -17,6 +17,7 @@ def comfy(tmp_path_factory):
     models/vae/flux_ae_small.safetensors  narrow 16-channel Flux-shaped VAE (our loader reads any width)
     models/vae/flux2-vae.safetensors  full-width Flux.2-shaped KL VAE (32 channels, latent BatchNorm), fp16
     models/vae/qwen_image_vae.safetensors  Qwen-Image's VAE (Wan 2.1's) at 1/6 of its width, original keys
+    models/vae/wan_2.1_vae.safetensors     the same file under Wan's name (the video example's)
     models/vae/hunyuan_image_2.1_vae.safetensors  HunyuanImage-2.1's VAE at its released widths (406 M
                                       parameters, 0.8 GB in fp16: core's loader builds only those), ComfyUI's keys
     models/vae/taesd.safetensors      a TAESD (core's VAELoader loads it; not a KL autoencoder)
@@ -43,6 +44,7 @@ def comfy(tmp_path_factory):
     # Qwen-Image's VAE as ComfyUI's own file has it (the original keys); core's loader reads the base
     # width from the weights and assumes the released dim_mult (1, 2, 4, 4): 16 here, not 96
     save_vae(klvae_from(diffusers_vae("qwenimage", seed=6, ch=16)), vae_dir / "qwen_image_vae.safetensors")
+    shutil.copy(vae_dir / "qwen_image_vae.safetensors", vae_dir / "wan_2.1_vae.safetensors")  # the same network
     # HunyuanImage-2.1's: core's VAELoader builds it at the released widths whatever the file holds
     save_vae(klvae_from(diffusers_vae("hunyuanimage", seed=7), dtype="fp16"), vae_dir / "hunyuan_image_2.1_vae.safetensors")
     small_flux = klvae_from(diffusers_vae("flux", seed=4, **NARROW), family="flux")

@@ -371,7 +371,7 @@ def test_clips_encode_from_a_folder_of_frames_and_decode_into_one(tmp_path):
     klvae("encode", tmp_path / "in", "-o", tmp_path / "z.safetensors", "--vae", vae, "--tiling", "exact", "--tile", "16")
     with safe_open(str(tmp_path / "z.safetensors"), "pt") as h:
         meta, z = h.metadata(), h.get_tensor("latent")
-    assert z.shape == (1, 16, 2, 6, 6) and meta["klvae.frames"] == "5" and meta["klvae.image_size"] == "44x36"
+    assert z.shape == (1, 16, 2, 5, 6) and meta["klvae.frames"] == "5" and meta["klvae.image_size"] == "44x36"
     r = klvae("decode", tmp_path / "z.safetensors", "-o", tmp_path / "out", "--vae", vae, "--tiling", "exact",
               "--tile", "16")
     assert "5 frames of 44x36 (frame_00000.png .. frame_00004.png)" in r.stdout

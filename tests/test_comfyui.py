@@ -321,6 +321,46 @@ def test_qwen_image_latents_mix_with_core_nodes_both_ways(comfy):
     mix_both_ways(comfy, "qwen_image_vae.safetensors", "qwen", ours_tiled=True)
 
 
+def test_wan_clips_through_core_and_klvae_nodes_both_ways(comfy):
+    """Wan 2.1's VAE on a clip (the test picture repeated into 9 frames: core's RepeatImageBatch):
+    core's VAE Encode makes a [1, 16, 3, h, w] LATENT that klvae's exact tiled decode and core's VAE
+    Decode turn into the same 9 frames; klvae's encode of the batch (one clip, as core's WanVAE takes
+    it) into core's VAE Decode (Tiled) with klvae's VAE (exact; its temporal inputs set to tile
+    core-style, and not used) and into core's VAE Decode: the same frames, and the library's."""
+    name = "wan_2.1_vae.safetensors"
+    g = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "klvae_test.png"}},
+        "2": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 9}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": name}},
+        "4": {"class_type": "KLVAELoader", "inputs": {"vae_name": name, "dtype": "auto", "device": "auto"}},
+        "5": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["3", 0]}},              # core's clip latent
+        "6": {"class_type": "KLVAEDecodeTiled", "inputs": {"samples": ["5", 0], "vae": ["3", 0], "tile_size": 32,
+                                                           "overlap": 0, "tiling": "exact"}},          # ... by us
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["3", 0]}},             # ... by core
+        "8": {"class_type": "KLVAEEncodeArgMax", "inputs": {"pixels": ["2", 0], "vae": ["4", 0]}},      # our clip latent
+        "9": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["8", 0], "vae": ["4", 0], "tile_size": 64,
+                                                         "overlap": 32, "temporal_size": 8, "temporal_overlap": 4}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["3", 0]}},            # ... by core
+    }
+    for n in ("6", "7", "9", "10"):
+        g[f"s{n}"] = {"class_type": "SaveImage", "inputs": {"images": [n, 0], "filename_prefix": f"wan_{n}"}}
+    entry = comfy.run(g)
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    ours_of_core, core_of_core, ours_of_ours, core_of_ours = (comfy.images(entry, f"s{n}") for n in ("6", "7", "9", "10"))
+    assert len(ours_of_core) == len(core_of_core) == len(ours_of_ours) == len(core_of_ours) == 9
+    lib = load_vae(comfy.base / "models" / "vae" / name)
+    H, W = comfy.image.shape[1:3]
+    h, w = H // 8 * 8, W // 8 * 8
+    pixels = comfy.image[:, (H - h) // 2:(H - h) // 2 + h, (W - w) // 2:(W - w) // 2 + w]
+    clip = (pixels.movedim(-1, 1) * 2 - 1).unsqueeze(2).expand(-1, -1, 9, -1, -1)
+    frames = ((lib.decode(lib.encode(clip).mode()) + 1) / 2).clamp(0, 1)[0].permute(1, 2, 3, 0)
+    for t in range(9):
+        assert ours_of_core[t].shape == (h, w, 3)
+        close(ours_of_core[t], core_of_core[t])
+        close(ours_of_ours[t], core_of_ours[t])
+        close(ours_of_ours[t], to_png_bytes(frames[t:t + 1]))
+
+
 def test_hunyuan_image_latents_mix_with_core_nodes_both_ways(comfy):
     """HunyuanImage-2.1's VAE in ComfyUI: 64 channels at 1/32 (the picture is cropped to 64x96)."""
     mix_both_ways(comfy, "hunyuan_image_2.1_vae.safetensors", "hunyuan")
@@ -360,14 +400,17 @@ def test_the_shipped_vaes_are_offered_by_our_loader_only(comfy):
     assert VAE in ours and VAE in core  # models/vae is listed by both
 
 
-@pytest.mark.parametrize("name", ["klvae_argmax_roundtrip", "klvae_vae_in_core_nodes", "klvae_flux2_with_core_nodes"])
+@pytest.mark.parametrize("name", ["klvae_argmax_roundtrip", "klvae_vae_in_core_nodes", "klvae_flux2_with_core_nodes",
+                                  "klvae_wan_clip_exact"])
 def test_api_twins_of_the_examples_run_as_shipped(comfy, name):
-    """A script's path: the API-format twin posted as is. (The 2048 example runs in the browser test.)"""
+    """A script's path: the API-format twin posted as is. (The 2048 example runs in the browser test.)
+    The clip example saves its 17 frames, each the library's."""
     api = json.loads((ROOT / "example_workflows" / "api" / f"{name}.json").read_text())
     entry = comfy.run(api)
     assert entry["status"]["status_str"] == "success", error_of(entry)
     save = next(k for k, n in api.items() if n["class_type"] == "SaveImage")
-    close(comfy.images(entry, save)[0], example_reference(comfy, api))
+    images = comfy.images(entry, save)
+    close(np.stack(images) if len(images) > 1 else images[0], example_reference(comfy, api))
 
 
 def test_runtime_dependencies_are_comfyuis_own():

@@ -25,11 +25,14 @@ def test_gpu_suite_runs_end_to_end_on_the_cpu(tmp_path):
     assert not failed, failed
     for key in [("klvae", "decode", "untiled"), ("klvae", "decode", "exact"), ("klvae", "decode", "bounded"),
                 ("klvae", "encode", "exact"), ("klvae-flux", "decode", "exact"), ("diffusers", "decode", "tiled"),
-                ("comfy", "decode", "tiled")]:
+                ("comfy", "decode", "tiled"), ("klvae-wan", "decode", "untiled"), ("klvae-wan", "decode", "exact"),
+                ("diffusers-wan", "decode", "untiled")]:
         c = cases[key]
         assert c["finite"] is True and c["host_syncs"] == 0, c
         assert 0 < c["seconds"] < wall and isinstance(c["peak"], int) and 0 <= c["peak"] < 2**31, c  # a 64 px case
     exact = cases[("klvae", "decode", "exact")]
     assert exact["predicted"] > 0 and exact["report"]["mode"] == "exact" and exact["psnr_vs_full"] >= 60
+    clip = cases[("klvae-wan", "decode", "exact")]  # a 64x64 clip of 5 frames: time chunks x bands, exact
+    assert clip["size"] == "64x64x5" and clip["report"]["mode"] == "exact" and clip["psnr_vs_full"] >= 60
     assert (tmp_path / "gpu.log").read_text().count("peak") == len(res["cases"])
     assert not list(tmp_path.glob("*.pt"))  # outputs removed: what comes back from a GPU is the JSON and the log

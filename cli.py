@@ -216,17 +216,25 @@ def cmd_decode(args):
     if fam and fam != vae.config.family and z.shape[1] == vae.config.latent_channels:
         print(f"note: latent came from a {fam} VAE, decoding with a {vae.config.family} one", file=sys.stderr)
     t0 = time.perf_counter()
+    size = tuple(int(v) for v in meta["klvae.image_size"].split("x"))[::-1] if "klvae.image_size" in meta else None
+    if clip:  # frames written as each time chunk finishes: the clip never has to fit in memory
+        paths = []
+
+        def write(first, frames):
+            frames = frames[..., :size[0], :size[1]] if size else frames  # undo encode's padding
+            paths.extend(images.write_frames(frames, args.output, first))
+        if args.tiling == "none" and args.group is None:
+            write(0, vae.decode(z, tiling=None).float().cpu())
+        else:
+            run_tiled(lambda t: vae.decode_clip(z, write, tiling=t), args, "decode")
+        print(f"{args.latent} -> {args.output}: {len(paths)} frames of {Image.open(paths[0]).width}x"
+              f"{Image.open(paths[0]).height} ({paths[0].name} .. {paths[-1].name}) in {time.perf_counter() - t0:.1f} s")
+        return
     x = run_tiled(lambda t: vae.decode(z, tiling=t), args, "decode")
     if not_rank0(args):
         return
-    if "klvae.image_size" in meta:  # undo encode's padding to multiples of 8
-        W, H = (int(v) for v in meta["klvae.image_size"].split("x"))
-        x = x[..., :H, :W]
-    if clip:
-        paths = images.write_frames(x, args.output)
-        print(f"{args.latent} -> {args.output}: {len(paths)} frames of {x.shape[-1]}x{x.shape[-2]} "
-              f"({paths[0].name} .. {paths[-1].name}) in {time.perf_counter() - t0:.1f} s")
-        return
+    if size:  # undo encode's padding to multiples of 8
+        x = x[..., :size[0], :size[1]]
     write_image(x[:, :, 0] if x.dim() == 5 else x, args.output)
     print(f"{args.latent} -> {args.output} ({x.shape[-1]}x{x.shape[-2]}) in {time.perf_counter() - t0:.1f} s")
 

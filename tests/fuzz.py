@@ -39,7 +39,7 @@ from klvae.testing import diffusers_vae, klvae_from
 from klvae.vae import Interrupted, KLVAEError, Tiling, load_vae
 from klvae.vae.memory import proc_status
 
-CATEGORIES = ("safetensors", "pickle", "folder", "metadata", "arguments", "inputs", "tiling")
+CATEGORIES = ("safetensors", "pickle", "folder", "metadata", "arguments", "inputs", "tiling", "clips")
 BAD = ("foreign", "multiline", "hang", "memory", "crash", "payload", "leak")
 
 
@@ -347,8 +347,50 @@ def tiling_case(rng, i, base, work, f, header, data, names, cat="tiling"):
     return cat, kind, lambda: vae.decode(z, tiling=Tiling(**{kind: value}))
 
 
+def clips_case(rng, i, base, work, f, header, data, names, cat="clips"):
+    """Clips through the video network (qwen.safetensors: Wan 2.1's, narrowed: 2x in time): wrong
+    frame counts, channels, ranks, NaNs, plans of odd 5-D shapes, faults between time chunks."""
+    vae = load_vae(base / "qwen.safetensors")
+    kind = rng.choice(["frames", "channels", "zero_t", "nan", "to_image_vae", "bounded", "plan_shape", "huge_values",
+                       "interrupt_mid", "spill_gone_mid", "frames_sizes"])
+    T = rng.choice([2, 3, 5])
+    tiling = rng.choice([None, "exact", Tiling(mode="exact", tile_size=4, store=rng.choice(["device", "disk"]),
+                                              spill_dir=str(work))])
+    if kind == "frames":  # 1 + 2k frames are what this network encodes
+        return cat, kind, lambda: vae.encode(torch.zeros(1, 3, rng.choice([2, 4, 6]), 8, 8), tiling=tiling)
+    if kind == "channels":
+        return cat, kind, lambda: vae.decode(torch.zeros(1, rng.choice([3, 4, 15, 32]), T, 4, 4), tiling=tiling)
+    if kind == "zero_t":
+        return cat, kind, lambda: vae.decode(torch.zeros(1, 16, 0, 4, 4), tiling=tiling)
+    if kind == "nan":
+        z = torch.zeros(1, 16, T, 4, 4)
+        z[0, 0, -1, 0, 0] = float(rng.choice(["nan", "inf"]))
+        return cat, kind, lambda: vae.decode(z, tiling=tiling)
+    if kind == "to_image_vae":  # a clip's latent into an image VAE
+        img = load_vae(base / "ok.safetensors")
+        return cat, kind, lambda: img.decode(torch.zeros(1, 4, T, 4, 4), tiling=tiling)
+    if kind == "bounded":
+        return cat, kind, lambda: vae.decode(torch.zeros(1, 16, T, 4, 4), tiling="bounded")
+    if kind == "plan_shape":
+        shape = rng.choice([(1, 16, 0, 4, 4), (1, 16, 3, 4), (1, 16, 3, 4, 4, 1), (1, 16, -3, 4, 4), (1, 16, 2.5, 4, 4)])
+        return cat, kind, lambda: vae.plan_decode(shape, "exact")
+    if kind == "huge_values":
+        return cat, kind, lambda: vae.decode(torch.full((1, 16, T, 4, 4), rng.choice([3e37, -1e30])), tiling=tiling)
+    if kind == "frames_sizes":  # a frame batch whose sides are not multiples of the downscale
+        return cat, kind, lambda: vae.encode(torch.zeros(1, 3, 3, rng.choice([7, 9]), 8), tiling=tiling)
+    seen = []
+    if kind == "interrupt_mid":
+        return cat, kind, lambda: vae.decode(torch.zeros(1, 16, 3, 4, 4), tiling=Tiling(
+            mode="exact", tile_size=4, store=rng.choice(["device", "disk"]), spill_dir=str(work),
+            progress=lambda done, total: seen.append(done), interrupt=lambda: bool(seen)))
+    folder = work / f"spill{i}"  # spill_gone_mid: the spill folder is removed after the first chunk
+    folder.mkdir()
+    return cat, kind, lambda: vae.decode(torch.zeros(1, 16, 3, 4, 4), tiling=Tiling(
+        mode="exact", store="disk", tile_size=4, spill_dir=str(folder), progress=lambda d, t: folder.exists() and folder.rmdir()))
+
+
 GENERATORS = {"safetensors": safetensors_case, "pickle": pickle_case, "folder": folder_case, "metadata": metadata_case,
-              "arguments": arguments_case, "inputs": inputs_case, "tiling": tiling_case}
+              "arguments": arguments_case, "inputs": inputs_case, "tiling": tiling_case, "clips": clips_case}
 
 
 def case(seed: int, i: int, base: Path, work: Path):

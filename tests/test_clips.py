@@ -159,6 +159,28 @@ def test_clip_plans_and_refusals(vae, tmp_path):
         vae.disable_tiling()
 
 
+def test_decode_clip_hands_over_each_chunks_frames_as_it_finishes(vae, tmp_path):
+    """decode_clip: write(t0, frames) per time chunk (fp32, on the CPU), in order, nothing held: the
+    frames are the clip's; its plan leaves the output out (exactly the output's bytes less, where the
+    output would be in device memory: the CPU)."""
+    z = latents(B=1, T=3, seed=5)
+    got = []
+    r = vae.decode_clip(z, lambda t0, frames: got.append((t0, frames)),
+                        tiling=Tiling(mode="exact", tile_size=16, store="disk", spill_dir=str(tmp_path)))
+    assert r is vae.last_tiling and r.chunks == 3 and r.store == "disk" and list(tmp_path.iterdir()) == []
+    assert [t0 for t0, _ in got] == [0, 1, 5] and [f.shape[2] for _, f in got] == [1, 4, 4]
+    assert all(f.dtype == torch.float32 and f.device.type == "cpu" for _, f in got)
+    assert (torch.cat([f for _, f in got], dim=2) - vae.decode(z)).abs().max() <= 1e-5
+    t = Tiling(mode="exact", tile_size=16)
+    full, streamed = vae.plan_decode(z.shape, t), vae.plan_decode(z.shape, t, output=False)
+    assert full.predicted - streamed.predicted == 9 * 3 * 48 * 40 * 4
+    for call, words in [(lambda: vae.decode_clip(z[:, :, 0], print), r"decode_clip takes a clip's latents"),
+                        (lambda: vae.decode_clip(z, None), "write must be a callable"),
+                        (lambda: vae.decode_clip(z, print, tiling="bounded"), "exact mode only")]:
+        with pytest.raises(KLVAEError, match=words):
+            call()
+
+
 MEASURE = """
 import json, sys, torch
 torch.set_num_threads(2)

@@ -212,15 +212,16 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
                                         "(lower CFG or fp32) before decoding")
 
     # -- plans: what a call will do and how much memory it needs, decided before it runs --------
-    def plan_decode(self, shape, tiling=None) -> Plan:
+    def plan_decode(self, shape, tiling=None, output: bool = True) -> Plan:
         """The plan vae.decode(latents, tiling) runs for latents of `shape` (nothing is computed).
         tiling None: the plain pass, refused up front if it cannot fit in memory. A clip's shape
         (B, C, T, h, w), for a video network: the exact plan of its time chunks (tiling 'auto'
-        or 'exact' or a Tiling; the untiled clip is not planned)."""
+        or 'exact' or a Tiling; the untiled clip is not planned); output False: without the decoded
+        frames (decode_clip hands them over chunk by chunk)."""
         if self._clip_shape(shape):
             B, C, T, h, w = _shape(shape, "latents", self.config.latent_channels, 5)
             f, n = self.config.downscale, 1 + self.temporal_compression_ratio * (T - 1)
-            out = B * self.config.out_channels * n * h * w * f * f * self.dtype.itemsize
+            out = B * self.config.out_channels * n * h * w * f * f * self.dtype.itemsize if output else 0
             return self._plan_clip(self.decoder, "decode", C, (B, C, h, w), (T, [(t, 1) for t in range(T)], out), tiling)
         B, C, h, w = _shape(shape, "latents", self.config.latent_channels)
         return self._plan(self.decoder, "decode", C, (B, C, h, w), tiling)
@@ -295,6 +296,8 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         (t, was 5-D)."""
         if not self.config.network.video_shaped or not torch.is_tensor(t) or t.dim() != 5:
             return t, False
+        if t.shape[2] == 0:
+            raise KLVAEError(f"{what} of shape {tuple(t.shape)} hold no frames (T = 0): nothing to do")
         return t[:, :, 0], True
 
     # -- clips: [B, C, T, H, W] with T > 1, through a video network (Wan 2.1's) -------------------
@@ -329,10 +332,11 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
                              f"range, or the dtype overflowed (load the VAE in bf16 or fp32)")
         return out
 
-    def _clip_exact(self, what, x: torch.Tensor, plan: Plan) -> tuple:
+    def _clip_exact(self, what, x: torch.Tensor, plan: Plan, write=None) -> tuple:
         """engine.run_clip over the plan's time chunks: decode one latent frame at a time into the
-        output (on the device, or in host memory where the plan's store is not the device); encode
-        Wan's chunks (the first frame, then 4) into moments on the device."""
+        output (on the device, or in host memory where the plan's store is not the device), or
+        hand each chunk's frames to write(t0, frames) (decode_clip); encode Wan's chunks (the first
+        frame, then 4) into moments on the device."""
         B, _, T, H, W = x.shape
         if what == "decode":
             steps, net_in = steps_of(self.decoder.layers(), x.shape[1], 1), self.post_quant_conv
@@ -346,7 +350,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
             starts = [0] + list(range(1, T + 1, r))
             n, shape, where = plan.frames, (B, 2 * self.config.latent_channels, H // plan.downscale,
                                             W // plan.downscale), self.device
-        out = torch.empty(shape[0], shape[1], n, *shape[2:], dtype=self.dtype, device=where)
+        out = None if write else torch.empty(shape[0], shape[1], n, *shape[2:], dtype=self.dtype, device=where)
 
         def chunks():
             for a, b in zip(starts, starts[1:]):
@@ -356,11 +360,38 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         def emit(t0, y):
             if what == "encode":
                 y = self.quant_conv(y)
-            out[:, :, t0:t0 + y.shape[2]].copy_(y)
+            if write:
+                _check_finite_frames(y, t0)
+                write(t0, y.to("cpu", torch.float32))
+            else:
+                out[:, :, t0:t0 + y.shape[2]].copy_(y)
         measured = engine.run_clip(steps, chunks(), plan, emit, self.device, self.dtype)
         measured["notes"] = list(plan.notes) + measured["notes"] + (
             ["frames into host memory as each chunk finished"] if where == "cpu" and self.device.type != "cpu" else [])
         return out, TilingReport(plan, **measured)
+
+    @torch.inference_mode()
+    def decode_clip(self, latents: torch.Tensor, write, tiling="auto") -> TilingReport:
+        """A clip's raw latents [B, z, T, h, w] decoded chunk by chunk, each chunk's frames handed to
+        write(t0, frames) as it finishes (frames: [B, 3, n, 8h, 8w] in [-1, 1], fp32 on the CPU,
+        the clip's frames t0 .. t0 + n - 1), so that nothing holds the whole clip: for clips whose
+        frames do not fit in memory (the CLI writes them to disk this way). tiling: "auto", "exact"
+        or a Tiling (the exact engine, planned; the plan leaves the output out). The report:
+        last_tiling. A non-finite frame stops the run with one error."""
+        if not self._is_clip(latents):
+            raise KLVAEError(f"decode_clip takes a clip's latents [B, {self.config.latent_channels}, T > 1, h, w] of a "
+                             f"video VAE; got {tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__}"
+                             f"{'' if self.config.network.video_shaped else f' for a {self.config.family} VAE'}: "
+                             f"use decode")
+        if not callable(write):
+            raise KLVAEError(f"decode_clip's write must be a callable (t0, frames), got {type(write).__name__}")
+        self._offload_hook()
+        self.check_latents(latents[:, :, 0], finite=False)
+        _check_finite(latents, "latents", "the sampler diverged or the latent is corrupt; re-run the sampler "
+                                          "(lower CFG or fp32) before decoding")
+        plan = self.plan_decode(latents.shape, tiling, output=False)
+        _, self._last_tiling = self._clip_exact("decode", latents, plan, write)
+        return self._last_tiling
 
     def _check_frames(self, T: int) -> int:
         r = self.temporal_compression_ratio
@@ -623,6 +654,14 @@ def _check_tensor(t, what, expected) -> None:
         raise KLVAEError(f"{what} are {t.dtype}, not floating point: convert them with .float()")
     if min(t.shape) < 1:
         raise KLVAEError(f"{what} of shape {tuple(t.shape)} are empty: nothing to do")
+
+
+def _check_finite_frames(y, t0) -> None:
+    bad = ~torch.isfinite(y).flatten(3).all(3).any(1)  # [B, n]: a frame with a NaN/Inf in any channel
+    if bad.any():
+        t = t0 + int(bad.any(0).nonzero()[0])
+        raise KLVAEError(f"decoded frame {t} is NaN/Inf: the latent is out of range, or the dtype overflowed (load "
+                         f"the VAE in bf16 or fp32)")
 
 
 def _check_finite(t, what, fix) -> None:

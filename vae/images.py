@@ -97,10 +97,10 @@ def check_frames_folder(folder) -> Path:
     return folder
 
 
-def write_frames(x: torch.Tensor, folder) -> list:
-    """The first clip of [B, 3, T, H, W] in [-1, 1] as frame_00000.png, ... in a folder (made if needed)."""
-    folder = check_frames_folder(folder)
-    paths = [folder / FRAME.format(t) for t in range(x.shape[2])]
+def write_frames(x: torch.Tensor, folder, first: int = 0) -> list:
+    """The first clip of [B, 3, T, H, W] in [-1, 1] as frame_<first>.png, frame_<first + 1>.png, ...
+    in a folder (made if needed; check_frames_folder before the first, so nothing is replaced)."""
+    paths = [Path(folder) / FRAME.format(first + t) for t in range(x.shape[2])]
     for t, p in enumerate(paths):
         write_image(x[:1, :, t], p)
     return paths

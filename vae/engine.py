@@ -260,8 +260,8 @@ class Context:
         return Tile(x.rows(a, b), a, b, 0, x.shape[-1], x.H, x.shape[-1], 1, t0=x.t0)
 
     # -- clips: each causal op's earlier frames, kept across time chunks --------------------------
-    def earlier(self, op, x: Store, t: Tile, a: int, b: int) -> Tile:
-        """t (rows [a, b) of x) with the cached frames before x's first in front (Tile.past of them)."""
+    def earlier(self, op, t: Tile, a: int, b: int) -> Tile:
+        """t (rows [a, b) of op's input) with the cached frames before x's first in front (Tile.past of them)."""
         c = self.caches.get(op.key)
         if c is None or c[1] == 0:
             return t
@@ -343,7 +343,7 @@ def row_pass(ctx, op, x: Store, st, want, kind, channels, free, res=None, xs=Non
         a, b = op.span(y0, y1)
         t = ctx.window(x, a, b)
         if op.earlier:
-            t = ctx.earlier(op, x, t, a, b)
+            t = ctx.earlier(op, t, a, b)
         y = _apply(ctx, op, t, aff).rows(y0, y1)
         del t
         if inplace:

@@ -39,8 +39,10 @@ Given [B, C, T, H, W] the same modules run the clip: causal convs with their zer
 first, the decoder's time conv making two frames of every frame but the first, the encoder's
 stride-2 time conv after the first frame, attention per frame. Whole, or chunk by chunk along time
 inside `causal_chunks(net)`, where each causal layer keeps the frames of its input the next chunk
-reads (Wan's and diffusers' feat_cache): the chunks, in order, are the whole clip. Untiled in space
-for now (the tiled engines run images).
+reads (Wan's and diffusers' feat_cache): the chunks, in order, are the whole clip. Every 3-D conv
+runs as 2-D convs over its time slices (ops.conv_over_time). Tiled, the Steps' `describe_clip`
+says the same in verbs with time (causal convs, the decoder's frame doubling, the encoder's stride-2
+time conv) and engine.run_clip runs each chunk band by band, the caches in stores.
 
 Layer types -> Steps (layers.py; registered at the bottom of this file)
 ------------------------------------------------------------------------
@@ -48,7 +50,7 @@ Layer types -> Steps (layers.py; registered at the bottom of this file)
   ResidualBlock    ResidualStep     RMS norm -> SiLU -> conv, twice, plus the shortcut
   AttentionBlock   AttentionStep    RMS norm, to_qkv, single-head attention over every pixel, proj
   UpResample       UpStep           nearest-exact 2x, 3x3 conv to half the width
-  DownResample     DownsampleStep   LDM's pad right/bottom + 3x3 stride 2: layers.DownsampleStep as it is
+  DownResample     DownResampleStep LDM's pad right/bottom + 3x3 stride 2 (layers.DownsampleStep); clips: the time conv
   Head             HeadStep         RMS norm -> SiLU -> conv (decoder: then the clamp)
 None of them reads statistics: the RMS norm is a per-pixel norm of the verbs (`rms`: verbs.PerPixel),
 which every engine applies band by band.
@@ -69,7 +71,7 @@ from .config import Family, Network, register_network
 from .diffusers_compat import ArchNames
 from .errors import KLVAEError
 from .layers import WORKSPACE, DownsampleStep, ResnetStep, Step, _scale, register, upsample_rows
-from .ops import Tile, TimeSlices, cat_frames, causal, conv3x3, conv_over_time, silu_, time_slice
+from .ops import Tile, TimeSlices, cat_frames, causal, conv3x3, conv_over_time, silu_, time_slice, zero_frames
 from .verbs import PerPixel
 
 # Qwen-Image's per-channel latent statistics (its VAE's config.json, ComfyUI's latent_formats.Wan21):
@@ -147,11 +149,6 @@ def _earlier(cache, x: torch.Tensor, n: int) -> torch.Tensor:
         return cache
     return zero_frames(x, n)
 
-
-def zero_frames(x: torch.Tensor, n: int) -> torch.Tensor:
-    """n zero frames shaped as x's, channels last (ops.cat_frames: why)."""
-    B, C, _, H, W = x.shape
-    return x.new_zeros(B, n, H, W, C).permute(0, 4, 1, 2, 3)
 
 
 @contextlib.contextmanager
@@ -648,7 +645,6 @@ class DownResampleStep(DownsampleStep):
         down = self.layer
         if not hasattr(down, "time_conv"):
             return self.describe()
-
         tc = TimeSlices(down.time_conv)
 
         def time(t0, T):

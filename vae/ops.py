@@ -128,7 +128,13 @@ def causal(t: Tile, n: int) -> Tile:
     cached (the clip's start: a causal conv's zero padding), the oldest dropped where more are."""
     if t.past >= n:
         return t._replace(data=t.data[:, :, t.past - n:], past=n)
-    return t._replace(data=F.pad(t.data, (0, 0, 0, 0, n - t.past, 0)), past=n)
+    return t._replace(data=cat_frames([zero_frames(t.data, n - t.past), t.data]), past=n)
+
+
+def zero_frames(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n zero frames shaped as x's, channels last (cat_frames: why)."""
+    B, C, _, H, W = x.shape
+    return x.new_zeros(B, n, H, W, C).permute(0, 4, 1, 2, 3)
 
 
 class Scratch:

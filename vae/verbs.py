@@ -209,11 +209,6 @@ def adds_in_place(res, free: bool) -> bool:
     return res is not None and res.shortcut is None and res.add is None and free
 
 
-def clip_ops(d) -> bool:
-    """Whether any op of d reads earlier frames or changes the frame count (a description for clips)."""
-    return any(isinstance(o, Rows) and (o.earlier or o.time) for o in ops(d))
-
-
 def ratio(d) -> tuple:
     """(up, down): its output rows per input row, as a fraction."""
     up = down = 1

@@ -16,7 +16,7 @@ Modules, each one concern (imports run down this list, never up):
   engine.py            exact tiling: stores, bands, the interpreter of descriptions
   bounded.py           bounded tiling: descriptions streamed in strips, statistics from a mosaic
   layers.py            the layer types: description, shape, memory, FLOPs, fp16 scaling (one class each)
-  model_qwenimage.py   Qwen-Image's VAE (Wan 2.1's), images as T = 1: modules, Steps, key maps, its Network
+  model_qwenimage.py   Qwen-Image's and Wan 2.1's VAE, images and clips: modules, Steps, key maps, its Network
   model_hunyuanimage.py  HunyuanImage-2.1's VAE: modules, Steps, key maps, its Network
   tiling.py            Tiling options, the plan and its memory model, execute(plan), the report
   precision.py         device and dtype policy, the fp16/bf16 overflow guard

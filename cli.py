@@ -218,17 +218,18 @@ def cmd_decode(args):
     t0 = time.perf_counter()
     size = tuple(int(v) for v in meta["klvae.image_size"].split("x"))[::-1] if "klvae.image_size" in meta else None
     if clip:  # frames written as each time chunk finishes: the clip never has to fit in memory
-        paths = []
+        paths, side = [], []
 
         def write(first, frames):
             frames = frames[..., :size[0], :size[1]] if size else frames  # undo encode's padding
             paths.extend(images.write_frames(frames, args.output, first))
+            side[:] = frames.shape[-1], frames.shape[-2]
         if args.tiling == "none" and args.group is None:
             write(0, vae.decode(z, tiling=None).float().cpu())
         else:
             run_tiled(lambda t: vae.decode_clip(z, write, tiling=t), args, "decode")
-        print(f"{args.latent} -> {args.output}: {len(paths)} frames of {Image.open(paths[0]).width}x"
-              f"{Image.open(paths[0]).height} ({paths[0].name} .. {paths[-1].name}) in {time.perf_counter() - t0:.1f} s")
+        print(f"{args.latent} -> {args.output}: {len(paths)} frames of {side[0]}x{side[1]} "
+              f"({paths[0].name} .. {paths[-1].name}) in {time.perf_counter() - t0:.1f} s")
         return
     x = run_tiled(lambda t: vae.decode(z, tiling=t), args, "decode")
     if not_rank0(args):

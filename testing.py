@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .vae import load_vae, preset
-from .vae.metrics import max_abs_vs_full, psnr_vs_full, seam_ratio  # noqa: F401 (re-exported for the tests)
+from .vae.metrics import max_abs_vs_full, psnr_vs_full, seam_ratio, worst_frame_psnr  # noqa: F401 (re-exported for the tests)
 from .vae.diffusers_compat import diffusers_config
 
 NARROW = dict(ch=32, ch_mult=(1, 2, 2, 2))  # same structure as the families, 1/4 width: fast tests

@@ -109,11 +109,6 @@ def name(system, H, W, T, mode, tile) -> str:
     return f"{system}_decode_{H}x{W}x{T}_{mode}_{tile}.pt"
 
 
-def worst_frame_db(y, ref) -> float:
-    mse = (y.clamp(-1, 1) - ref.clamp(-1, 1)).double().pow(2).transpose(1, 2).flatten(2).mean(2)
-    return float(10 * torch.log10(4 / mse.max().clamp_min(1e-30)))
-
-
 def flicker(y, ref) -> tuple:
     """The smallest and largest frame-to-frame change of y over the untiled clip's at the same frame
     (1.00-1.00: every frame moves as in the untiled video; a window that restarts the causal cache
@@ -154,7 +149,7 @@ def run_suite(sizes, frames, systems, modes=()):
         ref = torch.load(os.path.join(FOLDER, name("klvae", r["H"], r["W"], r["T"], "untiled", 0)))
         y = torch.load(os.path.join(FOLDER, name(r["system"], r["H"], r["W"], r["T"], r["mode"], r["tile"])))
         r["ratio_time"] = r["seconds"] / base["seconds"]
-        r["worst_frame_db"] = worst_frame_db(y, ref) if r is not base else float("inf")
+        r["worst_frame_db"] = testing.worst_frame_psnr(y, ref) if r is not base else float("inf")
         r["flicker"] = flicker(y, ref)
     with open(os.path.join(OUT, "wan.json"), "w") as f:
         json.dump(results, f, indent=1)

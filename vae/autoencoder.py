@@ -313,12 +313,12 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         leave the device as it finishes (into host memory where the plan's store is not the
         device). No fp16 overflow guard (a non-finite output is one error)."""
         B, C, T, H, W = x.shape
-        t0, meter = time.perf_counter(), PeakMeter(self.device)
         f = self.config.downscale
-        if tiling is not None:
+        if tiling is not None:  # (run_clip measures its own peak)
             plan = (self.plan_decode if what == "decode" else self.plan_encode)(x.shape, tiling)
             out, report = self._clip_exact(what, x, plan)
         else:
+            t0, meter = time.perf_counter(), PeakMeter(self.device)
             out = run(x.to(self.device, self.dtype))
             h, w = (H, W) if what == "decode" else (H // f, W // f)
             frames = T if what == "decode" else 1 + (T - 1) // self.temporal_compression_ratio

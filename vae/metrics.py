@@ -2,7 +2,8 @@
 
 `psnr_vs_full`: PSNR in dB of a against b, pixels in [-1, 1] mapped to [0, 1] and clamped (a tiled
 output against the untiled one, or a round trip against its input). `max_abs_vs_full`: the largest
-absolute difference. `seam_ratio`: mean |tiled - full| on pixels near tile boundaries over the mean
+absolute difference. `worst_frame_psnr`: the lowest psnr_vs_full over the frames of two clips.
+`seam_ratio`: mean |tiled - full| on pixels near tile boundaries over the mean
 elsewhere (1.0: no seam).
 """
 import math
@@ -16,6 +17,11 @@ def psnr_vs_full(a: torch.Tensor, b: torch.Tensor) -> float:
     y = ((b.float() + 1) / 2).clamp(0, 1)
     mse = (x - y).pow(2).mean().item()
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def worst_frame_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The lowest psnr_vs_full over the frames (of every item) of clips [B, C, T, H, W]."""
+    return min(psnr_vs_full(a[i, :, t], b[i, :, t]) for i in range(a.shape[0]) for t in range(a.shape[2]))
 
 
 def max_abs_vs_full(a: torch.Tensor, b: torch.Tensor) -> float:

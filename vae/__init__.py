@@ -1,5 +1,5 @@
 """klvae.vae: the KL autoencoder library (plain torch + safetensors; never imports ComfyUI): SD1.x/2.x,
-SDXL, SD3, Flux.1, Flux.2, Qwen-Image and HunyuanImage-2.1 VAEs.
+SDXL, SD3, Flux.1, Flux.2, Qwen-Image (Wan 2.1), Wan 2.2, Qwen-Image 2.1 and HunyuanImage-2.1 VAEs.
 
 Modules, each one concern (imports run down this list, never up):
   errors.py            KLVAEError, the one exception bad input raises
@@ -17,6 +17,8 @@ Modules, each one concern (imports run down this list, never up):
   bounded.py           bounded tiling: descriptions streamed in strips, statistics from a mosaic
   layers.py            the layer types: description, shape, memory, FLOPs, fp16 scaling (one class each)
   model_qwenimage.py   Qwen-Image's and Wan 2.1's VAE, images and clips: modules, Steps, key maps, its Network
+  model_wan22.py       Wan 2.2's and Qwen-Image 2.1's VAEs (residual blocks across levels, 16x): modules, Steps,
+                       key maps, its Network
   model_hunyuanimage.py  HunyuanImage-2.1's VAE: modules, Steps, key maps, its Network
   tiling.py            Tiling options, the plan and its memory model, execute(plan), the report
   precision.py         device and dtype policy, the fp16/bf16 overflow guard
@@ -26,7 +28,7 @@ Modules, each one concern (imports run down this list, never up):
   shipped.py           the files that ship with klvae: DEMO_VAE (16 ch), DEMO_VAE_SD1 (4 ch), DEMO_PHOTO
   autoencoder.py       AutoencoderKL, its posterior, encode/decode, load_vae
 """
-from . import model, model_qwenimage, model_hunyuanimage  # noqa: F401 -- the networks, registered in this order
+from . import model, model_qwenimage, model_wan22, model_hunyuanimage  # noqa: F401 -- the networks, registered in this order
 from .autoencoder import AutoencoderKL, DiagonalGaussian, load_vae
 from .checkpoint import save_vae
 from .config import FAMILIES, VAEConfig, preset

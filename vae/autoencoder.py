@@ -218,7 +218,8 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         (B, C, T, h, w), for a video network: the exact plan of its time chunks (tiling 'auto'
         or 'exact' or a Tiling; the untiled clip is not planned); output False: without the decoded
         frames (decode_clip hands them over chunk by chunk)."""
-        if self._clip_shape(shape):
+        shape, clip = self._clip_shape(shape)
+        if clip:
             B, C, T, h, w = _shape(shape, "latents", self.config.latent_channels, 5)
             f, n = self.config.downscale, 1 + self.temporal_compression_ratio * (T - 1)
             out = B * self.config.out_channels * n * h * w * f * f * self.dtype.itemsize if output else 0
@@ -228,7 +229,9 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
 
     def plan_encode(self, shape, tiling=None) -> Plan:
         """The plan vae.encode(pixels, tiling) runs for pixels of `shape` (a clip's: (B, C, T, H, W))."""
-        clip = self._clip_shape(shape)
+        shape, clip = self._clip_shape(shape)
+        if isinstance(shape, (tuple, list, torch.Size)) and len(shape) > 1 and shape[1] == 3 and self.config.in_channels == 4:
+            shape = (shape[0], 4, *shape[2:])  # RGB is encoded as opaque RGBA (encode: _opaque)
         B, C, *T, H, W = _shape(shape, "pixels", self.config.in_channels, 5 if clip else 4)
         f = self.config.downscale
         if H % f or W % f:
@@ -242,8 +245,17 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
             return self._plan_clip(self.encoder, "encode", C, latent, (n, chunks, out), tiling)
         return self._plan(self.encoder, "encode", C, latent, tiling)
 
-    def _clip_shape(self, shape) -> bool:
-        return self.config.network.video_shaped and isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 5
+    def _clip_shape(self, shape) -> tuple:
+        """(shape, whether it is a clip's): a video network's 5-D shapes are clips' (one frame
+        included), but where the network runs images only (Network.refuse_clip), one frame is an
+        image's shape and more are refused."""
+        if not (self.config.network.video_shaped and isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 5):
+            return shape, False
+        if self.config.network.refuse_clip is None:
+            return shape, True
+        if isinstance(shape[2], int) and shape[2] > 1:
+            raise self.config.network.refuse_clip(self.config, shape[2])
+        return (shape[0], shape[1], *shape[3:]), False
 
     def _plan_clip(self, net, direction, in_channels, shape, clip, tiling) -> Plan:
         if isinstance(tiling, Plan):
@@ -278,6 +290,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         tiling: None (the enable_tiling() default; untiled unless enabled), "none" (untiled), a mode,
         a Tiling, or a Plan from plan_encode. return_dict=False: a 1-tuple, as diffusers."""
         self._offload_hook()
+        pixels = self._opaque(pixels)
         if self._is_clip(pixels):
             post = DiagonalGaussian(self._sliced(self._encode_clip, pixels, untiled_if_none(tiling, self.tiling)))
             return post if return_dict else (post,)
@@ -289,6 +302,13 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
             return None
         post = DiagonalGaussian(moments.unsqueeze(2) if frames else moments)
         return post if return_dict else (post,)
+
+    def _opaque(self, x):
+        """RGB given to an RGBA VAE (Qwen-Image 2.1's): alpha 1.0 (opaque) added, as ComfyUI and
+        diffusers' QwenImage21Pipeline do."""
+        if torch.is_tensor(x) and x.dim() in (4, 5) and x.shape[1] == 3 and self.config.in_channels == 4:
+            return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        return x
 
     def _one_frame(self, t, what) -> tuple:
         """A video network's VAE (Qwen-Image's) takes video-shaped [B, C, T, H, W] as its pipelines pass
@@ -302,7 +322,10 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
 
     # -- clips: [B, C, T, H, W] with T > 1, through a video network (Wan 2.1's) -------------------
     def _is_clip(self, t) -> bool:
-        return self.config.network.video_shaped and torch.is_tensor(t) and t.dim() == 5 and t.shape[2] > 1
+        clip = self.config.network.video_shaped and torch.is_tensor(t) and t.dim() == 5 and t.shape[2] > 1
+        if clip and self.config.network.refuse_clip is not None:
+            raise self.config.network.refuse_clip(self.config, t.shape[2])
+        return clip
 
     def _clip_run(self, what, x: torch.Tensor, tiling, run) -> torch.Tensor:
         """A clip through the network along time. Untiled (tiling None): chunk by chunk as Wan

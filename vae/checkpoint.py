@@ -452,11 +452,11 @@ def read_family(source: Source, arch: str, layout: str, keys: dict, family=None)
     """A VAE of a network with its own model file (Qwen-Image's, HunyuanImage-2.1's): klvae's names
     for the source's keys and its shape, through the network's `read`; its family's conventions."""
     net = NETWORKS[arch]
-    f = net.families[0]
-    if family is not None and family not in (p.name for p in net.families):
+    names, fields = net.read(source.name, source.shape, keys, layout)
+    f = FAMILIES[fields.pop("family")] if "family" in fields else net.families[0]  # a network of several families
+    if family is not None and family != f.name:
         raise KLVAEError(f"{source.name} holds a {f.note} VAE, not a {str(family)[:40]} one: drop the "
                          f"family argument (the file's network says which it is)")
-    names, fields = net.read(source.name, source.shape, keys, layout)
     stated = config_fields(source.config_json) if source.config_json else {}
     try:
         cfg = replace(VAEConfig(family=f.name, arch=arch, use_quant_conv=f.quant_conv, use_post_quant_conv=f.quant_conv,
@@ -500,6 +500,8 @@ def fill(model, ckpt: Checkpoint, device, dtype) -> None:
                              f"dequantize; use an fp32, fp16 or bf16 file")
         if is_attention_projection(k) and t.dim() == 2:
             t = t[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
+        if t.dim() == 4 and ref[k].dim() == 5 and ref[k].shape[2] == 1:
+            t = t[:, :, None]  # a 2-D conv's kernel where the module keeps a time axis of 1 (Qwen-Image 2.1's diffusers files)
         if tuple(t.shape) != tuple(ref[k].shape):
             raise KLVAEError(f"{src.name}: {full} has shape {tuple(t.shape)}, expected {tuple(ref[k].shape)}: "
                              f"the file mixes VAEs of different widths or is damaged")

@@ -64,6 +64,7 @@ class Network:
     group_norms: bool = True         # its norms are GroupNorms: norm_groups must divide every width
     check: Callable | None = None    # its own VAEConfig checks: check(cfg) raises a KLVAEError
     narrow: Callable | None = None   # (preset config, overrides) -> overrides, for narrowed networks
+    refuse_clip: Callable | None = None  # (cfg, frames) -> the KLVAEError for clips it does not run (None: it runs them)
 
 
 NETWORKS = {}   # name -> Network, in registration order (vae/__init__.py imports the model files)
@@ -128,6 +129,8 @@ class VAEConfig(DiffusersNames):
     arch: str = "sd"                       # the network (NETWORKS): SD-style, Qwen-Image's, HunyuanImage's
     temporal_downsample: tuple | None = None  # qwenimage: per level, whether video frames are downsampled
     match_channels: bool = True            # hunyuanimage: resamples change to the next level's width
+    patch_size: int = 1                    # wan22: pixels go in and out as p x p patches in channels (Wan 2.2: 2)
+    time_kernel: int = 3                   # wan22: the convolutions' frames (Qwen-Image 2.1's 2-D network: 1)
 
     def __post_init__(self):
         if self.arch not in NETWORKS:
@@ -140,6 +143,8 @@ class VAEConfig(DiffusersNames):
             _int_in(name, getattr(self, name), lo, hi)
         if self.decoder_ch is not None:
             _int_in("decoder_ch", self.decoder_ch, 1, MAX_CH)
+        _int_in("patch_size", self.patch_size, 1, 4)
+        _int_in("time_kernel", self.time_kernel, 1, 3)
         if not isinstance(self.ch_mult, tuple) or not 1 <= len(self.ch_mult) <= MAX_LEVELS:
             raise KLVAEError(f"ch_mult {self.ch_mult!r}: expected a tuple of 1 to {MAX_LEVELS} level widths")
         for m in self.ch_mult:
@@ -186,7 +191,7 @@ class VAEConfig(DiffusersNames):
 
     @property
     def downscale(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
+        return self.patch_size * 2 ** (len(self.ch_mult) - 1)
 
     @property
     def block_out_channels(self) -> tuple:

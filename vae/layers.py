@@ -253,7 +253,12 @@ class SpanStep(Step):
         raise NotImplementedError  # a subclass says its block's shortcut
 
     def describe(self):
-        return verbs.residual([s.describe() for s in self.inner], shortcut=self.shortcut())
+        branch = [s.describe() for s in self.inner]
+        if not isinstance(verbs.sequence(branch[-1])[-1], verbs.Rows):
+            # the engines add a residual's shortcut in its branch's last row pass; a branch that ends
+            # in a resnet (Wan 2.2's last encoder level) gets one that passes its rows through
+            branch.append(verbs.rows(lambda t: t, self.cout, above=0, below=0))
+        return verbs.residual(branch, shortcut=self.shortcut())
 
     def shape(self):
         return self.inner[-1].cout, self.inner[-1].r_out

@@ -123,8 +123,8 @@ class CausalConv3d(nn.Conv3d):
 
     cache = None  # None: a whole clip; in a chunked run (causal_chunks), the input frames the next chunk reads
 
-    def __init__(self, in_channels: int, out_channels: int, k: int):
-        super().__init__(in_channels, out_channels, k)
+    def __init__(self, in_channels: int, out_channels: int, k: int, kt: int | None = None):
+        super().__init__(in_channels, out_channels, (k if kt is None else kt, k, k))  # kt 1: Qwen-Image 2.1's 2-D convs
 
     def frame(self) -> Frame:
         """The 2-D conv this is on a first frame."""
@@ -227,11 +227,11 @@ class ResidualBlock(nn.Module):
     where the width changes). Keys: residual.0 (norm1), residual.2 (conv1), residual.3 (norm2),
     residual.6 (conv2): 1 and 4 are the SiLUs and 5 the dropout, which hold nothing."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, kt: int = 3):
         super().__init__()
         self.residual = nn.Sequential(
-            RMSNorm(in_channels), nn.SiLU(), CausalConv3d(in_channels, out_channels, 3),
-            RMSNorm(out_channels), nn.SiLU(), nn.Dropout(0.0), CausalConv3d(out_channels, out_channels, 3))
+            RMSNorm(in_channels), nn.SiLU(), CausalConv3d(in_channels, out_channels, 3, kt),
+            RMSNorm(out_channels), nn.SiLU(), nn.Dropout(0.0), CausalConv3d(out_channels, out_channels, 3, kt))
         self.shortcut = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     @property
@@ -299,17 +299,17 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
 
 
 class UpResample(nn.Module):
-    """Nearest-exact 2x, then a 3x3 conv to half the width (resample.1). Where the level doubles
+    """Nearest-exact 2x, then a 3x3 conv to half the width (resample.1; Wan 2.2's to `out`). Where the level doubles
     frames, time_conv ([2C, C, 3, 1, 1]) makes two frames of every frame but the first (a causal
     conv over frames 1.. with two zero frames before them, as Wan's decoder runs it chunk by chunk:
     its first chunk skips it, its second starts it afresh)."""
 
-    def __init__(self, channels: int, temporal: bool):
+    def __init__(self, channels: int, temporal: bool, out: int | None = None, kt: int = 3):
         super().__init__()
         self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
-                                      nn.Conv2d(channels, channels // 2, 3, padding=1))
+                                      nn.Conv2d(channels, channels // 2 if out is None else out, 3, padding=1))
         if temporal:
-            self.time_conv = nn.Conv3d(channels, 2 * channels, (3, 1, 1))
+            self.time_conv = nn.Conv3d(channels, 2 * channels, (kt, 1, 1))
 
     @property
     def conv(self) -> nn.Conv2d:
@@ -350,11 +350,11 @@ class DownResample(nn.Module):
     frame after the spatial conv and its outputs follow the first frame, kept as it is (Wan's
     encoder keeps its first chunk's frame and prepends each chunk with the last frame before it)."""
 
-    def __init__(self, channels: int, temporal: bool):
+    def __init__(self, channels: int, temporal: bool, kt: int = 3):
         super().__init__()
         self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(channels, channels, 3, stride=2))
         if temporal:
-            self.time_conv = nn.Conv3d(channels, channels, (3, 1, 1), stride=(2, 1, 1))
+            self.time_conv = nn.Conv3d(channels, channels, (kt, 1, 1), stride=(2, 1, 1))
 
     @property
     def conv(self) -> nn.Conv2d:
@@ -386,8 +386,8 @@ class Head(nn.Sequential):
     """RMS norm -> SiLU -> 3x3x3 causal conv (keys head.0, head.2), the last step of either
     network; the decoder's clamps its output to [-1, 1], as diffusers' decode does."""
 
-    def __init__(self, in_channels: int, out_channels: int, clamp: bool = False):
-        super().__init__(RMSNorm(in_channels), nn.SiLU(), CausalConv3d(in_channels, out_channels, 3))
+    def __init__(self, in_channels: int, out_channels: int, clamp: bool = False, kt: int = 3):
+        super().__init__(RMSNorm(in_channels), nn.SiLU(), CausalConv3d(in_channels, out_channels, 3, kt))
         self.clamp_output = clamp
 
     @property
@@ -933,8 +933,8 @@ FAMILY = Family("qwenimage", 16, 1.0, 0.0, True, "Qwen-Image and Wan 2.1 (images
                 latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD,
                 shape=(("ch", 96), ("temporal_downsample", (False, True, True))))
 register_network(Network("qwenimage", sys.modules[__name__], (FAMILY,),
-                 markers=(("original", "decoder.middle.0.residual.0.gamma"),
-                          ("diffusers", "decoder.mid_block.resnets.0.norm1.gamma")),
+                 markers=(("original", "decoder.upsamples.0.residual.0.gamma"),  # Wan 2.2's levels nest: model_wan22
+                          ("diffusers", "encoder.down_blocks.0.norm1.gamma")),
                  read=read, to_file=to_original, video_shaped=True, group_norms=False, check=check, narrow=narrow,
                  diffusers=ArchNames(classes=("AutoencoderKLQwenImage", "AutoencoderKLWan"), config=diffusers_config,
                                      to_diffusers=lambda sd: original_to_diffusers(to_original(sd)),

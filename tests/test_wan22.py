@@ -1,0 +1,247 @@
+"""Wan 2.2's VAE and Qwen-Image 2.1's (residual blocks across several layers, 16x) on images: parity
+with diffusers' AutoencoderKLWan(is_residual=True) and AutoencoderKLQwenImage21 and with ComfyUI
+0.3.75's vae2_2.WanVAE, both key layouts both ways, the family read off the file, exact and bounded
+tiling equal to the untiled pass, RGB given to the RGBA VAE. Small seeded networks (base widths 16
+and 24, the released structure otherwise: Wan 2.2's 4 levels and 2x2 patches, Qwen-Image 2.1's 5
+levels and 4 channels), CPU, fp32."""
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from klvae.testing import test_image
+from klvae.vae import KLVAEError, Tiling, load_vae, preset, save_vae
+from klvae.vae import model_wan22 as w
+from klvae.vae.diffusers_compat import diffusers_config
+
+NARROW = dict(ch=16, decoder_ch=24)  # the released structure at 1/10 and 1/6 of the widths
+
+
+def diffusers_model(family, seed=0, noise=0.1):
+    """diffusers' class for the family (narrowed), its own init plus seeded noise on every RMS gamma
+    and bias (no norm or bias an identity a wrong key could hide behind), its decoder's output
+    scaled to std ~0.5 on these test images (the decode clamp cuts only tails)."""
+    import diffusers
+    cfg = diffusers_config(preset(family, **NARROW))
+    torch.manual_seed(seed)
+    d = getattr(diffusers, cfg["_class_name"])(**{k: v for k, v in cfg.items() if not k.startswith("_")}).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in d.named_parameters():
+            if name.endswith(("bias", "gamma")):
+                p.add_(noise * torch.randn(p.shape, generator=g))
+        z = d.encode(images(family)[:, :, None]).latent_dist.mode()
+        d.clear_cache()
+        out = d.decoder(d.post_quant_conv(z), feat_cache=d._feat_map, feat_idx=[0], first_chunk=True)
+        a = 0.5 / out.std()
+        d.decoder.conv_out.weight.mul_(a)
+        d.decoder.conv_out.bias.mul_(a).sub_(a * out.mean())
+    return d
+
+
+def klvae(sd, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_vae(sd, **kw)
+
+
+@pytest.fixture(scope="module", params=["wan22", "qwenimage21"])
+def pair(request):
+    d = diffusers_model(request.param)
+    return request.param, d, klvae(d.state_dict())
+
+
+def images(family, h=64, w=96):
+    """Two different items; Qwen-Image 2.1's with an alpha channel that is not flat."""
+    x = test_image(h, w)
+    x = torch.cat([x, x.flip(3).roll(7, dims=2)])
+    if family == "qwenimage21":
+        alpha = torch.linspace(-1, 1, w).expand(2, 1, h, w)
+        x = torch.cat([x, alpha], dim=1)
+    return x
+
+
+# -- the network and its keys ------------------------------------------------------------------------
+def test_config_family_and_keys_are_read_off_the_file(pair):
+    family, d, m = pair
+    c = m.config
+    assert c.family == family and c.arch == "wan22" and c.downscale == 16
+    if family == "wan22":
+        assert (c.patch_size, c.time_kernel, c.in_channels, c.ch_mult, c.latent_channels) == (2, 3, 3, (1, 2, 4, 4), 48)
+        assert c.temporal_downsample == (False, True, True) and m.temporal_compression_ratio == 4
+    else:
+        assert (c.patch_size, c.time_kernel, c.in_channels, c.ch_mult, c.latent_channels) == (1, 1, 4, (1, 2, 4, 8, 8), 64)
+        assert d.encoder.conv_in.weight.dim() == 4  # diffusers' 2-D convs; ours keep the original files' time axis of 1
+    assert (c.ch, c.decoder_ch) == (16, 24)
+    assert c.latents_mean == tuple(d.config.latents_mean) and len(c.latents_std) == c.latent_channels
+    ours = m.state_dict(layout="ldm")  # the original / ComfyUI layout
+    assert "decoder.upsamples.0.upsamples.0.residual.0.gamma" in ours and "conv1.weight" in ours
+    assert ours["decoder.head.2.weight"].shape[2] == c.time_kernel
+    back = w.diffusers_to_original(w.original_to_diffusers(ours))
+    assert list(back) == list(ours) and all(back[k] is ours[k] for k in ours)
+    theirs = d.state_dict()
+    mapped = w.to_diffusers(m.state_dict())
+    assert mapped.keys() == theirs.keys() and all(mapped[k].shape == theirs[k].shape for k in theirs)
+    assert w.config_from_shapes(lambda k: ours[k].shape, ours.keys())["family"] == family
+
+
+def test_key_maps_refuse_what_is_not_theirs():
+    with pytest.raises(KLVAEError, match="not a Wan 2.2 / Qwen-Image 2.1 VAE key"):
+        w.original_to_diffusers({"encoder.downsamples.0.downsamples.0.norm.gamma": torch.zeros(1)})
+    with pytest.raises(KLVAEError, match="not a Wan 2.2 / Qwen-Image 2.1 VAE key"):
+        w.diffusers_to_original({"decoder.up_blocks.0.resnets.0.norm3.gamma": torch.zeros(1)})
+
+
+# -- parity --------------------------------------------------------------------------------------------
+def test_parity_with_diffusers_at_one_frame(pair):
+    """The argmax latent and the decode of diffusers' class on [B, C, 1, H, W], and the same as
+    images [B, C, H, W]; the decode clamps as diffusers' does."""
+    family, d, m = pair
+    x = images(family)
+    with torch.no_grad():
+        post = d.encode(x[:, :, None]).latent_dist
+        ref = d.decode(post.mode()).sample
+        ours = m.encode(x[:, :, None]).latent_dist
+        torch.testing.assert_close(ours.mode(), post.mode(), atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours.logvar, post.logvar, atol=1e-4, rtol=0)
+        torch.testing.assert_close(m.decode(post.mode()).sample, ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(m.decode(post.mode()[:, :, 0]).sample, ref[:, :, 0], atol=1e-4, rtol=0)
+    assert (ref.abs() == 1).any() and (ref.abs() < 1).float().mean() > 0.9  # the clamp cut some tails
+
+
+COMFY_RUN = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import comfy.cli_args
+comfy.cli_args.args.cpu = True  # no CUDA probing: ComfyUI's device setup reads this at import
+from comfy.ldm.wan.vae2_2 import WanVAE
+from safetensors.torch import load_file, save_file
+sd, io = load_file(sys.argv[2]), load_file(sys.argv[3])
+m = WanVAE(dim=16, dec_dim=24, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+           temperal_downsample=[False, True, True]).eval()
+m.load_state_dict(sd, strict=True)
+with torch.no_grad():
+    mu = m.encode(io["x"][:, :, None])[:, :, 0]
+    out = m.decode(io["z"][:, :, None])[:, :, 0]
+save_file({"mu": mu.contiguous(), "out": out.contiguous()}, sys.argv[4])
+"""
+
+
+def test_parity_with_comfyui_wan22_vae(tmp_path):
+    """Our original-layout file is ComfyUI 0.3.75's vae2_2.WanVAE's (strict load, in a child process:
+    ComfyUI's modules stay out of this one); its encode (the mean) and its decode (unclamped: ComfyUI
+    clamps when it maps pixels to [0, 1]) at one frame."""
+    from comfy_host import comfy_tree
+    m = klvae(diffusers_model("wan22").state_dict())
+    x = images("wan22")
+    z = torch.randn(2, 48, 4, 6, generator=torch.Generator().manual_seed(3))
+    save_vae(m, tmp_path / "wan2.2_vae.safetensors")
+    save_file({"x": x, "z": z}, str(tmp_path / "in.safetensors"))
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(COMFY_RUN), str(comfy_tree()),
+                        str(tmp_path / "wan2.2_vae.safetensors"), str(tmp_path / "in.safetensors"),
+                        str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs = load_file(str(tmp_path / "out.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(m.encode(x).latent_dist.mean, theirs["mu"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(m.decode(z).sample, theirs["out"].clamp(-1, 1), atol=1e-4, rtol=0)
+
+
+def test_rgb_is_given_opaque_alpha():
+    """Qwen-Image 2.1's VAE encodes RGBA; RGB is given alpha 1.0 (opaque), as ComfyUI and diffusers'
+    pipeline do: the same latent as the explicit RGBA image."""
+    m = klvae(diffusers_model("qwenimage21").state_dict())
+    rgba = images("qwenimage21")
+    rgba[:, 3] = 1.0
+    with torch.no_grad():
+        want = m.encode(rgba).latent_dist.mean
+        torch.testing.assert_close(m.encode(rgba[:, :3]).latent_dist.mean, want, atol=0, rtol=0)
+        torch.testing.assert_close(m.encode(rgba[:, :3, None]).latent_dist.mean[:, :, 0], want, atol=0, rtol=0)
+        assert m.decode(want).sample.shape[1] == 4
+    assert m.plan_encode((1, 3, 64, 64)).predicted == m.plan_encode((1, 4, 64, 64)).predicted
+    with pytest.raises(KLVAEError, match="2 channels"):
+        m.encode(rgba[:, :2])
+
+
+# -- files ---------------------------------------------------------------------------------------------
+def test_both_layouts_load_and_save_both_ways(pair, tmp_path):
+    """A diffusers folder (config.json + weights) and an original-layout file load to the same
+    network; klvae writes both layouts back, and diffusers' own class loads the folder klvae writes."""
+    import diffusers
+    family, d, m = pair
+    d.save_pretrained(tmp_path / "theirs")
+    a = klvae(str(tmp_path / "theirs"))
+    save_vae(m, tmp_path / "original.safetensors")
+    b = klvae(str(tmp_path / "original.safetensors"))
+    save_vae(b, tmp_path / "ours", layout="diffusers")
+    cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
+    back = getattr(diffusers, cfg["_class_name"]).from_pretrained(tmp_path / "ours").eval()
+    assert type(back) is type(d) and cfg["is_residual"] is True
+    x = images(family)
+    with torch.no_grad():
+        want = d.encode(x[:, :, None]).latent_dist.mode()
+        for v in (a, b):
+            torch.testing.assert_close(v.encode(x[:, :, None]).latent_dist.mode(), want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(back.encode(x[:, :, None]).latent_dist.mode(), want, atol=1e-4, rtol=0)
+    assert a.config.family == b.config.family == family
+    other = "wan22" if family == "qwenimage21" else "qwenimage21"
+    with pytest.raises(KLVAEError, match=f"not a {other} one"):
+        klvae(str(tmp_path / "original.safetensors"), family=other)
+
+
+def test_clips_are_refused_in_one_line(pair):
+    """More than one frame is refused before anything runs (Wan 2.2's clips: not yet; Qwen-Image
+    2.1's VAE has none); one frame in a clip's shape is an image, planned as one."""
+    family, _, m = pair
+    why = "clips of 3 frames" if family == "wan22" else "image VAE .* not 3"
+    z = torch.zeros(1, m.config.latent_channels, 3, 2, 2)
+    for call in (lambda: m.decode(z), lambda: m.plan_decode(tuple(z.shape)),
+                 lambda: m.encode(torch.zeros(1, m.config.in_channels, 3, 32, 32))):
+        with pytest.raises(KLVAEError, match=why):
+            call()
+    one = m.plan_decode((1, m.config.latent_channels, 1, 2, 2), tiling="exact")
+    assert one.predicted == m.plan_decode((1, m.config.latent_channels, 2, 2), tiling="exact").predicted
+
+
+# -- tiling --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("store", ["device", "disk"])
+def test_exact_tiling_equals_untiled(pair, store, tmp_path):
+    """Bands of a few rows at every resolution (latent 5 x 7: odd band edges), through the blocks
+    whose shortcut spans the level: within float noise of the untiled pass, both directions."""
+    family, _, m = pair
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(1, m.config.latent_channels, 5, 7, generator=g)
+    x = images(family, 80, 112)[:1]
+    t = Tiling(mode="exact", tile_size=16, store=store, spill_dir=str(tmp_path))
+    with torch.no_grad():
+        full_dec, full_enc = m.decode(z).sample, m.encode(x).latent_dist.mean
+        dec = m.decode(z, tiling=t).sample
+        report = m.last_tiling
+        enc = m.encode(x, tiling=t).latent_dist.mean
+    assert report.mode == "exact" and report.store == store and report.grid[0] >= 5
+    assert (dec - full_dec).abs().max() <= 1e-5 and (enc - full_enc).abs().max() <= 1e-5
+    assert report.store_bytes <= report.plan.store_bytes <= 1.3 * report.store_bytes, report
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bounded_mode_is_exact(pair):
+    """RMS norms share no statistics: bounded mode's strips and bands are exact here too. (The decoder's
+    receptive field is 13 latent px: a short, wide image is what streams in several strips and bands.)"""
+    family, _, m = pair
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(1, m.config.latent_channels, 12, 92, generator=g)
+    x = images(family, 192, 1472)[:1]
+    t = Tiling(mode="bounded", tile_size=16, mosaic_size=4)  # a mosaic: small images streamed too
+    with torch.no_grad():
+        full_dec, full_enc = m.decode(z).sample, m.encode(x).latent_dist.mean
+        dec = m.decode(z, tiling=t).sample
+        report = m.last_tiling
+        enc = m.encode(x, tiling=t).latent_dist.mean
+    assert report.mode == "bounded" and report.grid[0] > 1 and report.grid[1] > 1, report
+    assert m.last_tiling.grid[0] > 1 and m.last_tiling.grid[1] > 1, m.last_tiling
+    assert (dec - full_dec).abs().max() <= 1e-5 and (enc - full_enc).abs().max() <= 1e-5

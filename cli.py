@@ -40,9 +40,10 @@ class CLIError(Exception):
 
 
 # -- images ----------------------------------------------------------------------------------------
-def read_image(path) -> torch.Tensor:
-    """[1, 3, H, W] in [-1, 1] (alpha dropped, greyscale replicated)."""
-    return images.read_image(path)
+def read_image(path, vae=None) -> torch.Tensor:
+    """[1, 3, H, W] in [-1, 1] (alpha dropped, greyscale replicated); [1, 4, H, W] for an RGBA VAE's
+    (Qwen-Image 2.1's: an image without alpha is opaque)."""
+    return images.read_image(path, alpha=vae is not None and vae.config.in_channels == 4)
 
 
 def write_image(x: torch.Tensor, path) -> None:
@@ -133,8 +134,14 @@ def cmd_info(args):
     rows = [("file", str(args.file)), ("family", c.family), ("latent channels", c.latent_channels),
             ("scaling factor", c.scaling_factor), ("shift factor", c.shift_factor),
             ("key layout", vae.source_layout), ("stored dtype", stored), ("parameters", f"{n:,} ({n / 1e6:.1f} M)"),
-            ("widths", f"{c.ch} x {list(c.ch_mult)}, {c.num_res_blocks} res blocks, {c.norm_groups} norm groups"),
+            ("widths", f"{c.ch} x {list(c.ch_mult)}" + (f" (decoder {c.decoder_ch} x)" if c.decoder_ch else "")
+             + f", {c.num_res_blocks} res blocks" + (f", {c.norm_groups} norm groups" if c.network.group_norms else "")),
+            ("pixels", f"{c.in_channels} channels in, {c.out_channels} out"
+             + (f", as {c.patch_size}x{c.patch_size} patches" if c.patch_size > 1 else "")),
             ("quant convs", c.use_quant_conv), ("downscale", c.downscale)]
+    if c.network.video_shaped and c.time_kernel > 1:
+        rows.append(("frames", f"clips of 1 + {vae.temporal_compression_ratio}k frames"
+                     + (" (klvae runs one frame so far)" if c.network.refuse_clip else "")))
     if c.latents_mean is not None:
         rows.append(("latents mean/std", f"{list(c.latents_mean)} / {list(c.latents_std)}"))
     rows += [("how inferred", "; ".join(c.notes) or "-")]
@@ -160,7 +167,7 @@ def cmd_encode(args):
     if clip and not vae.config.network.video_shaped:
         raise CLIError(f"{args.image} is a folder: a clip's frames, and this {vae.config.family} VAE encodes images; "
                        f"encode a clip with Wan 2.1's (Qwen-Image's) VAE, or give one image file")
-    img = images.read_frames(args.image) if clip else read_image(args.image)
+    img = images.read_frames(args.image) if clip else read_image(args.image, vae)
     H, W = img.shape[-2:]
     t0 = time.perf_counter()
     z = encode_image(vae, images.pad_to_multiple(img, vae.config.downscale * (2 if vae.config.batch_norm else 1)), args)
@@ -243,7 +250,7 @@ def cmd_decode(args):
 def cmd_roundtrip(args):
     images.check_image_path(args.output)
     vae = open_vae(args)
-    img = read_image(args.image)
+    img = read_image(args.image, vae)
     H, W = img.shape[2:]
     t0 = time.perf_counter()
     z = encode_image(vae, images.pad_to_multiple(img, vae.config.downscale * (2 if vae.config.batch_norm else 1)), args)

@@ -100,8 +100,9 @@ class KLVAE:
         # Flux.2's graph latent is patchified 2x2: 16x smaller, 4x the channels (core's VAE does the same)
         self.downscale_ratio = self.upscale_ratio = cfg.downscale * (2 if cfg.batch_norm else 1)
         self.latent_channels = cfg.scaled_channels
-        # Qwen-Image's LATENT is ComfyUI's Wan 2.1 form, [B, 16, T, h, w] (T = 1 for an image)
-        self.video_shaped = cfg.network.video_shaped
+        # Qwen-Image's LATENT is ComfyUI's Wan 2.1 form, [B, 16, T, h, w] (T = 1 for an image), Wan 2.2's
+        # [B, 48, T, h, w]; Qwen-Image 2.1's 2-D network (time kernel 1) has core's image form [B, 64, h, w]
+        self.video_shaped = cfg.network.video_shaped and cfg.time_kernel > 1
         self.latent_dim = 3 if self.video_shaped else 2
         self.output_channels = cfg.out_channels
         self.crop_input = True
@@ -135,11 +136,12 @@ class KLVAE:
         sample; Flux.2: patchified and normalised, [B, 128, H/16, W/16], as core's VAE gives). A
         video network (Wan 2.1's, Qwen-Image's) takes the batch as the frames of one clip, as core's
         WanVAE does: N frames -> [1, 16, 1 + (N - 1) // 4, h, w] (frames past the last whole 4 are
-        left out, as core leaves them, and the log says so); one image is T = 1."""
+        left out, as core leaves them, and the log says so); one image is T = 1. An RGBA VAE (Qwen-Image
+        2.1's) encodes an IMAGE's alpha, and RGB as opaque, as core pads it."""
         if posterior not in POSTERIORS:
             raise KLVAEError(f"unknown posterior {posterior!r}: use 'argmax' (the mode) or 'sample' (seeded)")
         image = _as_image(image)
-        x = self.vae_encode_crop_pixels(image)[..., :3]
+        x = self.vae_encode_crop_pixels(image)[..., :self.model.config.in_channels]  # RGBA VAEs keep alpha (RGB: opaque)
         # To [-1, 1] in fp32 before any cast to a low-precision compute dtype (less banding).
         x = x.movedim(-1, 1).to(torch.float32) * 2.0 - 1.0
         self.model.check_pixels(x, finite=False)  # clear shape errors before the host moves models
@@ -163,7 +165,9 @@ class KLVAE:
     def decode_image(self, latent: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
         """The graph's latent [B, z, h, w] -> IMAGE [B, 8h, 8w, 3] in [0, 1] (Flux.2: [B, 128, h, w] -> 16h x 16w).
         A video network's [B, 16, T, h, w] -> its frames [B * (1 + 4(T - 1)), 8h, 8w, 3], as core's VAE
-        Decode gives them: exact in time and space, each chunk's frames off the device as it finishes."""
+        Decode gives them: exact in time and space, each chunk's frames off the device as it finishes.
+        An RGBA VAE (Qwen-Image 2.1's) gives a 4-channel IMAGE, as core does (its Split Image with Alpha
+        node makes the MASK)."""
         clip = False
         if torch.is_tensor(latent) and latent.dim() == 5:
             if not self.video_shaped:

@@ -186,10 +186,10 @@ def test_clips_in_bf16_stay_close_to_fp32():
     assert (k16.encode(x).mean.float() - k32.encode(x).mean).abs().max() <= 0.05
 
 
-def test_wan21_files_load_as_the_same_network_and_wan22_is_refused(tmp_path):
+def test_wan21_files_load_as_the_same_network_and_wan22_as_its_own(tmp_path):
     """diffusers' AutoencoderKLWan of Wan 2.1 (the same network and keys as Qwen-Image's) loads as a
     folder and as a bare state dict, equal to it on a clip; Wan 2.2's (is_residual, 48 channels,
-    patchified) is one line naming it, in both."""
+    patchified: the same class name) loads as model_wan22's network, whose clips are one line."""
     from diffusers import AutoencoderKLWan
     w = AutoencoderKLWan(base_dim=16, dim_mult=[1, 2, 2, 2]).eval()
     w.load_state_dict(diffusers_vae("qwenimage", seed=15, **SMALL["qwenimage"]).state_dict())  # seeded, noisy
@@ -200,12 +200,19 @@ def test_wan21_files_load_as_the_same_network_and_wan22_is_refused(tmp_path):
     for src in (tmp_path / "wan21", w.state_dict()):
         k = load_vae(src)
         assert k.config.arch == "qwenimage" and (k.decode(z) - ref).abs().max() <= 1e-4
+    from klvae.vae.model_wan22 import WAN22_MEAN, WAN22_STD
     w22 = AutoencoderKLWan(base_dim=16, dim_mult=[1, 2, 2, 2], z_dim=48, is_residual=True, patch_size=2,
-                           in_channels=12, out_channels=12)
+                           in_channels=12, out_channels=12)  # diffusers' default latent statistics: Wan 2.1's 16
+    w22.save_pretrained(tmp_path / "wan22")
+    with pytest.raises(KLVAEError, match="latents_mean must be 48 finite numbers"):
+        load_vae(tmp_path / "wan22")
+    w22.register_to_config(latents_mean=list(WAN22_MEAN), latents_std=list(WAN22_STD))
     w22.save_pretrained(tmp_path / "wan22")
     for src in (tmp_path / "wan22", w22.state_dict()):
-        with pytest.raises(KLVAEError, match="this is Wan 2.2's VAE"):
-            load_vae(src)
+        k = load_vae(src)
+        assert (k.config.arch, k.config.family, k.config.downscale, k.config.patch_size) == ("wan22", "wan22", 16, 2)
+        with pytest.raises(KLVAEError, match="clips of 3 frames"):
+            k.decode(torch.zeros(1, 48, 3, 2, 2))
 
 
 def test_hunyuan_scaled_latents_are_comfyuis_and_the_pipelines():

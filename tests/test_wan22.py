@@ -10,6 +10,7 @@ import sys
 import textwrap
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -245,3 +246,58 @@ def test_bounded_mode_is_exact(pair):
     assert report.mode == "bounded" and report.grid[0] > 1 and report.grid[1] > 1, report
     assert m.last_tiling.grid[0] > 1 and m.last_tiling.grid[1] > 1, m.last_tiling
     assert (dec - full_dec).abs().max() <= 1e-5 and (enc - full_enc).abs().max() <= 1e-5
+
+
+# -- ComfyUI's graph forms (nodes/adapter.py) -----------------------------------------------------------
+def test_graph_forms_are_cores(pair):
+    """Wan 2.2's LATENT is core's [B, 48, T, h, w] (T = 1 for an image) and its IMAGE RGB; Qwen-Image
+    2.1's LATENT is core's image form [B, 64, h, w] and its IMAGE RGBA both ways (an RGB IMAGE
+    encodes as opaque, as core pads it); a batch of IMAGEs is a batch of images there, not a clip."""
+    from klvae.nodes import adapter
+    family, _, m = pair
+    kl = adapter.KLVAE(m)
+    rgba = (images("qwenimage21")[:1].movedim(1, -1) + 1) / 2
+    if family == "wan22":
+        z = kl.encode(rgba[..., :3])
+        assert z.shape == (1, 48, 1, 4, 6) and kl.latent_dim == 3 and kl.temporal_compression_decode() == 4
+        assert kl.decode(z).shape == (1, 64, 96, 3)
+        return
+    z = kl.encode(rgba.expand(3, -1, -1, -1))
+    assert z.shape == (3, 64, 4, 6) and kl.latent_dim == 2 and kl.temporal_compression_decode() is None
+    with torch.no_grad():
+        want = m.encode(rgba.movedim(-1, 1) * 2 - 1).latent_dist.mode()
+    torch.testing.assert_close(z[:1], want, atol=1e-5, rtol=0)
+    opaque = kl.encode(rgba[..., :3])
+    torch.testing.assert_close(opaque, kl.encode(torch.cat([rgba[..., :3], torch.ones_like(rgba[..., :1])], -1)))
+    out = kl.decode(z)
+    assert out.shape == (3, 64, 96, 4) and 0 <= out.min() and out.max() <= 1
+
+
+def test_cli_keeps_alpha_through_the_rgba_vae(tmp_path):
+    """`klvae info` names the family and its patches; `roundtrip` through Qwen-Image 2.1's VAE keeps
+    an RGBA PNG's alpha (what the VAE decodes it to), and drops it only for JPEG; `convert` writes
+    the diffusers folder that loads back as the same family."""
+    from PIL import Image
+    m = klvae(diffusers_model("qwenimage21").state_dict())
+    save_vae(m, tmp_path / "qwen_image_2.1_vae.safetensors")
+    rgba = ((images("qwenimage21")[0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(rgba).save(tmp_path / "in.png")
+    vae = str(tmp_path / "qwen_image_2.1_vae.safetensors")
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "klvae", "--threads", "2", *map(str, args)], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+    info = cli("info", vae)
+    assert "qwenimage21" in info and "4 channels in, 4 out" in info
+    cli("roundtrip", tmp_path / "in.png", "-o", tmp_path / "out.png", "--vae", vae)
+    cli("roundtrip", tmp_path / "in.png", "-o", tmp_path / "out.jpg", "--vae", vae)
+    out = Image.open(tmp_path / "out.png")
+    assert out.mode == "RGBA" and Image.open(tmp_path / "out.jpg").mode == "RGB"
+    with torch.no_grad():
+        want = m.decode(m.encode(torch.from_numpy(rgba).permute(2, 0, 1)[None].float() / 127.5 - 1).latent_dist.mode()).sample
+    want = ((want[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    assert abs(torch.tensor(want) - torch.tensor(np.asarray(out), dtype=torch.float32)).max() <= 1  # alpha included
+    cli("convert", vae, "-o", tmp_path / "diffusers", "--layout", "diffusers")
+    assert klvae(str(tmp_path / "diffusers")).config.family == "qwenimage21"

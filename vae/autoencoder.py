@@ -178,9 +178,10 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     def check_pixels(self, x, finite: bool = True) -> None:
         _check_tensor(x, "pixels", "[B, 3, H, W] in [-1, 1]")
         B, C, H, W = x.shape
-        if C != self.config.in_channels:
+        if C != self.config.in_channels and not (C == 3 and self.config.in_channels == 4):  # RGB: opaque RGBA
+            fix = "drop alpha, " if C == 4 else "RGB or RGBA, " if self.config.in_channels == 4 else ""
             raise KLVAEError(f"pixels have {C} channels, this VAE encodes {self.config.in_channels}: "
-                             f"pass [B, {self.config.in_channels}, H, W] (drop alpha, move channels to dim 1)")
+                             f"pass [B, {self.config.in_channels}, H, W] ({fix}move channels to dim 1)")
         f = self.config.downscale
         if H % f or W % f or H < f or W < f:
             raise KLVAEError(f"image size {W}x{H} is not a positive multiple of {f}: crop or pad it to "

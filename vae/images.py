@@ -11,10 +11,11 @@ from .errors import KLVAEError
 FORMATS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-def read_image(path, size: int | None = None) -> torch.Tensor:
+def read_image(path, size: int | None = None, alpha: bool = False) -> torch.Tensor:
     """An image file as [1, 3, H, W] in [-1, 1] (alpha dropped, greyscale replicated), at its own
-    size. With `size`: a square, size x size: the image's centre square (the longer side's ends are
-    cut off) resized with Lanczos. Sides that are not multiples of 8: pad_to_multiple."""
+    size; alpha: [1, 4, H, W], RGBA (an image without alpha opaque), for an RGBA VAE. With `size`: a
+    square, size x size: the image's centre square (the longer side's ends are cut off) resized with
+    Lanczos. Sides that are not multiples of 8: pad_to_multiple."""
     try:
         im = Image.open(path)
         im.load()
@@ -22,7 +23,7 @@ def read_image(path, size: int | None = None) -> torch.Tensor:
         raise KLVAEError(f"{path}: no such file") from None
     except OSError as e:
         raise KLVAEError(f"{path}: not a readable image ({e})") from e
-    im = im.convert("RGB")
+    im = im.convert("RGBA" if alpha else "RGB")
     if size:
         s = min(im.size)
         box = ((im.width - s) // 2, (im.height - s) // 2, (im.width + s) // 2, (im.height + s) // 2)
@@ -55,9 +56,14 @@ def check_image_path(path) -> Path:
     return path
 
 
+NO_ALPHA = (".jpg", ".jpeg", ".bmp")  # formats Pillow writes without an alpha channel
+
+
 def write_image(x: torch.Tensor, path) -> None:
-    """The first image of [B, 3, H, W] in [-1, 1] to a file (8-bit, rounded)."""
+    """The first image of [B, 3, H, W] in [-1, 1] to a file (8-bit, rounded); [B, 4, H, W] is RGBA,
+    its alpha kept where the format has one (PNG, WebP, TIFF) and dropped where not (JPEG, BMP)."""
     path = check_image_path(path)
+    x = x[:, :3] if path.suffix.lower() in NO_ALPHA else x
     a = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

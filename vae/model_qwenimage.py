@@ -716,7 +716,7 @@ _INV = lambda d: {v: k for k, v in d.items()}
 
 
 WAN22 = ("this is Wan 2.2's VAE (residual blocks across several layers, 48 latent channels, 16x, patchified), "
-         "a different architecture from Wan 2.1's / Qwen-Image's, which klvae does not load yet")
+         "a different architecture from Wan 2.1's / Qwen-Image's: model_wan22 reads it (load_vae does)")
 
 
 def _unknown(k: str, layout: str) -> KLVAEError:

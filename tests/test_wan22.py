@@ -301,3 +301,92 @@ def test_cli_keeps_alpha_through_the_rgba_vae(tmp_path):
     assert abs(torch.tensor(want) - torch.tensor(np.asarray(out), dtype=torch.float32)).max() <= 1  # alpha included
     cli("convert", vae, "-o", tmp_path / "diffusers", "--layout", "diffusers")
     assert klvae(str(tmp_path / "diffusers")).config.family == "qwenimage21"
+
+
+def test_stream_scaled_copy_is_exact_and_scales_the_stream(pair):
+    """The fp16 guard's copy (precision.stream_scaled): every activation between the first conv and
+    the head is s times the original's (through the spanning blocks: their shortcuts are linear,
+    the patches a permutation), the output the same."""
+    from klvae.vae.model_qwenimage import Head
+    from klvae.vae.precision import stream_scaled
+    family, _, m = pair
+    s = 2.0 ** -12
+    z = torch.randn(1, m.config.latent_channels, 4, 6, generator=torch.Generator().manual_seed(9))
+    for net, x in ((m.decoder, m.post_quant_conv(z)), (m.encoder, images(family)[:1])):
+        scaled = stream_scaled(net, s)
+        a, b, stream = x, x, False
+        with torch.no_grad():
+            for la, lb in zip(net.layers(), scaled.layers()):
+                a, b = la(a), lb(b)
+                stream = stream and not isinstance(la, Head) or isinstance(la, w.CausalConv3d)
+                if stream:
+                    torch.testing.assert_close(b, s * a, atol=1e-4 * s * a.abs().max().item(), rtol=0)
+        assert (a - b).abs().max() <= 1e-4
+
+
+# -- diffusers pipelines -------------------------------------------------------------------------------
+class NoText:
+    """QwenImage21Pipeline's constructor asks its processor for two token counts; the prompts come as
+    embeddings here (no text encoder, no network access), so nothing else of it is used."""
+    tokenizer = type("Tokenizer", (), {"encode": staticmethod(lambda s: [0])})()
+
+    def apply_chat_template(self, *args, **kwargs):
+        return [[0, 0, 0]]
+
+
+def test_tiny_pipelines_with_klvae_vae():
+    """QwenImage21Pipeline and Wan 2.2's WanPipeline offline (prompt embeddings given; one-layer seeded
+    transformers), built with klvae's VAE: the same RGBA image / frame as with diffusers' VAE (the
+    pipelines read z_dim, latents_mean/std and the compression ratios off the VAE's config, and
+    denormalise with them before decoding)."""
+    from diffusers import (FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline, QwenImage21Transformer2DModel,
+                           WanPipeline, WanTransformer3DModel)
+    pe = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1))
+    d = diffusers_model("qwenimage21")
+    torch.manual_seed(0)
+    tr = QwenImage21Transformer2DModel(in_channels=64, out_channels=64, num_layers=1, attention_head_dim=16,
+                                       num_attention_heads=2, context_in_dim=16, axes_dims_rope=(4, 6, 6)).eval()
+    out = []
+    for vae in (d, klvae(d.state_dict())):
+        pipe = QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                                   processor=NoText(), transformer=tr)
+        pipe.set_progress_bar_config(disable=True)
+        out.append(pipe(prompt_embeds=pe, prompt_embeds_mask=torch.ones(1, 8, dtype=torch.long), height=64, width=64,
+                        num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images)
+    theirs, ours = out
+    assert ours.shape == (1, 4, 64, 64) and theirs.std() > 0.01 and (ours - theirs).abs().max() <= 1e-4
+
+    d = diffusers_model("wan22")
+    torch.manual_seed(0)
+    tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=48,
+                               out_channels=48, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=1, cross_attn_norm=True,
+                               qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    out = []
+    for vae in (d, klvae(d.state_dict())):
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                           transformer=tr)
+        pipe.set_progress_bar_config(disable=True)
+        out.append(pipe(prompt_embeds=pe, negative_prompt_embeds=pe, height=64, width=96, num_frames=1,
+                        num_inference_steps=2, guidance_scale=1.0, output_type="pt",
+                        generator=torch.Generator().manual_seed(0)).frames)
+    theirs, ours = out
+    assert ours.shape == (1, 1, 3, 64, 96) and theirs.std() > 0.01 and (ours - theirs).abs().max() <= 1e-4
+
+
+def test_scaled_latents_are_the_pipelines_and_comfyuis(pair):
+    """to_scaled is (raw - latents_mean) / latents_std with Wan 2.2's statistics as ComfyUI 0.3.75's
+    latent format Wan22 has them (its process_in), and Qwen-Image 2.1's as diffusers' class states
+    them by default (what QwenImage21Pipeline divides by)."""
+    import inspect
+    from diffusers import AutoencoderKLQwenImage21
+    from test_families import comfy_latent_formats
+    family, _, m = pair
+    raw = torch.randn(2, m.config.latent_channels, 1, 3, 4, generator=torch.Generator().manual_seed(4))
+    if family == "wan22":
+        want = comfy_latent_formats().Wan22().process_in(raw)
+    else:
+        defaults = inspect.signature(AutoencoderKLQwenImage21.__init__).parameters
+        mean, std = (torch.tensor(defaults[k].default).view(1, -1, 1, 1, 1) for k in ("latents_mean", "latents_std"))
+        want = (raw - mean) / std
+    torch.testing.assert_close(m.to_scaled(raw), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(m.from_scaled(m.to_scaled(raw)), raw, atol=1e-5, rtol=0)

@@ -140,8 +140,7 @@ def cmd_info(args):
              + (f", as {c.patch_size}x{c.patch_size} patches" if c.patch_size > 1 else "")),
             ("quant convs", c.use_quant_conv), ("downscale", c.downscale)]
     if c.network.video_shaped and c.time_kernel > 1:
-        rows.append(("frames", f"clips of 1 + {vae.temporal_compression_ratio}k frames"
-                     + (" (klvae runs one frame so far)" if c.network.refuse_clip else "")))
+        rows.append(("frames", f"images, and clips of 1 + {vae.temporal_compression_ratio}k frames"))
     if c.latents_mean is not None:
         rows.append(("latents mean/std", f"{list(c.latents_mean)} / {list(c.latents_std)}"))
     rows += [("how inferred", "; ".join(c.notes) or "-")]

@@ -129,20 +129,24 @@ m.load_state_dict(sd, strict=True)
 with torch.no_grad():
     mu = m.encode(io["x"][:, :, None])[:, :, 0]
     out = m.decode(io["z"][:, :, None])[:, :, 0]
-save_file({"mu": mu.contiguous(), "out": out.contiguous()}, sys.argv[4])
+    mu_clip, out_clip = m.encode(io["xc"]), m.decode(io["zc"])
+save_file({"mu": mu.contiguous(), "out": out.contiguous(), "mu_clip": mu_clip.contiguous(),
+           "out_clip": out_clip.contiguous()}, sys.argv[4])
 """
 
 
 def test_parity_with_comfyui_wan22_vae(tmp_path):
     """Our original-layout file is ComfyUI 0.3.75's vae2_2.WanVAE's (strict load, in a child process:
     ComfyUI's modules stay out of this one); its encode (the mean) and its decode (unclamped: ComfyUI
-    clamps when it maps pixels to [0, 1]) at one frame."""
+    clamps when it maps pixels to [0, 1]) at one frame and on clips (9 frames -> 3 latent frames, 3
+    latent frames -> 9 frames: its caches, chunk by chunk)."""
     from comfy_host import comfy_tree
     m = klvae(diffusers_model("wan22").state_dict())
     x = images("wan22")
     z = torch.randn(2, 48, 4, 6, generator=torch.Generator().manual_seed(3))
     save_vae(m, tmp_path / "wan2.2_vae.safetensors")
-    save_file({"x": x, "z": z}, str(tmp_path / "in.safetensors"))
+    zc = torch.randn(1, 48, 3, 4, 6, generator=torch.Generator().manual_seed(4))
+    save_file({"x": x, "z": z, "xc": clip(), "zc": zc}, str(tmp_path / "in.safetensors"))
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(COMFY_RUN), str(comfy_tree()),
                         str(tmp_path / "wan2.2_vae.safetensors"), str(tmp_path / "in.safetensors"),
                         str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=120)
@@ -151,6 +155,8 @@ def test_parity_with_comfyui_wan22_vae(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(m.encode(x).latent_dist.mean, theirs["mu"], atol=1e-4, rtol=0)
         torch.testing.assert_close(m.decode(z).sample, theirs["out"].clamp(-1, 1), atol=1e-4, rtol=0)
+        torch.testing.assert_close(m.encode(clip()).latent_dist.mean, theirs["mu_clip"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(m.decode(zc).sample, theirs["out_clip"].clamp(-1, 1), atol=1e-4, rtol=0)
 
 
 def test_rgb_is_given_opaque_alpha():
@@ -195,18 +201,69 @@ def test_both_layouts_load_and_save_both_ways(pair, tmp_path):
         klvae(str(tmp_path / "original.safetensors"), family=other)
 
 
-def test_clips_are_refused_in_one_line(pair):
-    """More than one frame is refused before anything runs (Wan 2.2's clips: not yet; Qwen-Image
-    2.1's VAE has none); one frame in a clip's shape is an image, planned as one."""
-    family, _, m = pair
-    why = "clips of 3 frames" if family == "wan22" else "image VAE .* not 3"
-    z = torch.zeros(1, m.config.latent_channels, 3, 2, 2)
+def test_qwen_image_21_refuses_clips_in_one_line():
+    """Qwen-Image 2.1's VAE has 2-D convs: more than one frame is refused before anything runs; one
+    frame in a clip's shape is an image, planned as one."""
+    m = klvae(diffusers_model("qwenimage21").state_dict())
+    z = torch.zeros(1, 64, 3, 2, 2)
     for call in (lambda: m.decode(z), lambda: m.plan_decode(tuple(z.shape)),
-                 lambda: m.encode(torch.zeros(1, m.config.in_channels, 3, 32, 32))):
-        with pytest.raises(KLVAEError, match=why):
+                 lambda: m.encode(torch.zeros(1, 4, 3, 32, 32))):
+        with pytest.raises(KLVAEError, match="image VAE .* not 3"):
             call()
-    one = m.plan_decode((1, m.config.latent_channels, 1, 2, 2), tiling="exact")
-    assert one.predicted == m.plan_decode((1, m.config.latent_channels, 2, 2), tiling="exact").predicted
+    one = m.plan_decode((1, 64, 1, 2, 2), tiling="exact")
+    assert one.predicted == m.plan_decode((1, 64, 2, 2), tiling="exact").predicted
+
+
+def clip(T=9, H=64, W=96, seed=3):
+    return torch.rand(1, 3, T, H, W, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def wan22():
+    d = diffusers_model("wan22")
+    return d, klvae(d.state_dict())
+
+
+def test_wan22_clips_are_diffusers_untiled_and_exact_tiled(wan22, tmp_path):
+    """A 9-frame clip: the argmax latent (3 frames: Wan's chunks of 1, 4, 4 frames through the
+    levels' time shortcuts) and its decode (one latent frame at a time, the first level's shortcut
+    dropping its first frame) are diffusers' AutoencoderKLWan(is_residual=True)'s untiled, and the
+    exact engine's (device and disk stores, bands of a few rows) equal the untiled ones."""
+    d, m = wan22
+    x = clip()
+    with torch.no_grad():
+        want = d.encode(x).latent_dist.mode()
+        ref = d.decode(want).sample
+        z = m.encode(x).latent_dist.mode()
+        out = m.decode(want).sample
+    assert want.shape == (1, 48, 3, 4, 6) and ref.shape == out.shape == (1, 3, 9, 64, 96)
+    torch.testing.assert_close(z, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    for store in ("device", "disk"):
+        t = Tiling(mode="exact", tile_size=16, store=store, spill_dir=str(tmp_path))
+        with torch.no_grad():
+            zt = m.encode(x, tiling=t).latent_dist.mode()
+            enc = m.last_tiling
+            ot = m.decode(want, tiling=t).sample
+            dec = m.last_tiling
+        assert enc.mode == dec.mode == "exact" and dec.grid[0] >= 4, dec
+        assert (zt - z).abs().max() <= 1e-5 and (ot - out).abs().max() <= 1e-5
+        for r in (enc, dec):
+            assert r.store_bytes <= r.plan.store_bytes <= 1.3 * r.store_bytes, r
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wan22_decode_clip_hands_over_each_chunk(wan22):
+    """decode_clip: each latent frame's output frames to the callback as they finish (1, then 4 at a
+    time), together the whole decode."""
+    d, m = wan22
+    z = torch.randn(1, 48, 3, 4, 6, generator=torch.Generator().manual_seed(4))
+    got = {}
+    with torch.no_grad():
+        m.decode_clip(z, lambda t0, frames: got.__setitem__(t0, frames.clone()), tiling=Tiling(mode="exact", tile_size=32))
+        ref = d.decode(z).sample
+    assert sorted(got) == [0, 1, 5] and [got[t].shape[2] for t in (0, 1, 5)] == [1, 4, 4]
+    torch.testing.assert_close(torch.cat([got[t] for t in (0, 1, 5)], 2), ref, atol=1e-4, rtol=0)
 
 
 # -- tiling --------------------------------------------------------------------------------------------
@@ -257,10 +314,17 @@ def test_graph_forms_are_cores(pair):
     family, _, m = pair
     kl = adapter.KLVAE(m)
     rgba = (images("qwenimage21")[:1].movedim(1, -1) + 1) / 2
-    if family == "wan22":
+    if family == "wan22":  # a batch of 5 IMAGEs is the frames of one clip, as core's WanVAE takes them
         z = kl.encode(rgba[..., :3])
         assert z.shape == (1, 48, 1, 4, 6) and kl.latent_dim == 3 and kl.temporal_compression_decode() == 4
         assert kl.decode(z).shape == (1, 64, 96, 3)
+        frames = (clip(T=5)[0].movedim(0, -1) + 1) / 2
+        zc = kl.encode(frames)
+        with torch.no_grad():
+            want = m.encode(frames.movedim(-1, 0)[None] * 2 - 1).latent_dist.mode()
+        assert zc.shape == (1, 48, 2, 4, 6)
+        torch.testing.assert_close(zc, want, atol=1e-5, rtol=0)
+        assert kl.decode(zc).shape == (5, 64, 96, 3)
         return
     z = kl.encode(rgba.expand(3, -1, -1, -1))
     assert z.shape == (3, 64, 4, 6) and kl.latent_dim == 2 and kl.temporal_compression_decode() is None

@@ -252,10 +252,12 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         image's shape and more are refused."""
         if not (self.config.network.video_shaped and isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 5):
             return shape, False
-        if self.config.network.refuse_clip is None:
+        refuse = self.config.network.refuse_clip
+        why = refuse(self.config, shape[2]) if refuse is not None and isinstance(shape[2], int) else None
+        if why is None:
             return shape, True
-        if isinstance(shape[2], int) and shape[2] > 1:
-            raise self.config.network.refuse_clip(self.config, shape[2])
+        if shape[2] > 1:
+            raise why
         return (shape[0], shape[1], *shape[3:]), False
 
     def _plan_clip(self, net, direction, in_channels, shape, clip, tiling) -> Plan:
@@ -324,8 +326,10 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     # -- clips: [B, C, T, H, W] with T > 1, through a video network (Wan 2.1's) -------------------
     def _is_clip(self, t) -> bool:
         clip = self.config.network.video_shaped and torch.is_tensor(t) and t.dim() == 5 and t.shape[2] > 1
-        if clip and self.config.network.refuse_clip is not None:
-            raise self.config.network.refuse_clip(self.config, t.shape[2])
+        refuse = self.config.network.refuse_clip
+        why = refuse(self.config, t.shape[2]) if clip and refuse is not None else None
+        if why is not None:
+            raise why
         return clip
 
     def _clip_run(self, what, x: torch.Tensor, tiling, run) -> torch.Tensor:

@@ -64,7 +64,7 @@ class Network:
     group_norms: bool = True         # its norms are GroupNorms: norm_groups must divide every width
     check: Callable | None = None    # its own VAEConfig checks: check(cfg) raises a KLVAEError
     narrow: Callable | None = None   # (preset config, overrides) -> overrides, for narrowed networks
-    refuse_clip: Callable | None = None  # (cfg, frames) -> the KLVAEError for clips it does not run (None: it runs them)
+    refuse_clip: Callable | None = None  # (cfg, frames) -> the KLVAEError for a clip this config does not run, or None
 
 
 NETWORKS = {}   # name -> Network, in registration order (vae/__init__.py imports the model files)

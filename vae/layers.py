@@ -252,13 +252,24 @@ class SpanStep(Step):
     def shortcut(self):
         raise NotImplementedError  # a subclass says its block's shortcut
 
+    def clip_shortcut(self):
+        """The shortcut on a clip's time chunk (its Tile's t0 says where the chunk starts); a family
+        whose blocks run clips says it."""
+        raise NotImplementedError
+
     def describe(self):
-        branch = [s.describe() for s in self.inner]
+        return self._span([s.describe() for s in self.inner], self.shortcut())
+
+    def describe_clip(self):
+        inner = [s.describe_clip() for s in self.inner]
+        return None if any(d is None for d in inner) else self._span(inner, self.clip_shortcut())
+
+    def _span(self, branch: list, shortcut):
         if not isinstance(verbs.sequence(branch[-1])[-1], verbs.Rows):
             # the engines add a residual's shortcut in its branch's last row pass; a branch that ends
             # in a resnet (Wan 2.2's last encoder level) gets one that passes its rows through
-            branch.append(verbs.rows(lambda t: t, self.cout, above=0, below=0))
-        return verbs.residual(branch, shortcut=self.shortcut())
+            branch.append(verbs.rows(lambda t: t._replace(data=t.data.clone()), self.cout, above=0, below=0))
+        return verbs.residual(branch, shortcut=shortcut)
 
     def shape(self):
         return self.inner[-1].cout, self.inner[-1].r_out

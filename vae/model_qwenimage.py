@@ -155,8 +155,9 @@ def _earlier(cache, x: torch.Tensor, n: int) -> torch.Tensor:
 def causal_chunks(*nets):
     """Run clips through nets chunk by chunk along time: every causal layer keeps the frames of its
     input that the next chunk's first frames read (Wan's feat_cache, held by the layer), so the
-    chunks' outputs, in order, are the whole clip's. Caches are dropped on leaving."""
-    layers = [m for net in nets for m in net.modules() if isinstance(m, (CausalConv3d, UpResample, DownResample))]
+    chunks' outputs, in order, are the whole clip's. Caches are dropped on leaving. (A layer with
+    state across chunks says so with a class attribute `cache = None`: Wan 2.2's blocks too.)"""
+    layers = [m for net in nets for m in net.modules() if hasattr(m, "cache")]
     for m in layers:
         m.cache = ()  # streaming, nothing seen yet
     try:
@@ -666,7 +667,9 @@ def halved(time_conv: TimeSlices, t: Tile) -> Tile:
     if j1 >= j0:
         out.append(conv_over_time(x[:, :, 2 * j0 - 2 - first:2 * j1 - first + 1], time_conv.slices, time_conv.bias,
                                   stride=2))
-    data = cat_frames(out) if len(out) > 1 else out[0] if out else x[:, :, :0]
+    # a new tensor, never a view of the input: a residual's shortcut is added into it in place (Wan 2.2's
+    # levels), and the input's frames are this op's cache for the next chunk
+    data = cat_frames(out) if out else x[:, :, :0]
     return t._replace(data=data, past=0)
 
 

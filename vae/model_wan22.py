@@ -28,8 +28,19 @@ time pads one zero frame before the lone one (so half of each mean's values are 
 shortcut of a level that doubles time keeps the second of the two frames it makes (Wan's first
 chunk drops the first). On one frame both are maps of whole 2x2 cells (`avg_down`, `dup_up`): row
 ops with no halo, which the exact engine, bounded mode and the distributed run take as they are
-(layers.SpanStep keeps the block's input alive across its layers). Clips of more frames: not yet
-(one error names it).
+(layers.SpanStep keeps the block's input alive across its layers).
+
+Clips (Wan 2.2's): T > 1, in causal time
+----------------------------------------
+The pieces run clips as Wan 2.1's do (causal convs with their caches, the decoder's frame doubling,
+the encoder's stride-2 time conv). The shortcuts are maps within frame groups, so they need no
+cache: the down shortcut of the clip's first chunk puts the zero frame before its first frame, and
+every later chunk must start on a frame pair (Wan's encode chunks of 1, 4, 4, ... frames do; other
+chunkings are one error); the up shortcut drops the first frame of the clip's first chunk. Each
+block knows whether its chunk is the first: `cache` in a chunked untiled run (causal_chunks), the
+Tile's t0 in the exact engine (engine.run_clip), which runs the blocks' clip descriptions
+(SpanStep.describe_clip) band by band like Wan 2.1's layers. Qwen-Image 2.1's network has no time
+axis: its clips are refused in one line (refuse_clip).
 
 Layer types -> Steps (registered at the bottom of this file)
 ------------------------------------------------------------
@@ -53,7 +64,7 @@ from .layers import SpanStep, Step, register
 from .model_qwenimage import (ATTENTION_LEAVES, HEAD_LEAVES, QUANT, RESAMPLE_LEAVES, RESNET_LEAVES, AttentionBlock,
                               CausalConv3d, DownResample, Head, QuantConv, ResidualBlock, UpResample, causal_chunks,
                               from_original, per_frame, to_original)
-from .ops import Tile
+from .ops import Tile, fold, unfold
 
 # The latent statistics their pipelines normalise with: Wan 2.2's (its diffusers config.json, ComfyUI's
 # latent_formats.Wan22) and Qwen-Image 2.1's (AutoencoderKLQwenImage21's config).
@@ -116,30 +127,46 @@ class Unpatchify(nn.Module):
         return per_frame(self, x) if x.dim() == 5 else unpatchify(x, self.p)
 
 
-def avg_down(x: torch.Tensor, cout: int, ft: int, fs: int) -> torch.Tensor:
-    """AvgDown3D on one frame [B, C, H, W] -> [B, cout, H/fs, W/fs]: each fs x fs cell into
-    channels (value (c, t, i, j) at index ((c ft + t) fs + i) fs + j), behind the ft - 1 zero
-    frames that pad a lone frame to a whole frame group (time t = ft - 1 is the frame), then the
-    mean of each run of C ft fs fs / cout consecutive values."""
-    B, C = x.shape[:2]
-    u = F.pixel_unshuffle(x, fs) if fs > 1 else x
-    h, w = u.shape[-2:]
-    if ft > 1:
-        u = torch.cat([u.new_zeros(B, C, ft - 1, fs * fs, h, w), u.reshape(B, C, 1, fs * fs, h, w)], dim=2)
-    return u.reshape(B, cout, -1, h, w).mean(2)
+def avg_down(x: torch.Tensor, cout: int, ft: int, fs: int, first: bool = True) -> torch.Tensor:
+    """AvgDown3D: [B, C, T, H, W] -> [B, cout, T', H/fs, W/fs] (an image [B, C, H, W]: one frame).
+    Each group of ft frames and fs x fs cell goes into channels (value (c, t, i, j) at index
+    ((c ft + t) fs + i) fs + j), then the mean of each run of C ft fs fs / cout consecutive values.
+    The clip's first group is ft - 1 zero frames and its first frame (Wan pads the front); `first`:
+    x starts the clip, else it must start on a group (Wan's chunks of 1, 4, 4, ... frames do)."""
+    image = x.dim() == 4
+    x = x[:, :, None] if image else x
+    B, C, T, H, W = x.shape
+    lead = ft - 1 if first else 0
+    if (T + lead) % ft:
+        raise KLVAEError(f"a time chunk of {T} frames {'at the clip start' if first else 'after it'} does not hold whole "
+                         f"groups of {ft} frames for Wan 2.2's shortcut: chunk clips as Wan does (1, 4, 4, ... frames)")
+    if lead:
+        x = torch.cat([x.new_zeros(B, C, lead, H, W), x], dim=2)
+    n, h, w = (T + lead) // ft, H // fs, W // fs
+    u = x.reshape(B, C, n, ft, h, fs, w, fs).permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(B, cout, -1, n, h, w).mean(2)
+    return u[:, :, 0] if image else u
 
 
-def dup_up(x: torch.Tensor, cout: int, ft: int, fs: int) -> torch.Tensor:
-    """DupUp3D on one frame [B, C, h, w] -> [B, cout, fs h, fs w]: every channel repeated
-    cout ft fs fs / C times (value k of the repeat is channel k // repeats), the values read as
-    (c, t, i, j) at index ((c ft + t) fs + i) fs + j; of the ft frames that makes, the last
-    (Wan's first chunk keeps it), as fs x fs cells. Gathers those channels only: no repeat is made."""
-    C = x.shape[1]
+def dup_up(x: torch.Tensor, cout: int, ft: int, fs: int, first: bool = True) -> torch.Tensor:
+    """DupUp3D: [B, C, T, h, w] -> [B, cout, T ft, fs h, fs w] (an image [B, C, h, w]: one frame).
+    Every channel repeated cout ft fs fs / C times (value k of the repeat is channel k // repeats),
+    the values read as (c, t, i, j) at index ((c ft + t) fs + i) fs + j: ft frames of fs x fs cells
+    for each frame. `first`: x starts the clip, whose first ft - 1 frames Wan drops (a lone frame
+    keeps the last of its ft). Gathers the channels each frame needs: no repeat is made."""
+    image = x.dim() == 4
+    x = x[:, :, None] if image else x
+    B, C, T, h, w = x.shape
     repeats = cout * ft * fs * fs // C
     k = torch.arange(cout * fs * fs, device=x.device)
-    src = ((k // (fs * fs) * ft + ft - 1) * fs * fs + k % (fs * fs)) // repeats
-    y = x.index_select(1, src)
-    return F.pixel_shuffle(y, fs) if fs > 1 else y
+    frames = []
+    for t in range(ft - 1 if image else 0, ft):  # a lone frame: only the frame that is kept
+        src = ((k // (fs * fs) * ft + t) * fs * fs + k % (fs * fs)) // repeats
+        y = fold(x).index_select(1, src)
+        frames.append(unfold(F.pixel_shuffle(y, fs) if fs > 1 else y, B))
+    if image:
+        return frames[0][:, :, 0]
+    y = torch.stack(frames, dim=3).reshape(B, cout, T * ft, fs * h, fs * w)
+    return y[:, :, ft - 1:] if first else y
 
 
 def _shortcut_fits(cin: int, cout: int, factor: int, what: str) -> None:
@@ -163,17 +190,16 @@ class DownBlock(nn.Module):
         self.cin, self.cout, self.ft, self.fs = cin, cout, 2 if temporal else 1, 2 if down else 1
         _shortcut_fits(cin, cout, self.ft * self.fs ** 2, "down")
 
+    cache = None  # chunked clips (causal_chunks): () before the first chunk, then True
+
     def layers(self) -> list:
         return list(self.downsamples)
 
-    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        return avg_down(x, self.cout, self.ft, self.fs)
+    def shortcut(self, x: torch.Tensor, first: bool = True) -> torch.Tensor:
+        return avg_down(x, self.cout, self.ft, self.fs, first)
 
     def forward(self, x):
-        h = x
-        for layer in self.layers():
-            h = layer(h)
-        return h.add_(self.shortcut(x)) if not h.requires_grad else h + self.shortcut(x)
+        return _block(self, x)
 
 
 class UpBlock(nn.Module):
@@ -190,34 +216,39 @@ class UpBlock(nn.Module):
         if up:
             _shortcut_fits(cin, cout, self.ft * 4, "up")
 
+    cache = None  # chunked clips (causal_chunks): () before the first chunk, then True
+
     def layers(self) -> list:
         return list(self.upsamples)
 
-    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        return dup_up(x, self.cout, self.ft, 2)
+    def shortcut(self, x: torch.Tensor, first: bool = True) -> torch.Tensor:
+        return dup_up(x, self.cout, self.ft, 2, first)
 
     def forward(self, x):
-        h = x
-        for layer in self.layers():
-            h = layer(h)
-        if not self.up:
-            return h
-        return h.add_(self.shortcut(x)) if not h.requires_grad else h + self.shortcut(x)
+        return _block(self, x, shortcut=self.up)
 
 
-def refuse_clip(cfg, frames: int) -> KLVAEError:
-    """Why a clip of `frames` frames is not run (AutoencoderKL asks before anything runs)."""
+def _block(block, x: torch.Tensor, shortcut: bool = True) -> torch.Tensor:
+    """A level's layers, plus its shortcut of x. In a chunked clip (block.cache not None) the shortcut
+    knows whether x is the clip's first chunk."""
+    first = x.dim() == 4 or block.cache in (None, ())
+    if x.dim() == 5 and block.cache is not None:
+        block.cache = True
+    h = x
+    for layer in block.layers():
+        h = layer(h)
+    if not shortcut:
+        return h
+    return h.add_(block.shortcut(x, first)) if not h.requires_grad else h + block.shortcut(x, first)
+
+
+def refuse_clip(cfg, frames: int) -> KLVAEError | None:
+    """Why a clip of `frames` frames is not run (AutoencoderKL asks before anything runs): Qwen-Image
+    2.1's 2-D network has no time axis; Wan 2.2's runs clips (None)."""
     if cfg.time_kernel == 1:
         return KLVAEError(f"Qwen-Image 2.1's VAE is an image VAE (2-D convolutions): it takes one frame, not {frames}; "
                           f"encode or decode the frames as a batch of images")
-    return KLVAEError(f"clips of {frames} frames through Wan 2.2's VAE are not supported yet (images, one frame, are): "
-                      f"decode the clip with diffusers' AutoencoderKLWan or ComfyUI's VAE Decode meanwhile")
-
-
-def _one_frame(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() == 5:  # the modules themselves: chunks of one frame through a clip's path would be wrong
-        raise KLVAEError(f"{x.shape[2]}-frame chunks through Wan 2.2's VAE modules are not supported yet: images only")
-    return x
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +281,6 @@ class Encoder(nn.Module):
                 self.head]
 
     def forward(self, x):
-        x = _one_frame(x)
         for layer in self.layers():
             x = layer(x)
         return x
@@ -285,7 +315,6 @@ class Decoder(nn.Module):
         return [self.conv1, *self.middle, *blocks, self.head, *([self.unpatch] if self.unpatch is not None else [])]
 
     def forward(self, z):
-        z = _one_frame(z)
         for layer in self.layers():
             z = layer(z)
         return z
@@ -347,6 +376,9 @@ class PatchifyStep(Step):
             return _down(t, patchify(t.data, p), p)
         return verbs.rows(fn, self.cout, down=p, above=0, below=0)
 
+    def describe_clip(self):
+        return self.describe()  # frame by frame: the engine folds a chunk's frames into the batch
+
     def scale_stream(self, s):
         pass  # a permutation of the pixels: nothing to scale
 
@@ -367,6 +399,9 @@ class UnpatchifyStep(Step):
         p = self.layer.p
         return verbs.rows(lambda t: _up(t, unpatchify(t.data, p), p), self.cout, up=p, above=0, below=0)
 
+    def describe_clip(self):
+        return self.describe()  # frame by frame
+
     def scale_stream(self, s):
         pass  # the network's output, permuted
 
@@ -381,10 +416,15 @@ class DownBlockStep(SpanStep):
         if b.fs == 1:
             return None if b.cin == b.cout and b.ft == 1 else (lambda x: avg_down(x, b.cout, b.ft, 1))
 
-        def fn(t: Tile) -> Tile:
+        def fn(t: Tile) -> Tile:  # an image's rows, or a clip chunk's (its first frame at t.t0)
             t = _cells(t, 2)
-            return _down(t, b.shortcut(t.data), 2)
+            return _down(t, b.shortcut(t.data, first=t.t0 == 0), 2)
         return verbs.rows(fn, b.cout, down=2, above=0, below=0)
+
+    def clip_shortcut(self):
+        if self.layer.fs == 1 and self.layer.ft > 1:
+            raise KLVAEError("a level that halves time but not space has no Wan 2.2 shortcut")
+        return self.shortcut()
 
 
 class UpBlockStep(SpanStep):
@@ -393,7 +433,10 @@ class UpBlockStep(SpanStep):
 
     def shortcut(self):
         b = self.layer
-        return verbs.rows(lambda t: _up(t, b.shortcut(t.data), 2), b.cout, up=2, above=0, below=0)
+        return verbs.rows(lambda t: _up(t, b.shortcut(t.data, first=t.t0 == 0), 2), b.cout, up=2, above=0, below=0)
+
+    def clip_shortcut(self):
+        return self.shortcut()  # an image's rows, or a clip chunk's (its first frame at t.t0)
 
 
 for _module, _step in ((Patchify, PatchifyStep), (Unpatchify, UnpatchifyStep), (DownBlock, DownBlockStep),

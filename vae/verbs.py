@@ -60,7 +60,7 @@ class PerPixel(NamedTuple):
 class Rows:
     """An op whose output rows [y0, y1) come from input rows span(y0, y1) (unclamped: the engines
     clamp to the image). up / down: output rows per input row, input rows per output row."""
-    fn: Callable              # Tile of (normalised) input rows -> Tile of the valid outputs
+    fn: Callable              # Tile of (normalised) input rows -> Tile of the valid outputs (new tensors: a residual's shortcut is added into them)
     cout: int
     up: int = 1
     down: int = 1

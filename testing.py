@@ -89,9 +89,12 @@ def diffusers_vae(family="sd1", seed=0, noise=0.1, **overrides):
 @torch.no_grad()
 def calibrate(vae, pixels: torch.Tensor):
     """Rescale every conv of a diffusers VAE so its outputs have unit std on real input (residual
-    branches 0.3), in one forward pass per half: encoder on `pixels`, decoder on its mode. Qwen-Image's
-    class takes [B, C, T, H, W] and has 3-D convs: one frame, and those too."""
-    video = type(vae).__name__ == "AutoencoderKLQwenImage"
+    branches 0.3), in one forward pass per half: encoder on `pixels`, decoder on its mode. The Wan
+    classes (Qwen-Image's, Wan 2.2's, Qwen-Image 2.1's) take [B, C, T, H, W] and have 3-D convs: one
+    frame, and those too; Qwen-Image 2.1's takes RGBA (opaque here)."""
+    video = type(vae).__name__ in ("AutoencoderKLQwenImage", "AutoencoderKLQwenImage21", "AutoencoderKLWan")
+    if vae.config.get("in_channels", 3) == 4:  # Qwen-Image 2.1's RGBA: opaque
+        pixels = torch.cat([pixels, torch.ones_like(pixels[:, :1])], dim=1)
     pixels = pixels[:, :, None] if video else pixels
 
     def hook(name):

@@ -8,6 +8,8 @@
     python benchmarks/bench.py qwenimage       # Qwen-Image's VAE at 1024: klvae's modes, diffusers' and ComfyUI's untiled and tiled
     python benchmarks/bench.py hunyuanimage    # HunyuanImage-2.1's, the same
     python benchmarks/bench.py wan             # clips through Wan 2.1's VAE: klvae untiled/exact, diffusers, ComfyUI (video.py)
+    python benchmarks/bench.py wan22           # the same through Wan 2.2's VAE (16x, residual blocks across each level)
+    python benchmarks/bench.py qwenimage21 --sizes 1024,2048 --systems klvae,diffusers   # Qwen-Image 2.1's VAE (RGBA, 16x)
     python benchmarks/bench.py gpu --out DIR   # the GPU suite (CUDA tests, klvae/diffusers/ComfyUI at 1K-8K)
     python benchmarks/bench.py gpu --device cpu --sizes 256 --out DIR   # the same script end to end on the CPU
     python benchmarks/bench.py tiling --sizes 1024 --systems klvae,diffusers
@@ -38,7 +40,7 @@ from common import FAMILY_SUITES, OUT
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suite", choices=["core", "tiling", "big", "precision", "dist", "gpu", "wan", *FAMILY_SUITES])
+    ap.add_argument("suite", choices=["core", "tiling", "big", "precision", "dist", "gpu", *video.SUITES, *FAMILY_SUITES])
     ap.add_argument("--sizes", default="", help="comma-separated image sizes (wan: HxW, e.g. 256x448)")
     ap.add_argument("--frames", default="17", help="wan: comma-separated clip lengths in frames (1 + 4k)")
     ap.add_argument("--systems", default="klvae,diffusers,comfy")
@@ -69,14 +71,14 @@ def main():
         return
     if a.suite == "dist":
         return dist.dist_suite([int(s) for s in a.sizes.split(",") if s])
-    if a.suite == "wan":
+    if a.suite in video.SUITES:
         if a.case:
             system, op, H, W, T, mode, tile = a.case.split(":")
-            print("RESULT " + json.dumps(video.run_case(system, op, int(H), int(W), int(T), mode, int(tile))))
+            print("RESULT " + json.dumps(video.run_case(system, op, int(H), int(W), int(T), mode, int(tile), a.suite)))
             return
         sizes = [tuple(map(int, s.split("x"))) for s in (a.sizes or "256x448").split(",")]
         frames = [1 + (int(n) - 1) // 4 for n in a.frames.split(",")]
-        return video.run_suite(sizes, frames, a.systems.split(","), [m for m in a.modes.split(",") if m])
+        return video.run_suite(sizes, frames, a.systems.split(","), [m for m in a.modes.split(",") if m], a.suite)
     if a.case:
         system, op, size, mode, tile = a.case.split(":")
         family = a.suite if a.suite in FAMILY_SUITES else "sd1"

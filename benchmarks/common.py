@@ -18,7 +18,7 @@ OUT = os.path.join(HERE, "out")
 BENCH = os.path.join(HERE, "bench.py")  # each case runs as `bench.py <suite> --case ...` in a fresh process
 
 
-FAMILY_SUITES = ("qwenimage", "hunyuanimage")  # suites of the other networks' VAEs: their family is the suite
+FAMILY_SUITES = ("qwenimage", "qwenimage21", "hunyuanimage")  # suites of the other networks' VAEs: their family is the suite
 
 
 def shared_vae(family: str = "sd1"):

@@ -26,7 +26,9 @@ def run_case(system, op, size, mode, tile, family="sd1"):
     torch.set_num_threads(2)
     dvae = shared_vae(family)
     x = latent_for(size, family) if op == "decode" else testing.test_image(size)
-    video = family == "qwenimage"  # diffusers' Qwen-Image class takes and gives [B, C, T, H, W]
+    video = family in ("qwenimage", "qwenimage21")  # diffusers' Qwen-Image classes take and give [B, C, T, H, W]
+    if op == "encode" and dvae.config.get("in_channels", 3) == 4:  # Qwen-Image 2.1's RGBA: every system opaque alpha
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
     report = None
     # mode: [dtype-]tiling[-store]: "untiled", "exact", "exact-disk", "bounded", "tiled" (anchors),
     # "bf16", "bf16-exact" (precision suite); fp32 and the store the plan picks unless named.

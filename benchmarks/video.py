@@ -1,4 +1,5 @@
-"""Clips through Wan 2.1's VAE (the calibrated full-size Qwen-Image VAE: the same network): klvae
+"""Clips through Wan 2.1's VAE (the calibrated full-size Qwen-Image VAE: the same network; `wan22`:
+Wan 2.2's, 16x, calibrated full-size too): klvae
 untiled (Wan's time chunks) and exact (time chunks x bands, device and disk stores) against
 diffusers' AutoencoderKLQwenImage untiled and enable_tiling(), and ComfyUI's VAE Decode and VAE
 Decode (Tiled) node with its defaults (512 px / 64 overlap, temporal 64 / 8 frames) and with
@@ -7,6 +8,7 @@ process.
 
     python benchmarks/bench.py wan                          # 256x448 px, 17 frames: every case
     python benchmarks/bench.py wan --sizes 480x832 --frames 17 --systems klvae,diffusers --modes untiled,exact-device,exact-disk
+    python benchmarks/bench.py wan22                        # Wan 2.2's VAE, 256x448 px, 17 frames
 
 The clip: the synthetic test image panning 3 px a frame (klvae's exact encode of it gives the
 latent every decode case decodes). Columns: time, x klvae untiled, the rise of peak RSS, klvae's
@@ -27,8 +29,11 @@ from common import BENCH, OUT, comfy_path, shared_vae, timed
 from klvae import testing
 from klvae.vae import Tiling, load_vae
 
-FAMILY = "qwenimage"
-FOLDER = os.path.join(OUT, "outputs_wan")
+SUITES = {"wan": "qwenimage", "wan22": "wan22"}  # suite -> the family whose calibrated VAE it runs
+
+
+def folder(suite) -> str:
+    return os.path.join(OUT, "outputs_wan" if suite == "wan" else f"outputs_{suite}")
 
 
 def pan_clip(H, W, n) -> torch.Tensor:
@@ -37,11 +42,11 @@ def pan_clip(H, W, n) -> torch.Tensor:
     return torch.stack([big[:, :, :, 3 * t:3 * t + W] for t in range(n)], dim=2)
 
 
-def clip_latent(H, W, T) -> torch.Tensor:
-    """The raw latent [1, 16, T, H/8, W/8] of the pan clip of 1 + 4(T - 1) frames (made once, cached)."""
-    path = os.path.join(OUT, f"latent_wan_{H}x{W}x{T}.pt")
+def clip_latent(H, W, T, suite="wan") -> torch.Tensor:
+    """The raw latent [1, z, T, H/f, W/f] of the pan clip of 1 + 4(T - 1) frames (made once, cached)."""
+    path = os.path.join(OUT, f"latent_{suite}_{H}x{W}x{T}.pt")
     if not os.path.exists(path):
-        vae = load_vae(shared_vae(FAMILY).state_dict())
+        vae = load_vae(shared_vae(SUITES[suite]).state_dict())
         torch.save(vae.encode(pan_clip(H, W, 1 + 4 * (T - 1)), tiling="exact").mode().contiguous(), path)
     return torch.load(path, weights_only=True)
 
@@ -60,10 +65,10 @@ def cases(sizes, frames, systems):
                 yield "comfy", "decode", H, W, T, "tiled-t8", 256
 
 
-def run_case(system, op, H, W, T, mode, tile):
+def run_case(system, op, H, W, T, mode, tile, suite="wan"):
     torch.set_num_threads(2)
-    dvae = shared_vae(FAMILY)
-    z = clip_latent(H, W, T)
+    dvae = shared_vae(SUITES[suite])
+    z = clip_latent(H, W, T, suite)
     tmode, store = (mode.split("-") + ["auto"])[:2]
     report = None
     if system == "klvae":
@@ -99,8 +104,8 @@ def run_case(system, op, H, W, T, mode, tile):
         r = vae.last_tiling
         report = dict(grid=r.grid, chunks=r.chunks, predicted=r.predicted_peak, store=r.store, store_bytes=r.store_bytes,
                       measured=r.measured_peak, sentence=str(r))
-    os.makedirs(FOLDER, exist_ok=True)
-    torch.save(y.float().contiguous(), os.path.join(FOLDER, name(system, H, W, T, mode, tile)))
+    os.makedirs(folder(suite), exist_ok=True)
+    torch.save(y.float().contiguous(), os.path.join(folder(suite), name(system, H, W, T, mode, tile)))
     return dict(system=system, op=op, H=H, W=W, T=T, frames=y.shape[2], mode=mode, tile=tile, seconds=seconds,
                 peak=peak, report=report)
 
@@ -118,15 +123,15 @@ def flicker(y, ref) -> tuple:
     return float(r.min()), float(r.max())
 
 
-def run_suite(sizes, frames, systems, modes=()):
+def run_suite(sizes, frames, systems, modes=(), suite="wan"):
     results = []
-    shared_vae(FAMILY)
+    shared_vae(SUITES[suite])
     for case in cases(sizes, frames, systems):
         system, op, H, W, T, mode, tile = case
         if modes and mode not in modes:
             continue
-        clip_latent(H, W, T)
-        p = subprocess.run([sys.executable, BENCH, "wan", "--case", ":".join(map(str, case))],
+        clip_latent(H, W, T, suite)
+        p = subprocess.run([sys.executable, BENCH, suite, "--case", ":".join(map(str, case))],
                            capture_output=True, text=True)
         line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
         if p.returncode or not line:
@@ -137,7 +142,7 @@ def run_suite(sizes, frames, systems, modes=()):
         r = json.loads(line[0][7:])
         results.append(r)
         print(f"{system:9} {H}x{W} T={T} {mode:12} {r['seconds']:7.1f} s  peak {r['peak'] / 2**30:5.2f} GiB", flush=True)
-        with open(os.path.join(OUT, "wan.json"), "w") as f:
+        with open(os.path.join(OUT, f"{suite}.json"), "w") as f:
             json.dump(results, f, indent=1)
     for r in results:
         if "error" in r:
@@ -146,12 +151,12 @@ def run_suite(sizes, frames, systems, modes=()):
                      and (b["H"], b["W"], b["T"]) == (r["H"], r["W"], r["T"])), None)
         if base is None:
             continue
-        ref = torch.load(os.path.join(FOLDER, name("klvae", r["H"], r["W"], r["T"], "untiled", 0)))
-        y = torch.load(os.path.join(FOLDER, name(r["system"], r["H"], r["W"], r["T"], r["mode"], r["tile"])))
+        ref = torch.load(os.path.join(folder(suite), name("klvae", r["H"], r["W"], r["T"], "untiled", 0)))
+        y = torch.load(os.path.join(folder(suite), name(r["system"], r["H"], r["W"], r["T"], r["mode"], r["tile"])))
         r["ratio_time"] = r["seconds"] / base["seconds"]
         r["worst_frame_db"] = testing.worst_frame_psnr(y, ref) if r is not base else float("inf")
         r["flicker"] = flicker(y, ref)
-    with open(os.path.join(OUT, "wan.json"), "w") as f:
+    with open(os.path.join(OUT, f"{suite}.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(table(results))
 

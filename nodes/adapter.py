@@ -299,7 +299,6 @@ NOT_KL = {
     "StageA": "Stable Cascade's stage A (a VQGAN)",
     "StageC_coder": "Stable Cascade's effnet encoder",
     "VideoDecoder": "Stable Video Diffusion's temporal VAE",
-    "WanVAE": "a Wan video VAE (Wan 2.2's, 48 channels: only Wan 2.1's, Qwen-Image's, converts)",
 }
 _converted = weakref.WeakKeyDictionary()  # host VAE -> {(dtype, device): KLVAE}
 
@@ -321,12 +320,13 @@ def describe(vae) -> str:
 def is_kl(vae) -> bool:
     """ComfyUI's own KL autoencoders: SD1.x/2.x/SDXL load as AutoencoderKL, SD3/Flux.1 (and
     HunyuanImage-2.1) as an AutoencodingEngine with a Gaussian posterior and a 2-D decoder,
-    Qwen-Image's as Wan 2.1's WanVAE (comfy.ldm.wan.vae; Wan 2.2's lives in vae2_2)."""
+    Qwen-Image's as Wan 2.1's WanVAE (comfy.ldm.wan.vae), Wan 2.2's (and newer cores' Qwen-Image
+    2.1's) as vae2_2's WanVAE."""
     inner = getattr(vae, "first_stage_model", None)
     kind = type(inner).__name__
     if kind == "AutoencoderKL":
         return True
-    if kind == "WanVAE" and type(inner).__module__.endswith("wan.vae"):  # Wan 2.1's: Qwen-Image's VAE
+    if kind == "WanVAE" and type(inner).__module__.endswith(("wan.vae", "wan.vae2_2")):  # Wan 2.1's (Qwen-Image's), 2.2's
         return True
     return (kind == "AutoencodingEngine"
             and type(getattr(inner, "regularization", None)).__name__ == "DiagonalGaussianRegularizer"

@@ -22,6 +22,8 @@ NAMES = {
     "flux": ("Flux.1",),
     "flux2": ("Flux.2",),
     "qwenimage": ("Qwen-Image",),
+    "wan22": ("Wan 2.2",),
+    "qwenimage21": ("Qwen-Image 2.1",),
     "hunyuanimage": ("HunyuanImage-2.1",),
 }
 

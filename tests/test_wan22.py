@@ -454,3 +454,25 @@ def test_scaled_latents_are_the_pipelines_and_comfyuis(pair):
         want = (raw - mean) / std
     torch.testing.assert_close(m.to_scaled(raw), want, atol=1e-6, rtol=0)
     torch.testing.assert_close(m.from_scaled(m.to_scaled(raw)), raw, atol=1e-5, rtol=0)
+
+
+def test_cores_wan22_vae_converts(wan22):
+    """KLVAEFromVAE on core's Wan 2.2 VAE (comfy.ldm.wan.vae2_2.WanVAE, as core's VAE Loader makes it):
+    converted from its state dict (the original keys), the same decode."""
+    from klvae.nodes import adapter
+    _, m = wan22
+    WanVAE = type("WanVAE", (torch.nn.Module,), {"__module__": "comfy.ldm.wan.vae2_2"})
+
+    class HostVAE:
+        device, vae_dtype, latent_channels = torch.device("cpu"), torch.float32, 48
+
+        def __init__(self):
+            self.first_stage_model = WanVAE()
+
+        def get_sd(self):
+            return m.state_dict()
+
+    converted = adapter.as_klvae(HostVAE())
+    assert converted.model.config.family == "wan22"
+    z = torch.randn(1, 48, 1, 4, 6, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(converted.decode(z), adapter.KLVAE(m).decode(z), atol=0, rtol=0)

@@ -9,7 +9,7 @@
     python benchmarks/bench.py hunyuanimage    # HunyuanImage-2.1's, the same
     python benchmarks/bench.py wan             # clips through Wan 2.1's VAE: klvae untiled/exact, diffusers, ComfyUI (video.py)
     python benchmarks/bench.py wan22           # the same through Wan 2.2's VAE (16x, residual blocks across each level)
-    python benchmarks/bench.py qwenimage21 --sizes 1024,2048 --systems klvae,diffusers   # Qwen-Image 2.1's VAE (RGBA, 16x)
+    python benchmarks/bench.py qwenimage21 --sizes 1024 --systems klvae,diffusers   # Qwen-Image 2.1's VAE (RGBA, 16x)
     python benchmarks/bench.py gpu --out DIR   # the GPU suite (CUDA tests, klvae/diffusers/ComfyUI at 1K-8K)
     python benchmarks/bench.py gpu --device cpu --sizes 256 --out DIR   # the same script end to end on the CPU
     python benchmarks/bench.py tiling --sizes 1024 --systems klvae,diffusers
@@ -45,6 +45,7 @@ def main():
     ap.add_argument("--frames", default="17", help="wan: comma-separated clip lengths in frames (1 + 4k)")
     ap.add_argument("--systems", default="klvae,diffusers,comfy")
     ap.add_argument("--modes", default="", help="only these modes, e.g. untiled,bounded (default: all)")
+    ap.add_argument("--ops", default="decode,encode", help="only these directions, e.g. decode")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     ap.add_argument("--rank-case", help=argparse.SUPPRESS)  # internal: one rank of a distributed case
     ap.add_argument("--gpu-case", help=argparse.SUPPRESS)   # internal: GPU-suite cases (a JSON list) in this process
@@ -85,7 +86,7 @@ def main():
         print("RESULT " + json.dumps(single.run_case(system, op, int(size), mode, int(tile), family)))
         return
     single.run_suite(a.suite, [int(s) for s in a.sizes.split(",") if s], a.systems.split(","),
-                     [m for m in a.modes.split(",") if m])
+                     [m for m in a.modes.split(",") if m], a.ops.split(","))
 
 
 if __name__ == "__main__":

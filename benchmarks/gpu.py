@@ -14,7 +14,7 @@ import torch
 from common import BENCH, DTYPES, comfy_path, peak_rss_reset
 from klvae.vae.memory import proc_status
 from klvae import testing
-from klvae.vae import Tiling, load_vae
+from klvae.vae import Tiling, load_vae, preset
 
 
 # ---- the GPU suite: one command on a lent GPU, the same script on the CPU at toy sizes --------------
@@ -39,15 +39,26 @@ GPU_CASES = [
     ("klvae-wan", "decode", "bf16", None, "480x832x81"), ("klvae-wan", "decode", "bf16", "exact", "480x832x81"),
     ("klvae-wan", "decode", "bf16", None, "704x1280x61"), ("klvae-wan", "decode", "bf16", "exact", "704x1280x61"),
     ("diffusers-wan", "decode", "bf16", None, "480x832x81"),
+    # Qwen-Image 2.1's VAE (RGBA, 16x) at its recommended 2048 and at 4096; Wan 2.2's on FastWan's clip
+    # (704x1280x121: diffusers bf16 4.02 s, TensorRT-LLM 3.00 s on a B200, published)
+    ("klvae-qi21", "decode", "bf16", None, 2048), ("klvae-qi21", "decode", "bf16", "exact", 2048),
+    ("klvae-qi21", "decode", "bf16", "exact", 4096), ("diffusers-qi21", "decode", "bf16", None, 2048),
+    ("klvae-wan22", "decode", "bf16", None, "704x1280x121"), ("klvae-wan22", "decode", "bf16", "exact", "704x1280x121"),
+    ("diffusers-wan22", "decode", "bf16", None, "704x1280x121"),
 ]
+FAMILY_OF = {"klvae-flux": "flux", "klvae-wan": "qwenimage", "diffusers-wan": "qwenimage", "klvae-qi21": "qwenimage21",
+             "diffusers-qi21": "qwenimage21", "klvae-wan22": "wan22", "diffusers-wan22": "wan22"}
+NARROW_SMOKE = {"qwenimage21": dict(ch=16, decoder_ch=24), "wan22": dict(ch=16, decoder_ch=24)}  # the CPU smoke run
 
 
 def gpu_folder(family, out_dir, smoke):
     """The calibrated VAE as a diffusers folder, made once per run; the cases load it from there
     (klvae's cases without importing diffusers: a fresh process per case stays cheap)."""
     cache = os.path.join(out_dir, f"vae_{family}_{'smoke' if smoke else 'full'}")
-    if not os.path.exists(os.path.join(cache, "config.json")):  # full width: ComfyUI's VAE fixes it
-        testing.calibrated_vae(family, seed=0, image_size=64 if smoke else 256, cache=cache)
+    if not os.path.exists(os.path.join(cache, "config.json")):  # full width: ComfyUI's VAE fixes it (the 16x
+        # families are narrowed for the CPU smoke run: 0.3-0.7 G parameters would make it minutes)
+        testing.calibrated_vae(family, seed=0, image_size=64 if smoke else 256, cache=cache,
+                               **(NARROW_SMOKE.get(family, {}) if smoke else {}))
     return cache
 
 
@@ -68,7 +79,7 @@ def gpu_latent(folder, family, size, dev, out_dir, smoke):
 def gpu_case(system, op, dtype, tiling, size, device, out_dir, smoke):
     """One GPU-suite case in this process: time after a warm-up (synchronised), peak memory, the
     plan's prediction, host syncs inside the call, the guard's firings; the output saved."""
-    family = {"klvae-flux": "flux", "klvae-wan": "qwenimage", "diffusers-wan": "qwenimage"}.get(system, "sd1")
+    family = FAMILY_OF.get(system, "sd1")
     dev = torch.device(device)
     dt = DTYPES[dtype]
     if smoke:  # the CPU's bf16/fp16 convolutions are slow (diffusers' bf16 decode: 80 s at 64 px); the smoke run checks code paths
@@ -76,13 +87,16 @@ def gpu_case(system, op, dtype, tiling, size, device, out_dir, smoke):
     folder = gpu_folder(family, out_dir, smoke)
     if isinstance(size, str):  # a clip, HxWxframes: seeded latents (the timing does not depend on them)
         H, W, F = map(int, size.split("x"))
-        z = torch.randn(1, 16, 1 + (F - 1) // 4, H // 8, W // 8, generator=torch.Generator().manual_seed(0)).to(dev)
+        c = preset(family)
+        f = 2 ** (len(c.ch_mult) - 1) * c.patch_size
+        z = torch.randn(1, c.latent_channels, 1 + (F - 1) // 4, H // f, W // f,
+                        generator=torch.Generator().manual_seed(0)).to(dev)
     else:
         z = gpu_latent(folder, family, size, dev, out_dir, smoke)
     x = testing.test_image(size).to(dev) if op == "encode" else None
     report, plan_pred, guard = {}, None, None
     if system.startswith("klvae"):
-        vae = load_vae(folder, family=family if family != "qwenimage" else None, device=dev, dtype=dt)
+        vae = load_vae(folder, family=family if family in ("sd1", "flux") else None, device=dev, dtype=dt)
         t = Tiling(mode=tiling) if tiling else None
         if z.dim() == 5 and t is None:  # the untiled clip (Wan's chunks) has no plan
             plan = None
@@ -90,10 +104,12 @@ def gpu_case(system, op, dtype, tiling, size, device, out_dir, smoke):
             plan = vae.plan_decode(z.shape, t) if op == "decode" else vae.plan_encode(x.shape, t)
             plan_pred = plan.predicted
         fn = (lambda: vae.decode(z.to(dt), tiling=plan)) if op == "decode" else (lambda: vae.encode(x.to(dt), tiling=plan).mode())
-    elif system == "diffusers-wan":
-        from diffusers import AutoencoderKLQwenImage
-        vae = AutoencoderKLQwenImage.from_pretrained(folder).eval().to(dev, dt)
-        fn = (lambda: vae.decode(z.to(dt)).sample)
+    elif system in ("diffusers-wan", "diffusers-qi21", "diffusers-wan22"):  # the Wan classes take [B, C, T, h, w]
+        import diffusers
+        with open(os.path.join(folder, "config.json")) as f:
+            vae = getattr(diffusers, json.load(f)["_class_name"]).from_pretrained(folder).eval().to(dev, dt)
+        z5 = z if z.dim() == 5 else z[:, :, None]
+        fn = (lambda: vae.decode(z5.to(dt)).sample)
     elif system == "diffusers":
         from diffusers import AutoencoderKL as DAutoencoderKL
         vae = DAutoencoderKL.from_pretrained(folder).eval().to(dev, dt)

@@ -178,14 +178,14 @@ def big_plans(measured) -> str:
     return "\n".join(rows)
 
 
-def run_suite(suite, sizes, systems, modes):
+def run_suite(suite, sizes, systems, modes, ops=("decode", "encode")):
     """Every case of a suite, each in a fresh process; then ratios, fidelity, the table."""
     os.makedirs(OUT, exist_ok=True)
     family = suite if suite in FAMILY_SUITES else "sd1"
     shared_vae(family)  # make the shared weights once, outside the timed cases
     results, failed = [], []  # a case that fails is a finding too: kept in the JSON and the table with its reason
     for system, op, size, mode, tile in cases(suite, sizes, systems):
-        if modes and mode not in modes:
+        if modes and mode not in modes or op not in ops:
             continue
         latent_for(size, family)
         cmd = [sys.executable, BENCH, suite, "--case", f"{system}:{op}:{size}:{mode}:{tile}"]
@@ -230,6 +230,9 @@ def run_suite(suite, sizes, systems, modes):
             r["ratio_peak_vs_klvae"] = r["peak"] / max(k["peak"], 1)
     with open(os.path.join(OUT, f"{suite}.json"), "w") as f:
         json.dump(results + failed, f, indent=1)
+    if sizes:  # a run of chosen sizes also keeps its own copy (the next run of the suite rewrites <suite>.json)
+        with open(os.path.join(OUT, f"{suite}_{'_'.join(map(str, sizes))}.json"), "w") as f:
+            json.dump(results + failed, f, indent=1)
     print(table(results, "tiling" if family != "sd1" else suite))
     for r in failed:
         print(f"failed: {r['system']} {r['op']} {r['size']} {r['mode']} {r['tile'] or ''}: {r['error']}")

@@ -26,13 +26,17 @@ def test_gpu_suite_runs_end_to_end_on_the_cpu(tmp_path):
     for key in [("klvae", "decode", "untiled"), ("klvae", "decode", "exact"), ("klvae", "decode", "bounded"),
                 ("klvae", "encode", "exact"), ("klvae-flux", "decode", "exact"), ("diffusers", "decode", "tiled"),
                 ("comfy", "decode", "tiled"), ("klvae-wan", "decode", "untiled"), ("klvae-wan", "decode", "exact"),
-                ("diffusers-wan", "decode", "untiled")]:
+                ("diffusers-wan", "decode", "untiled"), ("klvae-qi21", "decode", "exact"),
+                ("diffusers-qi21", "decode", "untiled"), ("klvae-wan22", "decode", "untiled"),
+                ("klvae-wan22", "decode", "exact"), ("diffusers-wan22", "decode", "untiled")]:
         c = cases[key]
         assert c["finite"] is True and c["host_syncs"] == 0, c
         assert 0 < c["seconds"] < wall and isinstance(c["peak"], int) and 0 <= c["peak"] < 2**31, c  # a 64 px case
     exact = cases[("klvae", "decode", "exact")]
     assert exact["predicted"] > 0 and exact["report"]["mode"] == "exact" and exact["psnr_vs_full"] >= 60
     clip = cases[("klvae-wan", "decode", "exact")]  # a 64x64 clip of 5 frames: time chunks x bands, exact
+    assert clip["size"] == "64x64x5" and clip["report"]["mode"] == "exact" and clip["psnr_vs_full"] >= 60
+    clip = cases[("klvae-wan22", "decode", "exact")]  # Wan 2.2's: 16x, its levels' spanning shortcuts in time
     assert clip["size"] == "64x64x5" and clip["report"]["mode"] == "exact" and clip["psnr_vs_full"] >= 60
     assert (tmp_path / "gpu.log").read_text().count("peak") == len(res["cases"])
     assert not list(tmp_path.glob("*.pt"))  # outputs removed: what comes back from a GPU is the JSON and the log

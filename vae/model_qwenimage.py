@@ -738,12 +738,9 @@ def _decoder_stride(keys, layout: str):
     return max(res) + 2 if res and has_up else None
 
 
-def _to_diffusers_key(k: str, stride) -> str:
-    if k in QUANT:
-        return QUANT[k]
-    net, _, rest = k.partition(".")
-    if net not in ("encoder", "decoder"):
-        raise _unknown(k, "original")
+def shared_to_diffusers(net: str, rest: str) -> str | None:
+    """A key of {en,de}coder.<rest> that Wan 2.1's and Wan 2.2's layouts share (the input conv, the
+    middle, the head), original -> diffusers; None for the others."""
     if rest in ("conv1.weight", "conv1.bias"):
         return f"{net}.conv_in.{rest[6:]}"
     if rest in HEAD_LEAVES:
@@ -754,6 +751,31 @@ def _to_diffusers_key(k: str, stride) -> str:
             return f"{net}.mid_block.attentions.0.{leaf}"
         if n in (0, 2) and leaf in RESNET_LEAVES:
             return f"{net}.mid_block.resnets.{n // 2}.{RESNET_LEAVES[leaf]}"
+    return None
+
+
+def shared_to_original(net: str, rest: str) -> str | None:
+    """shared_to_diffusers' inverse (diffusers' {en,de}coder.<rest> -> the original key), None for the others."""
+    head, resnet = _INV(HEAD_LEAVES), _INV(RESNET_LEAVES)
+    if rest in ("conv_in.weight", "conv_in.bias"):
+        return f"{net}.conv1.{rest[8:]}"
+    if rest in head:
+        return f"{net}.{head[rest]}"
+    if (m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest)) and m[1] in ATTENTION_LEAVES:
+        return f"{net}.middle.1.{m[1]}"
+    if (m := re.fullmatch(r"mid_block\.resnets\.([01])\.(.+)", rest)) and m[2] in resnet:
+        return f"{net}.middle.{2 * int(m[1])}.{resnet[m[2]]}"
+    return None
+
+
+def _to_diffusers_key(k: str, stride) -> str:
+    if k in QUANT:
+        return QUANT[k]
+    net, _, rest = k.partition(".")
+    if net not in ("encoder", "decoder"):
+        raise _unknown(k, "original")
+    if shared := shared_to_diffusers(net, rest):
+        return shared
     if net == "encoder" and (m := re.fullmatch(r"downsamples\.(\d+)\.(.+)", rest)):
         n, leaf = int(m[1]), m[2]
         if leaf in RESNET_LEAVES:
@@ -771,20 +793,14 @@ def _to_diffusers_key(k: str, stride) -> str:
 
 
 def _to_original_key(k: str, stride) -> str:
-    quant, head, resnet = _INV(QUANT), _INV(HEAD_LEAVES), _INV(RESNET_LEAVES)
+    quant, resnet = _INV(QUANT), _INV(RESNET_LEAVES)
     if k in quant:
         return quant[k]
     net, _, rest = k.partition(".")
     if net not in ("encoder", "decoder"):
         raise _unknown(k, "diffusers")
-    if rest in ("conv_in.weight", "conv_in.bias"):
-        return f"{net}.conv1.{rest[8:]}"
-    if rest in head:
-        return f"{net}.{head[rest]}"
-    if (m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest)) and m[1] in ATTENTION_LEAVES:
-        return f"{net}.middle.1.{m[1]}"
-    if (m := re.fullmatch(r"mid_block\.resnets\.([01])\.(.+)", rest)) and m[2] in resnet:
-        return f"{net}.middle.{2 * int(m[1])}.{resnet[m[2]]}"
+    if shared := shared_to_original(net, rest):
+        return shared
     if net == "encoder" and (m := re.fullmatch(r"down_blocks\.(\d+)\.(.+)", rest)):
         if m[2] in resnet:
             return f"encoder.downsamples.{m[1]}.{resnet[m[2]]}"

@@ -61,9 +61,9 @@ from .config import Family, Network, register_network
 from .diffusers_compat import ArchNames
 from .errors import KLVAEError
 from .layers import SpanStep, Step, register
-from .model_qwenimage import (ATTENTION_LEAVES, HEAD_LEAVES, QUANT, RESAMPLE_LEAVES, RESNET_LEAVES, AttentionBlock,
-                              CausalConv3d, DownResample, Head, QuantConv, ResidualBlock, UpResample, causal_chunks,
-                              from_original, per_frame, to_original)
+from .model_qwenimage import (QUANT, RESAMPLE_LEAVES, RESNET_LEAVES, AttentionBlock, CausalConv3d, DownResample, Head,
+                              QuantConv, ResidualBlock, UpResample, causal_chunks, from_original, per_frame,
+                              shared_to_diffusers, shared_to_original, to_original)
 from .ops import Tile, fold, unfold
 
 # The latent statistics their pipelines normalise with: Wan 2.2's (its diffusers config.json, ComfyUI's
@@ -320,19 +320,6 @@ class Decoder(nn.Module):
         return z
 
 
-class Wan22VAE(nn.Module):
-    """The whole checkpoint, original/ComfyUI keys (load_state_dict(strict=True) takes the file):
-    encoder, conv1 (the quant conv, 2z -> 2z), conv2 (the post-quant conv, z -> z), decoder."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        z = cfg.latent_channels
-        self.encoder = Encoder(cfg)
-        self.conv1 = QuantConv(2 * z)
-        self.conv2 = QuantConv(z)
-        self.decoder = Decoder(cfg)
-
-
 def quant_convs(cfg) -> tuple:
     """AutoencoderKL's quant_conv and post_quant_conv for this family."""
     return QuantConv(2 * cfg.latent_channels), QuantConv(cfg.latent_channels)
@@ -448,7 +435,6 @@ for _module, _step in ((Patchify, PatchifyStep), (Unpatchify, UnpatchifyStep), (
 # Keys: the original release's (= ComfyUI's, this module's) and diffusers' (AutoencoderKLWan with
 # is_residual, AutoencoderKLQwenImage21). The leaves are Wan 2.1's (model_qwenimage).
 # ----------------------------------------------------------------------------------------------
-_INV = lambda d: {v: k for k, v in d.items()}
 _LEVEL = {"encoder": ("downsamples", "down_blocks", "downsampler"), "decoder": ("upsamples", "up_blocks", "upsampler")}
 
 
@@ -462,16 +448,8 @@ def _to_diffusers_key(k: str) -> str:
     net, _, rest = k.partition(".")
     if net not in _LEVEL:
         raise _unknown(k, "original")
-    if rest in ("conv1.weight", "conv1.bias"):
-        return f"{net}.conv_in.{rest[6:]}"
-    if rest in HEAD_LEAVES:
-        return f"{net}.{HEAD_LEAVES[rest]}"
-    if m := re.fullmatch(r"middle\.(\d+)\.(.+)", rest):
-        n, leaf = int(m[1]), m[2]
-        if n == 1 and leaf in ATTENTION_LEAVES:
-            return f"{net}.mid_block.attentions.0.{leaf}"
-        if n in (0, 2) and leaf in RESNET_LEAVES:
-            return f"{net}.mid_block.resnets.{n // 2}.{RESNET_LEAVES[leaf]}"
+    if shared := shared_to_diffusers(net, rest):
+        return shared
     ours, blocks, resample = _LEVEL[net]
     if m := re.fullmatch(rf"{ours}\.(\d+)\.{ours}\.(\d+)\.(.+)", rest):
         i, j, leaf = m[1], m[2], m[3]
@@ -484,20 +462,14 @@ def _to_diffusers_key(k: str) -> str:
 
 def _to_original_key(k: str, resnets: dict) -> str:
     """resnets: (network, level) -> resnets in that level (its resample follows them)."""
-    quant, head, resnet = _INV(QUANT), _INV(HEAD_LEAVES), _INV(RESNET_LEAVES)
+    quant, resnet = {v: k for k, v in QUANT.items()}, {v: k for k, v in RESNET_LEAVES.items()}
     if k in quant:
         return quant[k]
     net, _, rest = k.partition(".")
     if net not in _LEVEL:
         raise _unknown(k, "diffusers")
-    if rest in ("conv_in.weight", "conv_in.bias"):
-        return f"{net}.conv1.{rest[8:]}"
-    if rest in head:
-        return f"{net}.{head[rest]}"
-    if (m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest)) and m[1] in ATTENTION_LEAVES:
-        return f"{net}.middle.1.{m[1]}"
-    if (m := re.fullmatch(r"mid_block\.resnets\.([01])\.(.+)", rest)) and m[2] in resnet:
-        return f"{net}.middle.{2 * int(m[1])}.{resnet[m[2]]}"
+    if shared := shared_to_original(net, rest):
+        return shared
     ours, blocks, resample = _LEVEL[net]
     if (m := re.fullmatch(rf"{blocks}\.(\d+)\.resnets\.(\d+)\.(.+)", rest)) and m[3] in resnet:
         return f"{net}.{ours}.{m[1]}.{ours}.{m[2]}.{resnet[m[3]]}"
@@ -652,4 +624,4 @@ register_network(Network("wan22", sys.modules[__name__], (WAN22, QWENIMAGE21),
                                      from_diffusers=lambda sd: from_original(diffusers_to_original(sd)),
                                      read=pipeline_names)))
 
-__all__ = ["Encoder", "Decoder", "Wan22VAE", "causal_chunks", "quant_convs"]
+__all__ = ["Encoder", "Decoder", "causal_chunks", "quant_convs"]

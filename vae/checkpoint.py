@@ -197,7 +197,7 @@ def what_is_it(keys) -> str:
     if has("text_model.", "transformer.resblocks.", "shared.weight", "encoder.block.0.layer"):
         return "a text encoder (CLIP/T5), not a VAE"
     if has("temporal", "time_mix", "conv_in.conv.weight", "res_blocks."):
-        return "a video VAE, which klvae does not load (it loads 2-D KL autoencoders)"
+        return "a video VAE of a design klvae does not load (of the video VAEs it loads Wan 2.1's and Wan 2.2's)"
     return f"an unrecognised model (first keys: {', '.join(k[:60] for k in ks[:3])})"
 
 
@@ -211,7 +211,7 @@ def find_prefix(src: Source) -> str:
             video = NETWORKS[arch_of(k[len(p):] for k in keys if k.startswith(p))[0]].video_shaped
             if len(src.shape(first[0])) == 5 and not video:
                 raise KLVAEError(f"{src.name} is a video VAE (3-D convolutions) klvae does not load: it loads the VAEs "
-                                 f"of {family_titles()} (Qwen-Image's, Wan 2.1's, for images)")
+                                 f"of {family_titles()}")
             return p
     raise KLVAEError(f"{src.name} is not a VAE: it looks like {what_is_it(src.keys)}")
 

@@ -139,7 +139,7 @@ def cmd_info(args):
             ("pixels", f"{c.in_channels} channels in, {c.out_channels} out"
              + (f", as {c.patch_size}x{c.patch_size} patches" if c.patch_size > 1 else "")),
             ("quant convs", c.use_quant_conv), ("downscale", c.downscale)]
-    if c.network.video_shaped and c.time_kernel > 1:
+    if c.clips:
         rows.append(("frames", f"images, and clips of 1 + {vae.temporal_compression_ratio}k frames"))
     if c.latents_mean is not None:
         rows.append(("latents mean/std", f"{list(c.latents_mean)} / {list(c.latents_std)}"))

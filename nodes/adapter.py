@@ -102,7 +102,7 @@ class KLVAE:
         self.latent_channels = cfg.scaled_channels
         # Qwen-Image's LATENT is ComfyUI's Wan 2.1 form, [B, 16, T, h, w] (T = 1 for an image), Wan 2.2's
         # [B, 48, T, h, w]; Qwen-Image 2.1's 2-D network (time kernel 1) has core's image form [B, 64, h, w]
-        self.video_shaped = cfg.network.video_shaped and cfg.time_kernel > 1
+        self.video_shaped = cfg.clips
         self.latent_dim = 3 if self.video_shaped else 2
         self.output_channels = cfg.out_channels
         self.crop_input = True

@@ -178,7 +178,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     def check_pixels(self, x, finite: bool = True) -> None:
         _check_tensor(x, "pixels", "[B, 3, H, W] in [-1, 1]")
         B, C, H, W = x.shape
-        if C != self.config.in_channels and not (C == 3 and self.config.in_channels == 4):  # RGB: opaque RGBA
+        if C != self.config.in_channels and not self._pads_alpha(C):
             fix = "drop alpha, " if C == 4 else "RGB or RGBA, " if self.config.in_channels == 4 else ""
             raise KLVAEError(f"pixels have {C} channels, this VAE encodes {self.config.in_channels}: "
                              f"pass [B, {self.config.in_channels}, H, W] ({fix}move channels to dim 1)")
@@ -231,7 +231,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     def plan_encode(self, shape, tiling=None) -> Plan:
         """The plan vae.encode(pixels, tiling) runs for pixels of `shape` (a clip's: (B, C, T, H, W))."""
         shape, clip = self._clip_shape(shape)
-        if isinstance(shape, (tuple, list, torch.Size)) and len(shape) > 1 and shape[1] == 3 and self.config.in_channels == 4:
+        if isinstance(shape, (tuple, list, torch.Size)) and len(shape) > 1 and self._pads_alpha(shape[1]):
             shape = (shape[0], 4, *shape[2:])  # RGB is encoded as opaque RGBA (encode: _opaque)
         B, C, *T, H, W = _shape(shape, "pixels", self.config.in_channels, 5 if clip else 4)
         f = self.config.downscale
@@ -252,12 +252,10 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         image's shape and more are refused."""
         if not (self.config.network.video_shaped and isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 5):
             return shape, False
-        refuse = self.config.network.refuse_clip
-        why = refuse(self.config, shape[2]) if refuse is not None and isinstance(shape[2], int) else None
-        if why is None:
+        if self.config.clips:
             return shape, True
-        if shape[2] > 1:
-            raise why
+        if isinstance(shape[2], int) and shape[2] > 1:
+            raise self.config.network.refuse_clip(self.config, shape[2])
         return (shape[0], shape[1], *shape[3:]), False
 
     def _plan_clip(self, net, direction, in_channels, shape, clip, tiling) -> Plan:
@@ -306,10 +304,13 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         post = DiagonalGaussian(moments.unsqueeze(2) if frames else moments)
         return post if return_dict else (post,)
 
+    def _pads_alpha(self, channels) -> bool:
+        """RGB given to an RGBA VAE (Qwen-Image 2.1's): encoded with alpha 1.0 (opaque), as ComfyUI
+        and diffusers' QwenImage21Pipeline do."""
+        return channels == 3 and self.config.in_channels == 4
+
     def _opaque(self, x):
-        """RGB given to an RGBA VAE (Qwen-Image 2.1's): alpha 1.0 (opaque) added, as ComfyUI and
-        diffusers' QwenImage21Pipeline do."""
-        if torch.is_tensor(x) and x.dim() in (4, 5) and x.shape[1] == 3 and self.config.in_channels == 4:
+        if torch.is_tensor(x) and x.dim() in (4, 5) and self._pads_alpha(x.shape[1]):
             return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         return x
 
@@ -326,10 +327,8 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
     # -- clips: [B, C, T, H, W] with T > 1, through a video network (Wan 2.1's) -------------------
     def _is_clip(self, t) -> bool:
         clip = self.config.network.video_shaped and torch.is_tensor(t) and t.dim() == 5 and t.shape[2] > 1
-        refuse = self.config.network.refuse_clip
-        why = refuse(self.config, t.shape[2]) if clip and refuse is not None else None
-        if why is not None:
-            raise why
+        if clip and not self.config.clips:
+            raise self.config.network.refuse_clip(self.config, t.shape[2])
         return clip
 
     def _clip_run(self, what, x: torch.Tensor, tiling, run) -> torch.Tensor:

@@ -185,6 +185,13 @@ class VAEConfig(DiffusersNames):
         return NETWORKS[self.arch]
 
     @property
+    def clips(self) -> bool:
+        """It takes clips [B, C, T, H, W] (Wan's VAEs): a video network whose config has a time axis
+        (Qwen-Image 2.1's 2-D network, on Wan 2.2's, has none: Network.refuse_clip)."""
+        refuse = self.network.refuse_clip
+        return self.network.video_shaped and (refuse is None or refuse(self, 2) is None)
+
+    @property
     def sample_size(self) -> int:
         """diffusers config.json's sample_size: the family's (512 for a custom VAE)."""
         return FAMILIES[self.family].sample_size if self.family in FAMILIES else 512

@@ -410,7 +410,22 @@ class Head(nn.Sequential):
 # ----------------------------------------------------------------------------------------------
 # The networks.
 # ----------------------------------------------------------------------------------------------
-class Encoder(nn.Module):
+class Layered(nn.Module):
+    """A network that is its layers() in order (Wan 2.1's and Wan 2.2's encoders and decoders), its
+    first conv `conv1`."""
+
+    @property
+    def conv_in(self) -> CausalConv3d:
+        """The first conv under the name klvae's guard and AutoencoderKL read dtype and device from."""
+        return self.conv1
+
+    def forward(self, x):
+        for layer in self.layers():
+            x = layer(x)
+        return x
+
+
+class Encoder(Layered):
     """[B, 3, H, W] -> [B, 2z, H/8, W/8] (mean and logvar, before the quant conv)."""
 
     def __init__(self, cfg):
@@ -427,22 +442,12 @@ class Encoder(nn.Module):
         self.middle = nn.Sequential(ResidualBlock(w, w), AttentionBlock(w), ResidualBlock(w, w))
         self.head = Head(w, 2 * cfg.latent_channels)
 
-    @property
-    def conv_in(self) -> CausalConv3d:
-        """The first conv under the name klvae's guard and AutoencoderKL read dtype and device from."""
-        return self.conv1
-
     def layers(self) -> list:
         """Every step in order: what forward runs, and what the tiled engines run band by band."""
         return [self.conv1, *self.downsamples, *self.middle, self.head]
 
-    def forward(self, x):
-        for layer in self.layers():
-            x = layer(x)
-        return x
 
-
-class Decoder(nn.Module):
+class Decoder(Layered):
     """[B, z, h, w] (after the quant conv) -> [B, 3, 8h, 8w] in [-1, 1]."""
 
     def __init__(self, cfg):
@@ -464,19 +469,9 @@ class Decoder(nn.Module):
         self.upsamples = nn.Sequential(*blocks)
         self.head = Head(w, cfg.out_channels, clamp=True)
 
-    @property
-    def conv_in(self) -> CausalConv3d:
-        """The first conv under the name klvae's guard and AutoencoderKL read dtype and device from."""
-        return self.conv1
-
     def layers(self) -> list:
         """Every step in order: what forward runs, and what the tiled engines run band by band."""
         return [self.conv1, *self.middle, *self.upsamples, self.head]
-
-    def forward(self, z):
-        for layer in self.layers():
-            z = layer(z)
-        return z
 
 
 class QwenImageVAE(nn.Module):

@@ -62,7 +62,7 @@ from .diffusers_compat import ArchNames
 from .errors import KLVAEError
 from .layers import SpanStep, Step, register
 from .model_qwenimage import (QUANT, RESAMPLE_LEAVES, RESNET_LEAVES, AttentionBlock, CausalConv3d, DownResample, Head,
-                              QuantConv, ResidualBlock, UpResample, causal_chunks, from_original, per_frame,
+                              Layered, QuantConv, ResidualBlock, UpResample, causal_chunks, from_original, per_frame,
                               shared_to_diffusers, shared_to_original, to_original)
 from .ops import Tile, fold, unfold
 
@@ -254,7 +254,7 @@ def refuse_clip(cfg, frames: int) -> KLVAEError | None:
 # ----------------------------------------------------------------------------------------------
 # The networks.
 # ----------------------------------------------------------------------------------------------
-class Encoder(nn.Module):
+class Encoder(Layered):
     """[B, C, H, W] -> [B, 2z, H/16, W/16] (mean and logvar, before the quant conv)."""
 
     def __init__(self, cfg):
@@ -270,23 +270,13 @@ class Encoder(nn.Module):
         self.middle = nn.Sequential(ResidualBlock(w, w, kt), AttentionBlock(w), ResidualBlock(w, w, kt))
         self.head = Head(w, 2 * cfg.latent_channels, kt=kt)
 
-    @property
-    def conv_in(self) -> CausalConv3d:
-        """The first conv under the name klvae's guard and AutoencoderKL read dtype and device from."""
-        return self.conv1
-
     def layers(self) -> list:
         """Every step in order: what forward runs, and what the tiled engines run band by band."""
         return [*([self.patch] if self.patch is not None else []), self.conv1, *self.downsamples, *self.middle,
                 self.head]
 
-    def forward(self, x):
-        for layer in self.layers():
-            x = layer(x)
-        return x
 
-
-class Decoder(nn.Module):
+class Decoder(Layered):
     """[B, z, h, w] (after the quant conv) -> [B, C, 16h, 16w] in [-1, 1]."""
 
     def __init__(self, cfg):
@@ -303,21 +293,12 @@ class Decoder(nn.Module):
         self.head = Head(dims[-1], cfg.out_channels * p * p, clamp=True, kt=kt)
         self.unpatch = Unpatchify(cfg.out_channels * p * p, p) if p > 1 else None
 
-    @property
-    def conv_in(self) -> CausalConv3d:
-        """The first conv under the name klvae's guard and AutoencoderKL read dtype and device from."""
-        return self.conv1
-
     def layers(self) -> list:
         """Every step in order: what forward runs, and what the tiled engines run band by band (the
         last level, with no shortcut, as its plain layers)."""
         blocks = [layer for b in self.upsamples for layer in ([b] if b.up else b.layers())]
         return [self.conv1, *self.middle, *blocks, self.head, *([self.unpatch] if self.unpatch is not None else [])]
 
-    def forward(self, z):
-        for layer in self.layers():
-            z = layer(z)
-        return z
 
 
 def quant_convs(cfg) -> tuple:

@@ -928,12 +928,12 @@ def read(name: str, shape, keys: dict, layout: str) -> tuple:
 def check(cfg) -> None:
     t = cfg.temporal_downsample
     if not isinstance(t, tuple) or len(t) != len(cfg.ch_mult) - 1 or not all(isinstance(b, bool) for b in t):
-        raise KLVAEError(f"temporal_downsample {str(t)[:60]}: Qwen-Image's VAE needs one flag (True/False) per level "
+        raise KLVAEError(f"temporal_downsample {str(t)[:60]}: this VAE (Wan's) needs one flag (True/False) per level "
                          f"transition, {len(cfg.ch_mult) - 1} here")
 
 
 def narrow(cfg, overrides: dict) -> dict:
-    """The released flags belong to 4 levels; a narrowed test network keeps the last ones it has room for."""
+    """The released flags belong to the released levels; a narrowed test network keeps the last ones it has room for."""
     if "ch_mult" in overrides and "temporal_downsample" not in overrides:
         levels = len(overrides["ch_mult"])
         t = cfg.temporal_downsample

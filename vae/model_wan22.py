@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import verbs
+from . import model_qwenimage as wan21, verbs
 from .config import Family, Network, register_network
 from .diffusers_compat import ArchNames
 from .errors import KLVAEError
@@ -566,22 +566,10 @@ def read(name: str, shape, keys: dict, layout: str) -> tuple:
 
 
 def check(cfg) -> None:
-    t, levels = cfg.temporal_downsample, len(cfg.ch_mult)
-    if not isinstance(t, tuple) or len(t) != levels - 1 or not all(isinstance(b, bool) for b in t):
-        raise KLVAEError(f"temporal_downsample {str(t)[:60]}: this VAE needs one flag (True/False) per level "
-                         f"transition, {levels - 1} here")
+    wan21.check(cfg)  # the temporal flags, as Wan 2.1's
     if cfg.patch_size not in (1, 2) or cfg.time_kernel not in (1, 3):
         raise KLVAEError(f"patch_size {cfg.patch_size} and time_kernel {cfg.time_kernel}: Wan 2.2's VAE has 2 and 3, "
                          f"Qwen-Image 2.1's 1 and 1")
-
-
-def narrow(cfg, overrides: dict) -> dict:
-    """The released flags belong to the released levels; a narrowed test network keeps the last ones it has room for."""
-    if "ch_mult" in overrides and "temporal_downsample" not in overrides:
-        levels = len(overrides["ch_mult"])
-        t = cfg.temporal_downsample
-        overrides["temporal_downsample"] = t[len(t) - levels + 1:] if levels > 1 else ()
-    return overrides
 
 
 WAN22 = Family("wan22", 48, 1.0, 0.0, True, "Wan 2.2 (TI2V-5B, FastWan 2.2; images, 16x)", arch="wan22",
@@ -598,8 +586,8 @@ QWENIMAGE21 = Family("qwenimage21", 64, 1.0, 0.0, True, "Qwen-Image 2.1 (RGBA im
 register_network(Network("wan22", sys.modules[__name__], (WAN22, QWENIMAGE21),
                  markers=(("original", "decoder.upsamples.0.upsamples.0.residual.0.gamma"),
                           ("diffusers", "encoder.down_blocks.0.resnets.0.norm1.gamma")),
-                 read=read, to_file=to_original, video_shaped=True, group_norms=False, check=check, narrow=narrow,
-                 refuse_clip=refuse_clip,
+                 read=read, to_file=to_original, video_shaped=True, group_norms=False, check=check,
+                 narrow=wan21.narrow, refuse_clip=refuse_clip,
                  diffusers=ArchNames(classes=("AutoencoderKLWan", "AutoencoderKLQwenImage21"), config=diffusers_config,
                                      to_diffusers=to_diffusers,
                                      from_diffusers=lambda sd: from_original(diffusers_to_original(sd)),

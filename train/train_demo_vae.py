@@ -945,6 +945,9 @@ def main():
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay (the EMA weights are saved and evaluated)")
     ap.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false",
                     help="EMA decay constant from step 1 instead of min(decay, (1+t)/(10+t))")
+    ap.add_argument("--scale-range", type=float, nargs=2, default=[0.3, 3.0], metavar=("LO", "HI"),
+                    help="photo and thumbnail crops are resized by a log-uniform factor in [LO, HI] (> 1: upscaled, "
+                         "smoother than the photo; the demo's 2048 canvas upscales its photo 6.8x)")
     ap.add_argument("--mix", type=float, nargs=3, default=[0.35, 0.35, 0.30], metavar=("PHOTOS", "PROCEDURAL", "TEMPLATES"),
                     help="probability of each data group per crop")
     ap.add_argument("--ch", type=int, default=32)
@@ -1011,7 +1014,7 @@ def main():
         return
 
     t0 = time.time()
-    pool = CropPool(train_real, templates, args.crop, args.seed, mix=args.mix)
+    pool = CropPool(train_real, templates, args.crop, args.seed, mix=args.mix, scale_range=tuple(args.scale_range))
     print(f"pool: {len(pool.images['photos'])} photos ({sum(g for _, g in pool.images['photos'])} gray), "
           f"{len(pool.images['templates'])} thumbnails, mix {pool.mix}, loaded in {time.time() - t0:.1f} s", flush=True)
     model = build_model(args)

@@ -1,5 +1,7 @@
-"""The GPU suite, prepared for a lent device: CUDA tests, then klvae, diffusers and ComfyUI side by side
-at 1K-8K, every case a fresh process within a time budget; results in DIR/gpu.json and DIR/gpu.log.
+"""The GPU suite, prepared for a lent device: CUDA tests, then klvae, diffusers (eager, compiled, tiled)
+and ComfyUI side by side at 1K-8K, clips through Wan 2.1's and Wan 2.2's VAEs, Qwen-Image 2.1's at 2K-4K,
+every case a fresh process within a time budget; per case: time, peak memory against the plan, host
+syncs, the guard, finite output, trailing zero rows (the 2**31 kernels); results in DIR/gpu.json and DIR/gpu.log.
 `--device cpu --sizes 64` runs the same script end to end on the CPU (tests/test_gpu_suite.py)."""
 import json
 import os
@@ -31,14 +33,17 @@ GPU_CASES = [
     ("klvae", "decode", "bf16", "bounded", 8192),
     ("klvae", "encode", "bf16", None, 2048), ("klvae", "encode", "bf16", "exact", 4096),
     ("klvae-flux", "decode", "bf16", "exact", 4096),
-    ("diffusers", "decode", "bf16", None, 1024), ("diffusers", "decode", "bf16", "tiled", 1024),
+    ("diffusers", "decode", "bf16", None, 1024),
+    ("diffusers-compile", "decode", "bf16", None, 1024),  # torch.compile'd decoder: the issue's "fastest compiled" figure
+    ("diffusers", "decode", "bf16", "tiled", 1024),
     ("diffusers", "decode", "bf16", None, 2048), ("diffusers", "decode", "bf16", "tiled", 4096),
     ("comfy", "decode", "bf16", None, 1024), ("comfy", "decode", "bf16", "tiled", 1024),
     ("comfy", "decode", "bf16", None, 2048), ("comfy", "decode", "bf16", "tiled", 4096),
     # clips through Wan 2.1's VAE, "HxWxframes" (SGLang's H200 figures for these two: 1.56 s and 2.32 s)
     ("klvae-wan", "decode", "bf16", None, "480x832x81"), ("klvae-wan", "decode", "bf16", "exact", "480x832x81"),
     ("klvae-wan", "decode", "bf16", None, "704x1280x61"), ("klvae-wan", "decode", "bf16", "exact", "704x1280x61"),
-    ("diffusers-wan", "decode", "bf16", None, "480x832x81"),
+    ("diffusers-wan", "decode", "bf16", None, "480x832x81"), ("diffusers-wan", "decode", "bf16", "tiled", "480x832x81"),
+    ("diffusers-wan", "decode", "bf16", None, "704x1280x61"), ("diffusers-wan", "decode", "bf16", "tiled", "704x1280x61"),
     # Qwen-Image 2.1's VAE (RGBA, 16x) at its recommended 2048 and at 4096; Wan 2.2's on FastWan's clip
     # (704x1280x121: diffusers bf16 4.02 s, TensorRT-LLM 3.00 s on a B200, published)
     ("klvae-qi21", "decode", "bf16", None, 2048), ("klvae-qi21", "decode", "bf16", "exact", 2048),
@@ -108,13 +113,19 @@ def gpu_case(system, op, dtype, tiling, size, device, out_dir, smoke):
         import diffusers
         with open(os.path.join(folder, "config.json")) as f:
             vae = getattr(diffusers, json.load(f)["_class_name"]).from_pretrained(folder).eval().to(dev, dt)
+        if tiling:
+            vae.enable_tiling()  # diffusers' own tiles in space (overlapping, blended: not exact)
         z5 = z if z.dim() == 5 else z[:, :, None]
         fn = (lambda: vae.decode(z5.to(dt)).sample)
-    elif system == "diffusers":
+    elif system in ("diffusers", "diffusers-compile"):
         from diffusers import AutoencoderKL as DAutoencoderKL
         vae = DAutoencoderKL.from_pretrained(folder).eval().to(dev, dt)
         if tiling:
             vae.enable_tiling()
+        if system == "diffusers-compile":  # as diffusers' docs speed up a VAE: channels-last, the decoder compiled;
+            # the warm-up below compiles. The CPU smoke run traces with dynamo only (inductor's C++ build: minutes)
+            vae = vae.to(memory_format=torch.channels_last)
+            vae.decoder = torch.compile(vae.decoder, backend="eager" if smoke else "inductor")
         fn = (lambda: vae.decode(z.to(dt)).sample)
     else:
         sys.path.insert(0, comfy_path())
@@ -161,11 +172,16 @@ def gpu_case(system, op, dtype, tiling, size, device, out_dir, smoke):
         y = y.movedim(-1, 1) * 2 - 1
     y = y.float().cpu()
     finite = bool(torch.isfinite(y).all())
+    # pytorch/pytorch#141831: kernels that index past 2**31 elements (a 4096^2 decoder's 128-channel
+    # activations are exactly 2**31) returned zeros there. Zeros show as trailing rows of exact 0.0
+    # (an image in [-1, 1] has none); counted for every case
+    rows = (y == 0).flatten(0, -3).all(0).all(-1) if y.dim() >= 3 else torch.zeros(0, dtype=torch.bool)
+    zero_tail = int(rows.flip(0).int().cumprod(0).sum())
     name = f"{system}_{op}_{dtype}_{tiling or 'untiled'}_{size}"
     torch.save(y, os.path.join(out_dir, name + ".pt"))
     return dict(name=name, system=system, op=op, dtype=dtype, tiling=tiling or "untiled", size=size,
                 seconds=seconds, ran_dtype=str(dt).removeprefix("torch."), peak=peak, predicted=plan_pred, host_syncs=len(syncs), guard=guard,
-                finite=finite, report=report)
+                finite=finite, zero_tail_rows=zero_tail, report=report)
 
 
 def gpu_suite(out_dir, device, sizes, timeout_total=480):
@@ -224,7 +240,7 @@ def gpu_suite(out_dir, device, sizes, timeout_total=480):
             results["cases"].append(r)
             say(f"{r['name']:40} {r['seconds']:8.3f} s  peak {r['peak'] / 2**30:7.2f} GiB  predicted "
                 f"{(r['predicted'] or 0) / 2**30:7.2f} GiB  syncs {r['host_syncs']}  guard {len(r['guard'] or [])}  "
-                f"finite {r['finite']}")
+                f"finite {r['finite']}  zero tail rows {r['zero_tail_rows']}")
     for r in results["cases"]:  # psnr_vs_full against the same system's untiled output where it ran
         if "error" in r or r["tiling"] == "untiled":
             continue

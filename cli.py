@@ -233,7 +233,9 @@ def cmd_decode(args):
         if args.tiling == "none" and args.group is None:
             write(0, vae.decode(z, tiling=None).float().cpu())
         else:
-            run_tiled(lambda t: vae.decode_clip(z, write, tiling=t), args, "decode")
+            run_tiled(lambda t: vae.decode_clip(z, write, tiling=t), args, "decode")  # --distributed: rank 0 writes
+        if not_rank0(args):
+            return
         print(f"{args.latent} -> {args.output}: {len(paths)} frames of {side[0]}x{side[1]} "
               f"({paths[0].name} .. {paths[-1].name}) in {time.perf_counter() - t0:.1f} s")
         return

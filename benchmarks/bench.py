@@ -5,6 +5,7 @@
     python benchmarks/bench.py big             # a 4096x4096 exact decode (bf16 with AMX, else fp32); the 8192 plan
     python benchmarks/bench.py precision       # 1024 decode in fp32 and bf16 (CPU AMX), all systems
     python benchmarks/bench.py dist            # 1024 decode over 1, 2, 4 gloo ranks (1 thread each), and DistVAE
+    python benchmarks/bench.py dist --sizes 256x448x9   # a clip through Wan 2.1's VAE: 1 process, 2 ranks
     python benchmarks/bench.py qwenimage       # Qwen-Image's VAE at 1024: klvae's modes, diffusers' and ComfyUI's untiled and tiled
     python benchmarks/bench.py hunyuanimage    # HunyuanImage-2.1's, the same
     python benchmarks/bench.py wan             # clips through Wan 2.1's VAE: klvae untiled/exact, diffusers, ComfyUI (video.py)
@@ -68,10 +69,11 @@ def main():
         return
     if a.rank_case:
         system, size, rank, world, port = a.rank_case.split(":")
-        print("RESULT " + json.dumps(dist.run_rank(system, int(size), int(rank), int(world), int(port))))
+        size = size if "x" in size else int(size)
+        print("RESULT " + json.dumps(dist.run_rank(system, size, int(rank), int(world), int(port))))
         return
-    if a.suite == "dist":
-        return dist.dist_suite([int(s) for s in a.sizes.split(",") if s])
+    if a.suite == "dist":  # image sizes, or clips HxWxframes
+        return dist.dist_suite([s if "x" in s else int(s) for s in a.sizes.split(",") if s])
     if a.suite in video.SUITES:
         if a.case:
             system, op, H, W, T, mode, tile = a.case.split(":")

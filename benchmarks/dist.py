@@ -1,5 +1,10 @@
 """The distributed suite: one decode over 1, 2 and 4 gloo ranks (1 thread each), klvae against
-DistVAE, with what each rank sends counted by wrapping the collectives."""
+DistVAE, with what each rank sends counted by wrapping the collectives. A size HxWxF is a clip of F
+frames through Wan 2.1's VAE (the calibrated full-size one, video.py's pan clip): klvae's untiled
+clip in one process against its exact clip sharded over 2 ranks (DistVAE shards images only).
+
+    python benchmarks/bench.py dist --sizes 1024
+    python benchmarks/bench.py dist --sizes 256x448x9"""
 import json
 import os
 import subprocess
@@ -41,16 +46,20 @@ def run_rank(system, size, rank, world, port):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=600))
     count_communication()
-    dvae = shared_vae()
-    z = latent_for(size)
-    if system == "klvae":
-        vae = load_vae(dvae.state_dict(), family="sd1")
-        del dvae
+    if system == "klvae-wan":  # a clip: H x W x frames
+        import video
+        H, W, F = map(int, size.split("x"))
+        vae = load_vae(shared_vae("qwenimage").state_dict())
+        z = video.clip_latent(H, W, 1 + (F - 1) // 4)
+        tiling = Tiling(mode="exact", process_group=dist.group.WORLD) if world > 1 else None
+        fn = lambda: vae.decode(z, tiling=tiling)
+    elif system == "klvae":
+        vae, z = load_vae(shared_vae().state_dict(), family="sd1"), latent_for(size)
         tiling = Tiling(mode="exact", process_group=dist.group.WORLD) if world > 1 else None
         fn = lambda: vae.decode(z, tiling=tiling)
     else:  # DistVAE (xDiT's patch-parallel VAE) on diffusers' AutoencoderKL
         from distvae.vae.parallel import parallelize_decoder
-        vae = dvae
+        vae, z = shared_vae(), latent_for(size)
         if world > 1:  # one rank: diffusers' own decode, DistVAE's reference
             parallelize_decoder(vae, dist.group.WORLD)
         fn = lambda: vae.decode(z).sample
@@ -82,10 +91,15 @@ def run_distributed(system, size, world):
 
 def dist_suite(sizes):
     os.makedirs(os.path.join(OUT, "outputs"), exist_ok=True)
-    shared_vae()
     results = []
     for system, op, size, mode, _ in cases("dist", sizes, []):
-        latent_for(size)
+        if system == "klvae-wan":  # the clip's latent, made once before the ranks start
+            import video
+            H, W, F = map(int, size.split("x"))
+            video.clip_latent(H, W, 1 + (F - 1) // 4)
+        else:
+            shared_vae()
+            latent_for(size)
         try:
             r = run_distributed(system, size, int(mode[4:]))
         except RuntimeError as e:  # one system failing (DistVAE on a CPU, say) keeps the others' results

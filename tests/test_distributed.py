@@ -77,6 +77,40 @@ try:
                 band, _ = execute(net, x, p, shard)
                 whole = shard.gather_rows(band, full.shape[2])
             out["span_" + direction] = (whole - full).abs().max().item()
+    elif scenario == "clips":
+        # Wan 2.1's VAE (Qwen-Image's network: causal 3x3x3 convs, per-frame attention) and Wan 2.2's
+        # (16x, levels whose shortcuts span their layers), small and seeded, on clips: sharded exact
+        # decode and encode against this process's untiled clip
+        small = {"qwenimage": (dict(ch=16, ch_mult=(1, 2, 2, 2)), (7, 5)), "wan22": (dict(ch=16, decoder_ch=24), (5, 4))}
+        for family, (kw, (h, w)) in small.items():
+            vae = (torch.manual_seed(4), AutoencoderKL(preset(family, **kw)).eval())[1]
+            f = vae.config.downscale
+            g = torch.Generator().manual_seed(5)
+            z = torch.randn(1, vae.config.latent_channels, 3, h, w, generator=g)
+            x = torch.rand(1, 3, 9, h * f, w * f, generator=g) * 2 - 1
+            full, full_e = vae.decode(z), vae.encode(x).mean
+            t = Tiling(mode="exact", tile_size=2 * f, process_group=dist.group.WORLD)
+            dec = vae.decode(z, tiling=t)
+            r = vae.last_tiling
+            enc = vae.encode(x, tiling=t).mean
+            band = vae.decode(z, tiling=Tiling(mode="exact", process_group=dist.group.WORLD, gather="band"))
+            lo = rank * h // world * f
+            got = {}
+            vae.decode_clip(z, lambda t0, y: got.__setitem__(t0, y.clone()),
+                            tiling=Tiling(mode="exact", store="disk", process_group=dist.group.WORLD, gather="rank0"))
+            chunks = None if not got else (torch.cat([got[k] for k in sorted(got)], 2) - full).abs().max().item()
+            out[family] = dict(decode=(dec - full).abs().max().item(), encode=(enc - full_e).abs().max().item(),
+                               band=(band - full[:, :, :, lo:lo + band.shape[3]]).abs().max().item(),
+                               band_rows=band.shape[3], rank0_chunks=chunks, chunk_starts=sorted(got), sent=r.bytes_sent,
+                               chunks=r.chunks, notes=str(r))
+        # the last rank's rows overflow (its output conv made to give NaN there, as an overflowing
+        # dtype would): every rank stops with the same line, naming that rank
+        z = torch.randn(1, 16, 2, 7, 5, generator=torch.Generator().manual_seed(0))
+        vae = (torch.manual_seed(4), AutoencoderKL(preset("qwenimage", ch=16, ch_mult=(1, 2, 2, 2))).eval())[1]
+        if rank == world - 1:
+            with torch.no_grad():
+                vae.decoder.head[2].bias.fill_(float("nan"))
+        vae.decode(z, tiling=Tiling(mode="exact", process_group=dist.group.WORLD))
     elif scenario == "mismatch":
         vae = own_vae()
         z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(rank))  # a different latent per rank
@@ -148,6 +182,29 @@ def test_sharded_exact_decode_and_encode_equal_untiled(world):
         assert res["span_decode"] <= 1e-5 and res["span_encode"] <= 1e-5, res
 
 
+@pytest.mark.parametrize("world", [2])
+def test_sharded_exact_clips_equal_the_untiled_clip(world):
+    """Clips over 2 ranks (Wan 2.1's VAE: 7 latent rows, bands of 3/4; Wan 2.2's at 16x: 5 rows):
+    decode and encode equal this process's untiled clip (Wan's chunks) on every rank, each rank's
+    rows alone (gather="band"), decode_clip's chunks on rank 0 only from disk stores; a latent out
+    of range in one rank's rows ends both ranks with the same one-line error."""
+    results = launch(world, "clips")
+    errors = set()
+    for rank, (rc, res, err) in enumerate(results):
+        assert rc == 0 and res, (rc, res, err)
+        for family, rows in (("qwenimage", 7), ("wan22", 5)):
+            r = res[family]
+            assert r["decode"] <= 1e-4 and r["encode"] <= 1e-4 and r["band"] <= 1e-4, (family, r)
+            f = 8 if family == "qwenimage" else 16
+            assert r["band_rows"] == ((rank + 1) * rows // world - rank * rows // world) * f
+            assert r["sent"] > 0 and r["chunks"] == 3 and f"rank {rank} of {world}" in r["notes"], r
+            assert (r["rank0_chunks"] is None) == (rank != 0) and (rank != 0 or r["rank0_chunks"] <= 1e-4), r
+            assert r["chunk_starts"] == ([0, 1, 5] if rank == 0 else []), r
+        errors.add(res.get("error"))
+    (error,) = errors  # the same line on every rank
+    assert error and "NaN/Inf" in error and f"rank(s) [{world - 1}]" in error and "\n" not in error, error
+
+
 def test_mismatched_inputs_are_refused_on_every_rank():
     for rc, res, err in launch(2, "mismatch"):
         assert rc == 0 and "different inputs" in res.get("error", ""), (res, err)
@@ -196,3 +253,36 @@ def test_torchrun_cli_decodes_one_image(tmp_path):
     assert r.stdout.count("two.png") == 1  # rank 0 alone writes and reports
     a, b = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("one.png", "two.png"))
     assert a.shape == b.shape == (56, 72, 3) and np.abs(a - b).max() <= 1
+
+
+def test_torchrun_cli_encodes_and_decodes_a_clip(tmp_path):
+    """`torchrun --nproc-per-node 2 -m klvae encode FRAMES/ ... --distributed`, then `decode ... -o
+    FOLDER --distributed` (Wan 2.1's VAE, small): the latent and the frames equal one process's,
+    written once, by rank 0."""
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+
+    from klvae.testing import diffusers_vae, klvae_from
+    from klvae.vae import save_vae
+    save_vae(klvae_from(diffusers_vae("qwenimage", seed=23, ch=16, ch_mult=(1, 2, 2, 2))), tmp_path / "wan.safetensors")
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(1)
+    for t in range(5):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "in" / f"f{t}.png")
+    run = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True, timeout=240,
+                                    env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    torchrun = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port")
+    vae = ("--vae", tmp_path / "wan.safetensors")
+    for name, distributed in (("one", ()), ("two", ("--distributed",))):
+        launch_ = (*torchrun, str(free_port()), "-m", "klvae", "--threads", "1") if distributed else ("-m", "klvae")
+        r = run(*launch_, "encode", tmp_path / "in", "-o", tmp_path / f"z_{name}.safetensors", *vae, *distributed)
+        assert r.returncode == 0, r.stderr[-3000:]
+        r = run(*launch_, "decode", tmp_path / f"z_{name}.safetensors", "-o", tmp_path / name, *vae, *distributed)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("5 frames of 48x40") == 1, r.stdout  # rank 0 alone writes and reports
+    z = [safe_open(str(tmp_path / f"z_{n}.safetensors"), "pt").get_tensor("latent") for n in ("one", "two")]
+    assert z[0].shape == (1, 16, 2, 5, 6) and (z[0] - z[1]).abs().max() <= 1e-4
+    for t in range(5):
+        a, b = (np.asarray(Image.open(tmp_path / n / f"frame_{t:05d}.png")).astype(int) for n in ("one", "two"))
+        assert a.shape == b.shape == (40, 48, 3) and np.abs(a - b).max() <= 1

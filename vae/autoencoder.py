@@ -354,6 +354,8 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
                                   seconds=time.perf_counter() - t0, steps=1,
                                   notes=[f"a clip of {T} frames, untiled, in time chunks"])
         self._last_tiling = report
+        if out is None:  # distributed, gather="rank0", on another rank
+            return None
         if not torch.isfinite(out).all():
             raise KLVAEError(f"{what} of a clip gave non-finite values in {str(self.dtype)[6:]}: the input is out of "
                              f"range, or the dtype overflowed (load the VAE in bf16 or fp32)")
@@ -363,8 +365,15 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         """engine.run_clip over the plan's time chunks: decode one latent frame at a time into the
         output (on the device, or in host memory where the plan's store is not the device), or
         hand each chunk's frames to write(t0, frames) (decode_clip); encode Wan's chunks (the first
-        frame, then 4) into moments on the device."""
+        frame, then 4) into moments on the device. Distributed (Tiling(process_group=...)): every
+        rank runs its rows of every chunk; each chunk's rows are gathered as Tiling(gather=...)
+        asks as it finishes (the whole output on every rank, on rank 0 only, or each rank's rows);
+        a non-finite value on any rank ends every rank with the same error."""
         B, _, T, H, W = x.shape
+        shard = None
+        if plan.tiling.process_group is not None:
+            shard = Shard(plan.tiling.process_group, H // (1 if what == "decode" else plan.downscale), plan.tiling.gather)
+            shard.check_same_input(x)
         if what == "decode":
             steps, net_in = steps_of(self.decoder.layers(), x.shape[1], 1), self.post_quant_conv
             starts = list(range(T)) + [T]
@@ -377,7 +386,12 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
             starts = [0] + list(range(1, T + 1, r))
             n, shape, where = plan.frames, (B, 2 * self.config.latent_channels, H // plan.downscale,
                                             W // plan.downscale), self.device
-        out = None if write else torch.empty(shape[0], shape[1], n, *shape[2:], dtype=self.dtype, device=where)
+        rows = shape[2]  # the whole output's
+        if shard and shard.gather == "band":
+            lo, hi = shard.rows(rows)
+            shape = (*shape[:2], hi - lo, shape[3])
+        none_here = write or (shard and shard.gather == "rank0" and shard.rank != 0)
+        out = None if none_here else torch.empty(shape[0], shape[1], n, *shape[2:], dtype=self.dtype, device=where)
 
         def chunks():
             for a, b in zip(starts, starts[1:]):
@@ -387,12 +401,24 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         def emit(t0, y):
             if what == "encode":
                 y = self.quant_conv(y)
+            if shard:  # every rank decides alike, then the chunk's rows are gathered
+                bad = shard.all_gather(torch.isfinite(y).all().logical_not().to(torch.uint8).reshape(1))
+                if any(b.item() for b in bad):
+                    ranks = [r for r, b in enumerate(bad) if b.item()]
+                    raise KLVAEError(f"{what} of a clip gave NaN/Inf from frame {t0} on rank(s) {ranks} of {shard.size}: "
+                                     f"the input is out of range, or the dtype overflowed (load the VAE in bf16 or fp32)")
+                if shard.gather != "band":
+                    y = shard.gather_rows(y, rows, to_all=shard.gather == "all", dim=3)
+                    if y is None:
+                        return
             if write:
                 _check_finite_frames(y, t0)
                 write(t0, y.to("cpu", torch.float32))
             else:
                 out[:, :, t0:t0 + y.shape[2]].copy_(y)
-        measured = engine.run_clip(steps, chunks(), plan, emit, self.device, self.dtype)
+        measured = engine.run_clip(steps, chunks(), plan, emit, self.device, self.dtype, shard)
+        if shard:
+            measured["notes"].append(f"sent {shard.bytes_sent / 2**20:.1f} MiB to the other ranks")
         measured["notes"] = list(plan.notes) + measured["notes"] + (
             ["frames into host memory as each chunk finished"] if where == "cpu" and self.device.type != "cpu" else [])
         return out, TilingReport(plan, **measured)

@@ -13,6 +13,9 @@ between ranks is exactly what the untiled network would read across a band bound
 * the mid-block attention's keys and values at latent resolution (all_gather: global attention,
   each rank's queries against every key);
 * the result's bands at the end (all_gather, or gather to rank 0, or nothing: `gather=`).
+A clip (Wan's VAEs) runs its time chunks one after another on every rank, each as above (no norm
+statistics: per-pixel norms), each chunk's result gathered as it finishes; the causal convs'
+cached frames are stores of the rank's rows and halo rows, so time adds no exchange of its own.
 Every collective that fails (a rank died, or did not answer within the group's timeout) ends the
 call with one KLVAEError line on every surviving rank.
 """

@@ -277,13 +277,16 @@ class Context:
             B, C, _, H, W = x.shape
             c = self.caches[op.key] = [self.new((B, C, e, H, W)), 0]
         s, k = c
+        # the rows the cache holds (distributed: a rank's band and its halo; x may be the whole
+        # chunk input, which every rank has)
+        src = x.t.narrow(-2, s.top - x.top, s.t.shape[-2])
         if T >= e:
-            s.t.copy_(x.t[:, :, T - e:])
+            s.t.copy_(src[:, :, T - e:])
         else:  # slide: the newest e - T cached frames move to the front, then x's frames
             keep = min(k, e - T)
             if keep:
                 s.t[:, :, e - T - keep:e - T] = s.t[:, :, e - keep:].clone()
-            s.t[:, :, e - T:] = x.t
+            s.t[:, :, e - T:] = src
         c[1] = min(e, k + T)
 
 
@@ -529,17 +532,21 @@ def _run_segments(steps, x, plan, shard, meter) -> tuple:
 # ----------------------------------------------------------------------------------------------
 # Clips: the same passes, one time chunk after another.
 # ----------------------------------------------------------------------------------------------
-def run_clip(steps, chunks, plan, emit, device, dtype) -> dict:
+def run_clip(steps, chunks, plan, emit, device, dtype, shard=None) -> dict:
     """A clip through the steps' clip descriptions (Step.describe_clip), one time chunk after
     another: chunks yields (t0, the chunk's input frames [B, C, T, h, w] on the device); each
     chunk runs as the image passes do, band by band through stores of the plan's kind, every op
     that reads earlier frames taking them from its cache (a store of its input's last frames,
     kept from chunk to chunk). emit(t0, frames) receives each chunk's output (on the device) as
     it finishes. The chunks' outputs, in order, are the whole clip's: exactly the untiled
-    causal decode, however the clip is chunked. Returns what was measured (as run_segments)."""
+    causal decode, however the clip is chunked. Returns what was measured (as run_segments).
+    With a shard (distributed.py), every rank runs every chunk over its own rows: its stores and
+    caches hold its band and the halo rows, exchanged with its neighbours before each pass reads
+    them (the cached frames' halo rows come with the frames they were cut from); emit gets this
+    rank's rows of each chunk's output."""
     meter = PeakMeter(device, anon=plan.store == "disk")
     try:
-        return _run_clip(steps, chunks, plan, emit, device, dtype, meter)
+        return _run_clip(steps, chunks, plan, emit, device, dtype, meter, shard)
     except BaseException as e:
         release_frames(e)
         raise
@@ -547,12 +554,12 @@ def run_clip(steps, chunks, plan, emit, device, dtype) -> dict:
         meter.stop()
 
 
-def _run_clip(steps, chunks, plan, emit, device, dtype, meter) -> dict:
+def _run_clip(steps, chunks, plan, emit, device, dtype, meter, shard) -> dict:
     t0 = time.perf_counter()
-    ctx = Context(plan, device, dtype)
+    ctx = Context(plan, device, dtype, shard)
     ctx.progress = Progress(0, None, plan.tiling.interrupt)  # the caller's progress counts chunks
     descriptions = [s.describe_clip() for s in steps]
-    n = 0
+    n = rows = 0
     for n, (f0, x) in enumerate(chunks, 1):
         cur = Store.of(x)
         cur.t0 = f0
@@ -562,12 +569,17 @@ def _run_clip(steps, chunks, plan, emit, device, dtype, meter) -> dict:
             if cur.shape[2] == 0:  # a stride-2 time conv that completed no window: nothing further this chunk
                 break
         else:
-            emit(cur.t0, cur.t)
+            emit(cur.t0, cur.rows(*shard.rows(cur.H)) if shard else cur.t)
+            rows = cur.H
         ctx.free(cur)
         del cur
         if plan.tiling.progress is not None:
             plan.tiling.progress(n, plan.chunks)
     caches = sum(c[0].nbytes for c in ctx.caches.values())
+    notes = [f"the causal convs' cached frames: {caches / 2**20:.0f} MiB"]
+    if shard:
+        lo, hi = shard.rows(rows)
+        notes.append(f"rank {shard.rank} of {shard.size}: rows {lo}..{hi} of {rows}")
     return dict(statistics="none needed: per-pixel norms", store_bytes=ctx.store_peak, measured_peak=meter.peak(),
-                seconds=time.perf_counter() - t0, steps=ctx.progress.done,
-                notes=[f"the causal convs' cached frames: {caches / 2**20:.0f} MiB"])
+                seconds=time.perf_counter() - t0, steps=ctx.progress.done, notes=notes,
+                bytes_sent=shard.bytes_sent if shard else 0)

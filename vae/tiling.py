@@ -445,9 +445,6 @@ def make_plan(net, direction: str, in_channels: int, shape, dtype, device, tilin
         if tiling.mode == "bounded":
             raise KLVAEError(f"{direction} of a clip in bounded mode: clips tile in exact mode only (bounded mode "
                              f"estimates statistics this network does not have): use mode='exact' or 'auto'")
-        if tiling.process_group is not None:
-            raise KLVAEError(f"{direction} of a clip over several processes: klvae shards images only so far; "
-                             f"run the clip on one device (exact mode keeps its memory bounded)")
         modes = ["exact"]
         if torch.device(device).type != "cpu" and clip[2] > (room := store_room("host", tiling)):
             raise KLVAEError(f"{direction} of a clip: its output needs {_gib(clip[2])} of host memory, {_gib(room)} are "

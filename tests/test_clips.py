@@ -175,6 +175,61 @@ def test_decode_clip_hands_over_each_chunks_frames_as_it_finishes(vae, tmp_path)
             call()
 
 
+def test_the_residual_stream_scales_exactly_on_clips(vae):
+    """precision.stream_scaled (the fp16 guard's copies) on clips: Wan 2.1's decoder and encoder,
+    scaled by 2^-12 and 2^16, give the same clip (the time convs of the resamples map the stream to
+    itself: their biases scale too; images never run them, so only clips could show it)."""
+    from klvae.vae import AutoencoderKL, load_vae, preset
+    from klvae.vae.precision import stream_scaled
+    wan22 = (torch.manual_seed(0), AutoencoderKL(preset("wan22", ch=16, decoder_ch=24)).eval())[1]
+    for m, z, x in ((vae, latents(B=1), frames()), (wan22, torch.randn(1, 48, 3, 4, 5), frames(H=64, W=80))):
+        with torch.no_grad():
+            ref, ref_m = m.decode(z), m.encode(x).moments
+        for s in (2.0**-12, 2.0**16):
+            sd = m.state_dict()
+            for part in ("decoder", "encoder"):
+                sd.update({f"{part}.{k}": t for k, t in stream_scaled(getattr(m, part), s).state_dict().items()})
+            w = load_vae(sd)
+            assert (w.decode(z) - ref).abs().max() <= 1e-5 and (w.encode(x).moments - ref_m).abs().max() <= 1e-5, s
+
+
+def test_the_fp16_guard_rescues_an_overflowing_clip(vae):
+    """A Wan 2.1 VAE whose residual stream is 2^16 larger (stream_scaled: the same clip in fp32)
+    overflows fp16; the guard re-runs the clip with the stream scaled down (untiled and exact, decode,
+    encode and decode_clip, whose writer gets the frames again from frame 0), warns once, remembers
+    the scale (the next call runs once) and the result is the fp32 clip's within fp16 noise; with
+    the guard off it is one error."""
+    import warnings
+    from klvae.vae import load_vae
+    from klvae.vae.precision import stream_scaled
+    sd = vae.state_dict()
+    for part in ("decoder", "encoder"):
+        sd.update({f"{part}.{k}": t for k, t in stream_scaled(getattr(vae, part), 2.0**16).state_dict().items()})
+    z, x = latents(B=1), frames()
+    ref, ref_m = vae.decode(z), vae.encode(x).moments
+    for tiling in (None, Tiling(mode="exact", tile_size=16)):
+        v16 = load_vae(sd, dtype="fp16")
+        v16.guard.enabled = False
+        with pytest.raises(KLVAEError, match="decode of a clip gave non-finite values in float16"):
+            v16.decode(z, tiling=tiling)
+        v16.guard.enabled = True
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = v16.decode(z, tiling=tiling)
+            again = v16.decode(z, tiling=tiling)
+            m = v16.encode(x, tiling=tiling).moments
+        assert out.dtype == torch.float16 and worst_frame_psnr(out.float(), ref) >= 50
+        assert torch.equal(out, again) and (m.float() - ref_m).abs().max() <= 0.05
+        assert len(caught) == 1 and "re-ran the clip with the residual stream scaled by 2^-" in str(caught[0].message)
+        assert len(v16.guard.log) == 2, v16.guard.log  # the decoder's rescue, then the encoder's; the second decode ran once
+        assert "re-ran the clip" in str(v16.last_tiling)
+    v16, got = load_vae(sd, dtype="fp16"), []
+    with pytest.warns(UserWarning, match="re-ran the clip") as caught:
+        v16.decode_clip(z, lambda t0, y: got.append(t0), tiling=Tiling(mode="exact", tile_size=16))
+    assert caught[0].filename == __file__  # the warning points at the user's call
+    assert got[:1] == [0] and got[-3:] == [0, 1, 5] and len(v16.guard.log) == 1, got
+
+
 MEASURE = """
 import json, sys, torch
 torch.set_num_threads(2)

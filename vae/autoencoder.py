@@ -20,7 +20,7 @@ from .config import VAEConfig, families_with
 from .diffusers_compat import Decoded, DecoderOutput, DiffusersVAE, ldm_to_diffusers
 from .errors import KLVAEError
 from .memory import PeakMeter, free_memory, return_freed_memory_to_os
-from .precision import Guard, resolve_device, resolve_dtype
+from .precision import ChunkOverflow, Guard, resolve_device, resolve_dtype
 from .layers import steps_of
 from .tiling import UNLIMITED, Plan, Tiling, TilingReport, make_plan
 
@@ -338,21 +338,24 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         the same chunks, each run band by band by the exact engine (engine.run_clip) from stores
         of the plan's kind, every causal conv's cached frames a store too; each chunk's frames
         leave the device as it finishes (into host memory where the plan's store is not the
-        device). No fp16 overflow guard (a non-finite output is one error)."""
+        device). In fp16, a chunk that overflows re-runs the clip with the residual stream scaled
+        (precision.Guard.run_clip); otherwise a non-finite output is one error."""
         B, C, T, H, W = x.shape
         f = self.config.downscale
-        if tiling is not None:  # (run_clip measures its own peak)
-            plan = (self.plan_decode if what == "decode" else self.plan_encode)(x.shape, tiling)
-            out, report = self._clip_exact(what, x, plan)
-        else:
+        plan = None if tiling is None else (self.plan_decode if what == "decode" else self.plan_encode)(x.shape, tiling)
+
+        def attempt(net, rescue):
+            if plan is not None:  # (run_clip measures its own peak)
+                return self._clip_exact(what, x, plan, net=net, rescue=rescue)
             t0, meter = time.perf_counter(), PeakMeter(self.device)
-            out = run(x.to(self.device, self.dtype))
+            out = run(x.to(self.device, self.dtype), net, rescue)
             h, w = (H, W) if what == "decode" else (H // f, W // f)
             frames = T if what == "decode" else 1 + (T - 1) // self.temporal_compression_ratio
-            plan = Plan(what, "untiled", max(h, w) * f, h, w, f, Tiling(mode="auto"), frames=frames)
-            report = TilingReport(plan, statistics="none needed: per-pixel norms", measured_peak=meter.peak(),
-                                  seconds=time.perf_counter() - t0, steps=1,
-                                  notes=[f"a clip of {T} frames, untiled, in time chunks"])
+            untiled = Plan(what, "untiled", max(h, w) * f, h, w, f, Tiling(mode="auto"), frames=frames)
+            return out, TilingReport(untiled, statistics="none needed: per-pixel norms", measured_peak=meter.peak(),
+                                     seconds=time.perf_counter() - t0, steps=1,
+                                     notes=[f"a clip of {T} frames, untiled, in time chunks"])
+        out, report = self.guard.run_clip(self.decoder if what == "decode" else self.encoder, self.dtype, attempt, what)
         self._last_tiling = report
         if out is None:  # distributed, gather="rank0", on another rank
             return None
@@ -361,27 +364,29 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
                              f"range, or the dtype overflowed (load the VAE in bf16 or fp32)")
         return out
 
-    def _clip_exact(self, what, x: torch.Tensor, plan: Plan, write=None) -> tuple:
+    def _clip_exact(self, what, x: torch.Tensor, plan: Plan, write=None, net=None, rescue=False) -> tuple:
         """engine.run_clip over the plan's time chunks: decode one latent frame at a time into the
         output (on the device, or in host memory where the plan's store is not the device), or
         hand each chunk's frames to write(t0, frames) (decode_clip); encode Wan's chunks (the first
         frame, then 4) into moments on the device. Distributed (Tiling(process_group=...)): every
         rank runs its rows of every chunk; each chunk's rows are gathered as Tiling(gather=...)
         asks as it finishes (the whole output on every rank, on rank 0 only, or each rank's rows);
-        a non-finite value on any rank ends every rank with the same error."""
+        a non-finite value on any rank ends every rank with the same error. net: the decoder or
+        encoder, or its stream-scaled copy; rescue: a non-finite chunk raises ChunkOverflow (the
+        guard's, fp16)."""
         B, _, T, H, W = x.shape
         shard = None
         if plan.tiling.process_group is not None:
             shard = Shard(plan.tiling.process_group, H // (1 if what == "decode" else plan.downscale), plan.tiling.gather)
             shard.check_same_input(x)
         if what == "decode":
-            steps, net_in = steps_of(self.decoder.layers(), x.shape[1], 1), self.post_quant_conv
+            steps, net_in = steps_of((net or self.decoder).layers(), x.shape[1], 1), self.post_quant_conv
             starts = list(range(T)) + [T]
             n, shape = 1 + self.temporal_compression_ratio * (T - 1), (B, self.config.out_channels, H * plan.downscale,
                                                                W * plan.downscale)
             where = self.device if plan.store == "device" else "cpu"
         else:
-            steps, net_in = steps_of(self.encoder.layers(), x.shape[1], plan.downscale), None
+            steps, net_in = steps_of((net or self.encoder).layers(), x.shape[1], plan.downscale), None
             r = self.temporal_compression_ratio
             starts = [0] + list(range(1, T + 1, r))
             n, shape, where = plan.frames, (B, 2 * self.config.latent_channels, H // plan.downscale,
@@ -404,6 +409,8 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
             if shard:  # every rank decides alike, then the chunk's rows are gathered
                 bad = shard.all_gather(torch.isfinite(y).all().logical_not().to(torch.uint8).reshape(1))
                 if any(b.item() for b in bad):
+                    if rescue:
+                        raise ChunkOverflow
                     ranks = [r for r, b in enumerate(bad) if b.item()]
                     raise KLVAEError(f"{what} of a clip gave NaN/Inf from frame {t0} on rank(s) {ranks} of {shard.size}: "
                                      f"the input is out of range, or the dtype overflowed (load the VAE in bf16 or fp32)")
@@ -411,6 +418,8 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
                     y = shard.gather_rows(y, rows, to_all=shard.gather == "all", dim=3)
                     if y is None:
                         return
+            elif rescue and not torch.isfinite(y).all():
+                raise ChunkOverflow
             if write:
                 _check_finite_frames(y, t0)
                 write(t0, y.to("cpu", torch.float32))
@@ -430,7 +439,9 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         the clip's frames t0 .. t0 + n - 1), so that nothing holds the whole clip: for clips whose
         frames do not fit in memory (the CLI writes them to disk this way). tiling: "auto", "exact"
         or a Tiling (the exact engine, planned; the plan leaves the output out). The report:
-        last_tiling. A non-finite frame stops the run with one error."""
+        last_tiling. A non-finite frame stops the run with one error; in fp16, where the guard can
+        rescue it, the clip runs again from its start with the residual stream scaled, and write
+        receives the frames again from frame 0."""
         if not self._is_clip(latents):
             raise KLVAEError(f"decode_clip takes a clip's latents [B, {self.config.latent_channels}, T > 1, h, w] of a "
                              f"video VAE; got {tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__}"
@@ -443,7 +454,9 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         _check_finite(latents, "latents", "the sampler diverged or the latent is corrupt; re-run the sampler "
                                           "(lower CFG or fp32) before decoding")
         plan = self.plan_decode(latents.shape, tiling, output=False)
-        _, self._last_tiling = self._clip_exact("decode", latents, plan, write)
+        _, self._last_tiling = self.guard.run_clip(
+            self.decoder, self.dtype, lambda net, rescue: self._clip_exact("decode", latents, plan, write, net, rescue),
+            "decode")
         return self._last_tiling
 
     def _check_frames(self, T: int) -> int:
@@ -460,14 +473,16 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
                                           "(lower CFG or fp32) before decoding")
         return self._clip_run("decode", latents, tiling, self._decode_chunks)
 
-    def _decode_chunks(self, z: torch.Tensor) -> torch.Tensor:
-        """One latent frame at a time (diffusers' and Wan's chunking), each chunk's frames written
-        into the output as it finishes."""
+    def _decode_chunks(self, z: torch.Tensor, net, rescue: bool) -> torch.Tensor:
+        """One latent frame at a time (diffusers' and Wan's chunking) through net (the decoder or
+        its stream-scaled copy), each chunk's frames written into the output as it finishes."""
         T, out, t = z.shape[2], None, 0
         z = z.contiguous(memory_format=torch.channels_last_3d)  # frames fold into images as views (ops.fold)
-        with self.config.network.module.causal_chunks(self.decoder):
+        with self.config.network.module.causal_chunks(net):
             for i in range(T):
-                y = self.decoder(self.post_quant_conv(z[:, :, i:i + 1]))
+                y = net(self.post_quant_conv(z[:, :, i:i + 1]))
+                if rescue and not torch.isfinite(y).all():
+                    raise ChunkOverflow
                 if out is None:
                     n = 1 + self.temporal_compression_ratio * (T - 1)
                     out = y.new_empty(y.shape[0], y.shape[1], n, *y.shape[3:])
@@ -481,13 +496,18 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         self.check_pixels(pixels.transpose(1, 2).flatten(0, 1))  # every frame, as images
         return self._clip_run("encode", pixels, tiling, self._encode_chunks)
 
-    def _encode_chunks(self, x: torch.Tensor) -> torch.Tensor:
-        """The first frame, then 4 frames at a time (Wan's chunking: each chunk makes one latent frame)."""
+    def _encode_chunks(self, x: torch.Tensor, net, rescue: bool) -> torch.Tensor:
+        """The first frame, then 4 frames at a time (Wan's chunking: each chunk makes one latent
+        frame), through net (the encoder or its stream-scaled copy)."""
         r = self.temporal_compression_ratio
         bounds = [0, 1] + list(range(1 + r, x.shape[2] + 1, r))
         x = x.contiguous(memory_format=torch.channels_last_3d)  # frames fold into images as views (ops.fold)
-        with self.config.network.module.causal_chunks(self.encoder):
-            parts = [self.quant_conv(self.encoder(x[:, :, a:b])) for a, b in zip(bounds, bounds[1:])]
+        parts = []
+        with self.config.network.module.causal_chunks(net):
+            for a, b in zip(bounds, bounds[1:]):
+                parts.append(self.quant_conv(net(x[:, :, a:b])))
+                if rescue and not torch.isfinite(parts[-1]).all():
+                    raise ChunkOverflow
         return torch.cat(parts, dim=2)
 
     def _sliced(self, run, x, tiling):

@@ -612,6 +612,8 @@ class UpStep(Step):
     @torch.no_grad()
     def scale_stream(self, s):
         _scale(self.layer.conv, s, weight=False)  # maps the stream to itself
+        if hasattr(self.layer, "time_conv"):  # so does the time conv before it (clips: images skip it)
+            _scale(self.layer.time_conv, s, weight=False)
 
 
 def doubled(time_conv: TimeSlices, t: Tile) -> Tile:
@@ -636,6 +638,12 @@ def doubled(time_conv: TimeSlices, t: Tile) -> Tile:
 class DownResampleStep(DownsampleStep):
     """LDM's stride-2 3x3 conv on every frame; on clips, where the level halves time, then the
     stride-2 time conv (DownResample.halved)."""
+
+    @torch.no_grad()
+    def scale_stream(self, s):
+        super().scale_stream(s)
+        if hasattr(self.layer, "time_conv"):  # maps the stream to itself after the conv (clips only)
+            _scale(self.layer.time_conv, s, weight=False)
 
     def describe_clip(self):
         down = self.layer

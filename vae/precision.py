@@ -6,6 +6,8 @@ activations above fp16's 65504.
 """
 import copy
 import math
+import os
+import sys
 import time
 import warnings
 
@@ -88,6 +90,20 @@ def stream_scaled(net: nn.Module, s: float) -> nn.Module:
     return c
 
 
+def _user_level() -> int:
+    """The stacklevel of the first frame outside klvae's library (and torch's inference_mode
+    wrapper): the guard's one warning points at the user's call, however deep the path to it."""
+    here, level, f = os.path.dirname(os.path.abspath(__file__)), 1, sys._getframe(1)
+    while f is not None and (os.path.dirname(os.path.abspath(f.f_code.co_filename)) == here
+                             or f.f_code.co_filename.endswith(os.path.join("torch", "utils", "_contextlib.py"))):
+        f, level = f.f_back, level + 1
+    return level
+
+
+class ChunkOverflow(Exception):
+    """A clip's chunk came out non-finite in fp16: raised inside the run, caught by Guard.run_clip."""
+
+
 class Guard:
     """The overflow guard of one model, with what it remembers.
 
@@ -142,11 +158,41 @@ class Guard:
         msg = (f"klvae: {x.dtype} {what} produced non-finite values in {int(bad.sum())} of {len(bad)} batch "
                f"items; {done}; cost {time.perf_counter() - t0:.1f} s")
         if not self._warned:
-            warnings.warn(msg, stacklevel=5)
+            warnings.warn(msg, stacklevel=_user_level())
             self._warned = True
         self.log.append(msg)
         report.notes.append(msg)
         return out, report
+
+    def run_clip(self, net: nn.Module, dtype, attempt, what: str) -> tuple:
+        """A whole clip through net: attempt(net, rescue) -> (output, report), where rescue says
+        whether a non-finite chunk should raise ChunkOverflow (fp16 with the guard on) rather than
+        end the run with the caller's error. A chunk depends on every earlier one through the
+        causal caches, so the rescue runs the clip again from its start with the residual stream
+        scaled by 2^-6, then 2^-12 (remembered for later calls, as for images). No fp32 rung: the
+        clip's stores and caches are in the model's dtype; one that overflows even scaled is one
+        error that says to load the VAE in bf16 or fp32."""
+        rescue = dtype == torch.float16 and self.enabled
+        scale = self.scale.get(net) if rescue else None
+        t0 = time.perf_counter()
+        for s in [scale] + [s for s in self.LADDER if rescue and (scale is None or s < scale)]:
+            try:
+                out, report = attempt(self.scaled(net, s) if s else net, rescue)
+            except ChunkOverflow:
+                continue
+            if s != scale:  # rescued: said once per model, logged every time
+                self.scale[net] = s
+                msg = (f"klvae: fp16 {what} of a clip produced non-finite values; re-ran the clip with the residual "
+                       f"stream scaled by 2^{int(math.log2(s))} (exact: the norms remove the scale; later fp16 calls "
+                       f"start scaled, at no extra cost); cost {time.perf_counter() - t0:.1f} s in all")
+                if not self._warned:
+                    warnings.warn(msg, stacklevel=_user_level())
+                    self._warned = True
+                self.log.append(msg)
+                report.notes.append(msg)
+            return out, report
+        raise KLVAEError(f"fp16 {what} of a clip overflowed even with the residual stream scaled by 2^-12: the input "
+                         f"is out of range, or this VAE needs more range than fp16 has (load it in bf16 or fp32)")
 
     def scaled(self, net: nn.Module, s: float) -> nn.Module:
         """The stream-scaled copy of `net`, made once (again after the model moved or changed dtype)."""

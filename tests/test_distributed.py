@@ -111,6 +111,12 @@ try:
             with torch.no_grad():
                 vae.decoder.head[2].bias.fill_(float("nan"))
         vae.decode(z, tiling=Tiling(mode="exact", process_group=dist.group.WORLD))
+    elif scenario == "clipdie":  # rank 1 dies after the clip's second time chunk; rank 0 ends with one line
+        vae = (torch.manual_seed(4), AutoencoderKL(preset("qwenimage", ch=16, ch_mult=(1, 2, 2, 2))).eval())[1]
+        z = torch.randn(1, 16, 4, 7, 5, generator=torch.Generator().manual_seed(0))
+        die = lambda done, total: rank == 1 and done == 2 and os._exit(3)
+        out["t0"] = time.time()
+        vae.decode(z, tiling=Tiling(mode="exact", store="disk", process_group=dist.group.WORLD, progress=die))
     elif scenario == "mismatch":
         vae = own_vae()
         z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(rank))  # a different latent per rank
@@ -215,6 +221,15 @@ def test_a_dead_rank_ends_the_others_with_one_line():
     t0 = time.time()
     results = launch(2, "die")
     assert results[1][0] == 3  # rank 1 died as planned
+    rc, res, err = results[0]
+    assert rc == 0 and res and "rank 0 of 2" in res.get("error", "") and "\n" not in res["error"], (res, err)
+    assert res["t1"] - res["t0"] < 25 and time.time() - t0 < 120  # within the group's 20 s timeout
+
+
+def test_a_rank_that_dies_mid_clip_ends_the_others_with_one_line():
+    t0 = time.time()
+    results = launch(2, "clipdie")
+    assert results[1][0] == 3  # rank 1 died as planned, after two of the clip's four time chunks
     rc, res, err = results[0]
     assert rc == 0 and res and "rank 0 of 2" in res.get("error", "") and "\n" not in res["error"], (res, err)
     assert res["t1"] - res["t0"] < 25 and time.time() - t0 < 120  # within the group's 20 s timeout

@@ -155,14 +155,17 @@ class Guard:
         done = (f"re-ran them with the residual stream scaled by 2^{int(math.log2(how))} (exact: GroupNorm "
                 f"removes the scale; later {x.dtype} calls start scaled, at no extra cost)") if how != "fp32" \
             else "re-ran them in fp32 (the stream could not be rescaled into range)"
-        msg = (f"klvae: {x.dtype} {what} produced non-finite values in {int(bad.sum())} of {len(bad)} batch "
-               f"items; {done}; cost {time.perf_counter() - t0:.1f} s")
+        self._said(f"klvae: {x.dtype} {what} produced non-finite values in {int(bad.sum())} of {len(bad)} batch "
+                   f"items; {done}; cost {time.perf_counter() - t0:.1f} s", report)
+        return out, report
+
+    def _said(self, msg: str, report) -> None:
+        """A recovery: one warning per model (at the user's line), every one in the log and the report."""
         if not self._warned:
             warnings.warn(msg, stacklevel=_user_level())
             self._warned = True
         self.log.append(msg)
         report.notes.append(msg)
-        return out, report
 
     def run_clip(self, net: nn.Module, dtype, attempt, what: str) -> tuple:
         """A whole clip through net: attempt(net, rescue) -> (output, report), where rescue says
@@ -180,16 +183,11 @@ class Guard:
                 out, report = attempt(self.scaled(net, s) if s else net, rescue)
             except ChunkOverflow:
                 continue
-            if s != scale:  # rescued: said once per model, logged every time
+            if s != scale:  # rescued
                 self.scale[net] = s
-                msg = (f"klvae: fp16 {what} of a clip produced non-finite values; re-ran the clip with the residual "
-                       f"stream scaled by 2^{int(math.log2(s))} (exact: the norms remove the scale; later fp16 calls "
-                       f"start scaled, at no extra cost); cost {time.perf_counter() - t0:.1f} s in all")
-                if not self._warned:
-                    warnings.warn(msg, stacklevel=_user_level())
-                    self._warned = True
-                self.log.append(msg)
-                report.notes.append(msg)
+                self._said(f"klvae: fp16 {what} of a clip produced non-finite values; re-ran the clip with the residual "
+                           f"stream scaled by 2^{int(math.log2(s))} (exact: the norms remove the scale; later fp16 calls "
+                           f"start scaled, at no extra cost); cost {time.perf_counter() - t0:.1f} s in all", report)
             return out, report
         raise KLVAEError(f"fp16 {what} of a clip overflowed even with the residual stream scaled by 2^-12: the input "
                          f"is out of range, or this VAE needs more range than fp16 has (load it in bf16 or fp32)")

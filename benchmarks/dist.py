@@ -41,16 +41,20 @@ def count_communication():
     wrap("batch_isend_irecv", lambda ops: sum(nbytes(o.tensor) for o in ops if o.op in (dist.isend,)))
 
 
+def clip_latent(size: str):
+    """The latent of the pan clip "HxWxframes" (video.py's, made once and cached)."""
+    import video
+    H, W, F = map(int, size.split("x"))
+    return video.clip_latent(H, W, 1 + (F - 1) // 4)
+
+
 def run_rank(system, size, rank, world, port):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=600))
     count_communication()
     if system == "klvae-wan":  # a clip: H x W x frames
-        import video
-        H, W, F = map(int, size.split("x"))
-        vae = load_vae(shared_vae("qwenimage").state_dict())
-        z = video.clip_latent(H, W, 1 + (F - 1) // 4)
+        vae, z = load_vae(shared_vae("qwenimage").state_dict()), clip_latent(size)
         tiling = Tiling(mode="exact", process_group=dist.group.WORLD) if world > 1 else None
         fn = lambda: vae.decode(z, tiling=tiling)
     elif system == "klvae":
@@ -94,9 +98,7 @@ def dist_suite(sizes):
     results = []
     for system, op, size, mode, _ in cases("dist", sizes, []):
         if system == "klvae-wan":  # the clip's latent, made once before the ranks start
-            import video
-            H, W, F = map(int, size.split("x"))
-            video.clip_latent(H, W, 1 + (F - 1) // 4)
+            clip_latent(size)
         else:
             shared_vae()
             latent_for(size)

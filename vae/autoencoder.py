@@ -395,7 +395,7 @@ class AutoencoderKL(DiffusersVAE, nn.Module):
         if shard and shard.gather == "band":
             lo, hi = shard.rows(rows)
             shape = (*shape[:2], hi - lo, shape[3])
-        none_here = write or (shard and shard.gather == "rank0" and shard.rank != 0)
+        none_here = write is not None or (shard is not None and shard.gather == "rank0" and shard.rank != 0)
         out = None if none_here else torch.empty(shape[0], shape[1], n, *shape[2:], dtype=self.dtype, device=where)
 
         def chunks():

@@ -84,6 +84,29 @@ def test_the_clip_does_not_depend_on_how_time_is_chunked(vae):
     assert (vae.quant_conv(encoded[0]) - vae.encode(x).moments).abs().max() <= 1e-5
 
 
+
+def test_the_time_upsample_doubles_frames_and_keeps_the_clip_channels_last():
+    """UpResample.doubled, chunk by chunk as Wan's decoder runs it: frame 0 as it is, every later
+    frame t -> two frames (the causal time conv's channels [0, C) and [C, 2C)), and every chunk's
+    result channels last, so the 2-D convs after it take their frames without copying them (the
+    reshape it once ended with left the chunks after the first channels first)."""
+    import torch.nn.functional as F
+    from klvae.vae.model_qwenimage import UpResample
+    torch.manual_seed(0)
+    up = UpResample(8, temporal=True)
+    x = torch.randn(1, 8, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        up.cache = ()  # a chunked run: the first chunk holds frame 0
+        chunks = [up.doubled(x[:, :, a:b]) for a, b in ((0, 1), (1, 2), (2, 4))]
+        tc = F.conv3d(F.pad(x[:, :, 1:], (0, 0, 0, 0, 2, 0)), up.time_conv.weight, up.time_conv.bias)  # [1, 16, 3, 5, 6]
+    assert [c.shape[2] for c in chunks] == [1, 2, 4]
+    assert all(c.is_contiguous(memory_format=torch.channels_last_3d) for c in chunks)
+    y = torch.cat(chunks, dim=2)
+    assert torch.equal(y[:, :, 0], x[:, :, 0])
+    for t in range(3):
+        assert (y[:, :, 1 + 2 * t] - tc[:, :8, t]).abs().max() <= 1e-5
+        assert (y[:, :, 2 + 2 * t] - tc[:, 8:, t]).abs().max() <= 1e-5
+
 @pytest.mark.parametrize("store", ["device", "disk"])
 def test_progress_counts_chunks_and_an_interrupt_mid_clip_gives_everything_back(vae, store, tmp_path):
     z = latents(B=1, T=3, seed=3)

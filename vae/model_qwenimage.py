@@ -71,7 +71,8 @@ from .config import Family, Network, register_network
 from .diffusers_compat import ArchNames
 from .errors import KLVAEError
 from .layers import WORKSPACE, DownsampleStep, ResnetStep, Step, _scale, register, upsample_rows
-from .ops import Tile, TimeSlices, cat_frames, causal, conv3x3, conv_over_time, silu_, time_slice, zero_frames
+from .ops import (Tile, TimeSlices, cat_frames, causal, conv3x3, conv_over_time, interleave_halves, silu_, time_slice,
+                  zero_frames)
 from .verbs import PerPixel
 
 # Qwen-Image's per-channel latent statistics (its VAE's config.json, ComfyUI's latent_formats.Wan21):
@@ -333,15 +334,14 @@ class UpResample(nn.Module):
             head, x = x[:, :, :1], x[:, :, 1:]
             if self.cache is not None:
                 self.cache = zero_frames(x, 2)
-        B, C, T, H, W = x.shape
-        if T:
+        if x.shape[2]:
             if self.cache is None:
                 x = cat_frames([zero_frames(x, 2), x])
             else:
                 x = cat_frames([self.cache, x])
                 self.cache = x[:, :, -2:].clone()
             y = conv_over_time(x, TimeSlices(self.time_conv).slices, self.time_conv.bias)
-            x = y.reshape(B, 2, C, T, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)
+            x = interleave_halves(y)
         return x if head is None else cat_frames([head, x])
 
 
@@ -627,8 +627,7 @@ def doubled(time_conv: TimeSlices, t: Tile) -> Tile:
     n = x.shape[2] - past
     if n:
         y = conv_over_time(causal(t._replace(data=x, past=past), 2).data, time_conv.slices, time_conv.bias)
-        B, C2, _, h, w = y.shape
-        y = y.reshape(B, 2, C2 // 2, n, h, w).permute(0, 2, 3, 1, 4, 5).reshape(B, C2 // 2, 2 * n, h, w)
+        y = interleave_halves(y)
         x = y if head is None else cat_frames([head, y])
     else:
         x = head

@@ -3,6 +3,12 @@ slices' 2-D convs (ops.conv_over_time), time and the rise of peak RSS of one cal
 process (docs/measurements.md, "Causal convs as 2-D convs over time slices").
 
     python benchmarks/lab/conv3d_slices.py C T ROWS WIDTH     # e.g. 96 4 32 256
+
+With a fifth argument, one way only, timed warm (the best of 3 calls after one), run once per way
+in fresh processes: `slices` (ops.conv_over_time), `stacked` (the three slices concatenated on
+channels, one 2-D conv with 3C input channels: one conv call and no sums, for a 3x input copy) or
+`conv3d`. Measured 2026-12-07 (2 AMD EPYC cores with AVX-512 BF16, fp32) at Wan 2.2's decoder
+shapes for a 448x256 clip (docs/benchmarks.md): slices fastest at all four.
 """
 import sys
 import time
@@ -16,9 +22,39 @@ def hwm_mib() -> float:
         return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
 
 
+def warm(C, T, r, W, way):
+    x = torch.randn(1, C, T + 2, r, W).contiguous(memory_format=torch.channels_last_3d)
+    w, b = torch.randn(C, C, 3, 3, 3) * 0.01, torch.randn(C)
+    fold = lambda k: x[:, :, k:k + T].transpose(1, 2).flatten(0, 1)
+    if way == "slices":
+        slices = [w[:, :, k].contiguous(memory_format=torch.channels_last) for k in range(3)]
+        def f():
+            y = F.conv2d(fold(0), slices[0], b, padding=1)
+            for k in (1, 2):
+                y += F.conv2d(fold(k), slices[k], None, padding=1)
+            return y
+    elif way == "stacked":
+        ws = torch.cat([w[:, :, k] for k in range(3)], 1).contiguous(memory_format=torch.channels_last)
+        f = lambda: F.conv2d(torch.cat([fold(k) for k in range(3)], 1), ws, b, padding=1)
+    elif way == "conv3d":
+        f = lambda: F.conv3d(x, w, b, padding=(0, 1, 1))
+    else:
+        sys.exit(f"unknown way {way!r}: slices, stacked or conv3d")
+    with torch.inference_mode():
+        f()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+    print(f"C={C} T={T} {r}x{W}: {way} {min(times) * 1000:.1f} ms")
+
+
 def main():
     torch.set_num_threads(2)
     C, T, r, W = map(int, sys.argv[1:5])
+    if len(sys.argv) > 5:
+        return warm(C, T, r, W, sys.argv[5])
     x = torch.randn(1, C, T + 2, r, W).contiguous(memory_format=torch.channels_last_3d)  # two cached frames in front
     w, b = torch.randn(C, C, 3, 3, 3), torch.randn(C)
     base, t = hwm_mib(), time.perf_counter()

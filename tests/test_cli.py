@@ -267,7 +267,6 @@ def test_the_demo_vae_keeps_the_demo_photos_colours():
     assert psnr >= 26.5 and de <= 5.0, (psnr, de)
 
 
-
 def test_the_demo_vae_keeps_the_cats_pupils_dark():
     """The demo's picture where the mean hides a fault (issue 39): the files shipped until 2026-12-07
     turned the cat's black pupils dark red, worst channel 13.3 off (0..255) at 1024 px, 18.8 on the
@@ -280,6 +279,7 @@ def test_the_demo_vae_keeps_the_cats_pupils_dark():
     probe = trainer.pupil_probe(DEMO_VAE, 1024)
     assert probe["pixels"] > 5000 and max(probe["rgb_in"]) < 30, probe  # the pupils, found
     assert probe["max_channel_error"] <= 10.0, probe
+
 
 def bars(stderr: str) -> dict:
     """Every tqdm bar state in stderr: {description: [(done, total), ...]} in order."""

@@ -84,7 +84,6 @@ def test_the_clip_does_not_depend_on_how_time_is_chunked(vae):
     assert (vae.quant_conv(encoded[0]) - vae.encode(x).moments).abs().max() <= 1e-5
 
 
-
 def test_the_time_upsample_doubles_frames_and_keeps_the_clip_channels_last():
     """UpResample.doubled, chunk by chunk as Wan's decoder runs it: frame 0 as it is, every later
     frame t -> two frames (the causal time conv's channels [0, C) and [C, 2C)), and every chunk's
@@ -106,6 +105,7 @@ def test_the_time_upsample_doubles_frames_and_keeps_the_clip_channels_last():
     for t in range(3):
         assert (y[:, :, 1 + 2 * t] - tc[:, :8, t]).abs().max() <= 1e-5
         assert (y[:, :, 2 + 2 * t] - tc[:, 8:, t]).abs().max() <= 1e-5
+
 
 @pytest.mark.parametrize("store", ["device", "disk"])
 def test_progress_counts_chunks_and_an_interrupt_mid_clip_gives_everything_back(vae, store, tmp_path):

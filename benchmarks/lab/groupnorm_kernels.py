@@ -5,24 +5,16 @@ activations whose channel means dwarf their spread. Run with nothing else on the
 
     python benchmarks/lab/groupnorm_kernels.py
 """
-import time
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
-from klvae.vae import groupnorm
-from klvae.vae.model import Normalize
-
-
-def best_ms(f) -> float:
-    f()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
-
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from common import best_ms  # noqa: E402
+from klvae.vae import groupnorm  # noqa: E402
+from klvae.vae.model import Normalize  # noqa: E402
 
 torch.manual_seed(0)
 default = groupnorm.STATS_CHUNK
